@@ -1,0 +1,53 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then segment a built-in synthetic whole-slide image
+#   make test   set up, then run the test suite
+# Set-up is a virtual environment in .venv. Where no NVIDIA GPU is visible,
+# torch is installed as the pinned CPU build first (TORCH_SPEC), so the generic
+# requirement in pyproject.toml is already satisfied and no multi-GB CUDA build
+# is pulled; with a GPU, pip's default (CUDA) build is taken. Override with
+#   make setup TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url <your index>"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint proto proto-check benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch with CUDA"; \
+		$(PIP) install -q "torch>=2.2" $(TORCH_PIP_ARGS); \
+	else \
+		echo "no NVIDIA GPU found: installing $(TORCH_SPEC) (CPU build where available)"; \
+		$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dannucnet demo --out $(OUT)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+proto: setup
+	$(PY) -m dannucnet.service.codegen
+
+proto-check: setup
+	$(PY) -m dannucnet.service.codegen --check
+
+benchmark: setup
+	$(PY) benchmarks/bench_segment.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from dannucnet.cli import main
+
+sys.exit(main())

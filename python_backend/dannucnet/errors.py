@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Every failure a user can cause (a missing file, an image without pixel size,
+an unknown model...) is raised as a :class:`DanNucNetError` whose message says
+what to do. The CLI prints it as one line and exits non-zero; the server maps
+it to a status code. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DanNucNetError(Exception):
+    """Base class: a problem the user can fix, with a message saying how."""
+
+    exit_code = 2
+
+
+class InputError(DanNucNetError):
+    """The input image, region or parameters cannot be used as given."""
+
+
+class ModelError(DanNucNetError):
+    """The model cannot be found, loaded or does not match its card."""
+
+
+class OutputError(DanNucNetError):
+    """The output cannot be written."""
+
+
+class CancelledError(DanNucNetError):
+    """The work was cancelled by the user or the client."""
+
+    exit_code = 130
