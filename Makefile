@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint proto proto-check benchmark clean
+.PHONY: setup demo test lint proto proto-check benchmark clean groovy lint-groovy
 
 setup: $(STAMP)
 
@@ -37,8 +37,25 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/dannucnet demo --out $(OUT)
 
-test: setup
+test: setup groovy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# QuPath scripts: npm-groovy-lint (from the npm registry, pinned in package-lock.json) brings
+# CodeNarc and the Groovy 4 that tests/test_qupath_scripts.py runs the scripts' QuPath-free parts
+# with. Without npm those tests skip and say why.
+GROOVY_STAMP := node_modules/.installed
+groovy: $(GROOVY_STAMP)
+
+$(GROOVY_STAMP): package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --no-audit --no-fund && touch $@; \
+	else \
+		echo "npm not found: skipping npm-groovy-lint (the QuPath script tests will skip)"; \
+	fi
+
+lint-groovy: groovy
+	npx --no-install npm-groovy-lint --noserver --path qupath_scripts --files "**/*.groovy" \
+		--config qupath_scripts/.groovylintrc.json --failon warning
 
 proto: setup
 	$(PY) -m dannucnet.service.codegen

@@ -1,0 +1,402 @@
+"""Python client for ``dannucnet serve`` (gRPC), and chunked segmentation through it.
+
+>>> from dannucnet.client import DanNucNetClient
+>>> with DanNucNetClient("127.0.0.1:50051", token=None) as client:
+...     info = client.model_info()
+...     nuclei = client.segment_region(rgb, origin=(x, y), downsample=1.0, mpp=0.25)
+
+``segment_large_region`` splits an array too big for one request into
+overlapping chunks with disjoint cores, and ``segment_image_via_server`` does
+the same for a slide on this machine (same chunk plan as the standalone
+``segment_slide``), so both return exactly one copy of every nucleus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from dannucnet.errors import CancelledError, DanNucNetError, InputError
+from dannucnet.geometry.ownership import Rect, plan_chunks
+from dannucnet.pipeline.types import Nucleus
+from dannucnet.service import API_VERSION
+from dannucnet.service._generated.v1 import segmentation_pb2 as pb
+from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
+from dannucnet.service.convert import nuclei_from_proto, rect_to_proto
+
+__all__ = [
+    "DanNucNetClient",
+    "ServerError",
+    "SlideStream",
+    "segment_image_via_server",
+    "segment_large_region",
+]
+
+_RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
+class ServerError(DanNucNetError):
+    """The server refused or failed a request; ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DanNucNetClient:
+    """A connection to one server. Thread-safe: share one client between threads."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = 600.0,
+        retries: int = 4,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls or root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.SegmentationStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._info: pb.ModelInfo | None = None
+
+    # ---- lifecycle ------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DanNucNetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- calls ----------------------------------------------------------
+    def _unary(self, method: Callable, request: Any, timeout: float | None) -> Any:
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() in _RETRYABLE and attempt < self.retries:
+                    time.sleep(delay)  # back-pressure: the server asked us to wait
+                    delay *= 2
+                    continue
+                raise self._error(exc) from None
+        raise AssertionError("unreachable")
+
+    def _error(self, exc: grpc.RpcError) -> DanNucNetError:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServerError(
+                code, f"cannot reach the DAN-NucNet server at {self.address} ({details}); is `dannucnet serve` running?"
+            )
+        if code == grpc.StatusCode.CANCELLED:
+            return CancelledError(details or "cancelled")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InputError(f"the server refused the request: {details}")
+        return ServerError(code, f"server {self.address}: {code.name}: {details}")
+
+    def model_info(self, timeout: float | None = 30.0) -> pb.ModelInfo:
+        """What the server runs; raises if it speaks another API version."""
+        info = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        if info.api_version != API_VERSION:
+            raise ServerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"server {self.address} speaks API {info.api_version!r}; this client needs {API_VERSION!r}",
+            )
+        self._info = info
+        return info
+
+    def segment_region_response(
+        self,
+        image: np.ndarray | bytes,
+        origin: tuple[float, float] = (0.0, 0.0),
+        downsample: float = 1.0,
+        mpp: float | None = None,
+        core: Rect | None = None,
+        clip: BaseGeometry | None = None,
+        options: Any = None,
+        timeout: float | None = None,
+    ) -> pb.SegmentRegionResponse:
+        """The raw response (nuclei as WKB, timings) of one SegmentRegion call."""
+        request = build_region_request(image, origin, downsample, mpp, core, clip, options)
+        return self._unary(self._stub.SegmentRegion, request, timeout)
+
+    def segment_region(
+        self,
+        image: np.ndarray | bytes,
+        origin: tuple[float, float] = (0.0, 0.0),
+        downsample: float = 1.0,
+        mpp: float | None = None,
+        core: Rect | None = None,
+        clip: BaseGeometry | None = None,
+        options: Any = None,
+        timeout: float | None = None,
+    ) -> list[Nucleus]:
+        """Segment one region: ``image`` is H×W×3 uint8 RGB or the bytes of a PNG/JPEG/TIFF file.
+
+        ``origin``/``downsample`` place the pixels in level-0 coordinates,
+        ``mpp`` is the level-0 pixel size (µm/px), ``core`` keeps only nuclei
+        whose centroid it contains, ``clip`` only those inside the polygon;
+        ``options`` is a ``pipeline.SegmentOptions`` or a mapping with
+        ``threshold`` / ``min_area_um2``.
+        """
+        response = self.segment_region_response(image, origin, downsample, mpp, core, clip, options, timeout)
+        return nuclei_from_proto(response.nuclei)
+
+    def segment_slide(
+        self,
+        path: str,
+        region: Rect | None = None,
+        rois: Sequence[BaseGeometry] | None = None,
+        options: Any = None,
+        mpp: float | None = None,
+        progress: Callable[[int, int, int], None] | None = None,
+        timeout: float | None = None,
+    ) -> SlideStream:
+        """Stream the nuclei of a slide the *server* reads (path under its --slide-root).
+
+        Returns an iterator of one list of nuclei per chunk; ``progress(done,
+        total, found)`` is called as chunks finish. ``stream.cancel()`` (from any
+        thread), ``close()`` or leaving a ``with`` block cancels the call, and
+        the server stops working on it.
+        """
+        request = pb.SegmentSlideRequest(path=str(path), options=options_to_proto(options))
+        if region is not None:
+            request.region.CopyFrom(rect_to_proto(region))
+        for roi in rois or ():
+            request.roi_wkb.append(shapely.to_wkb(roi))
+        if mpp is not None:
+            request.pixel_size_microns = mpp
+        call = self._stub.SegmentSlide(request, timeout=timeout, metadata=self._metadata)
+        return SlideStream(call, progress, self._error)
+
+
+class SlideStream:
+    """Iterator over a SegmentSlide call: lists of nuclei, one per chunk; cancellable."""
+
+    def __init__(self, call: Any, progress: Callable[[int, int, int], None] | None, error: Callable) -> None:
+        self._call = call
+        self._progress = progress
+        self._error = error
+        self.slide: pb.SlideInfo | None = None
+        self.summary: pb.SlideSummary | None = None
+
+    def __iter__(self) -> SlideStream:
+        return self
+
+    def __next__(self) -> list[Nucleus]:
+        try:
+            for message in self._call:
+                kind = message.WhichOneof("event")
+                if kind == "nuclei":
+                    return nuclei_from_proto(message.nuclei.nuclei)
+                if kind == "progress" and self._progress is not None:
+                    p = message.progress
+                    self._progress(p.chunks_done, p.chunks_total, p.nuclei_found)
+                elif kind == "slide":
+                    self.slide = message.slide
+                elif kind == "summary":
+                    self.summary = message.summary
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        raise StopIteration
+
+    def cancel(self) -> None:
+        """Stop the server's work on this slide (safe from any thread, and when finished)."""
+        self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> SlideStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+# ---- request building ---------------------------------------------------
+def options_to_proto(options: Any) -> pb.SegmentOptions:
+    """``pipeline.SegmentOptions``, a mapping, or None → the proto options."""
+    if options is None:
+        return pb.SegmentOptions()
+    if dataclasses.is_dataclass(options):
+        values = dataclasses.asdict(options)
+    elif isinstance(options, Mapping):
+        values = dict(options)
+    else:
+        raise TypeError(f"options must be SegmentOptions or a mapping, not {type(options).__name__}")
+    msg = pb.SegmentOptions()
+    if values.get("threshold") is not None:
+        msg.threshold = float(values["threshold"])
+    area = values.get("min_area_um2", values.get("min_area_microns2"))
+    if area is not None:
+        msg.min_area_microns2 = float(area)
+    return msg
+
+
+def build_region_request(
+    image: np.ndarray | bytes,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+    mpp: float | None = None,
+    core: Rect | None = None,
+    clip: BaseGeometry | None = None,
+    options: Any = None,
+) -> pb.SegmentRegionRequest:
+    request = pb.SegmentRegionRequest(
+        origin_x=float(origin[0]),
+        origin_y=float(origin[1]),
+        downsample=float(downsample),
+        options=options_to_proto(options),
+    )
+    if mpp is not None:
+        request.pixel_size_microns = float(mpp)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        request.image.encoded = bytes(image)
+    else:
+        rgb = np.ascontiguousarray(image)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+        request.image.raw.data = rgb.tobytes()
+        request.image.raw.width = rgb.shape[1]
+        request.image.raw.height = rgb.shape[0]
+    if core is not None:
+        request.core.CopyFrom(rect_to_proto(core))
+    if clip is not None:
+        request.clip_wkb = shapely.to_wkb(clip)
+    return request
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# ---- chunked helpers ----------------------------------------------------
+def _map_ordered(fn: Callable, items: Sequence, concurrency: int) -> Iterator:
+    """``map`` with up to ``concurrency`` calls in flight, results in input order."""
+    if concurrency <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dannucnet-client") as pool:
+        pending = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= concurrency:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def segment_large_region(
+    client: DanNucNetClient,
+    rgb: np.ndarray,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+    mpp: float | None = None,
+    clip: BaseGeometry | None = None,
+    options: Any = None,
+    chunk_size: int = 1024,
+    margin: int = 128,
+    concurrency: int = 2,
+) -> list[Nucleus]:
+    """Segment an array of any size as overlapping chunks whose cores partition it.
+
+    ``chunk_size`` and ``margin`` are in pixels of ``rgb``; the margin must
+    exceed the largest nucleus. Each nucleus is returned exactly once, by the
+    chunk whose core holds its centroid.
+    """
+    height, width = rgb.shape[:2]
+    whole = Rect(0, 0, width, height)
+    chunks = plan_chunks(whole, chunk_size, margin, bounds=whole)
+    ox, oy = origin
+
+    def run(chunk) -> list[Nucleus]:
+        read = chunk.read.to_int()
+        x0, y0, x1, y1 = (int(v) for v in read.bounds())
+        core = Rect(ox + chunk.core.x * downsample, oy + chunk.core.y * downsample,
+                    chunk.core.width * downsample, chunk.core.height * downsample)
+        return client.segment_region(
+            rgb[y0:y1, x0:x1], origin=(ox + x0 * downsample, oy + y0 * downsample),
+            downsample=downsample, mpp=mpp, core=core, clip=clip, options=options,
+        )
+
+    out: list[Nucleus] = []
+    for nuclei in _map_ordered(run, chunks, concurrency):
+        out.extend(nuclei)
+    return out
+
+
+def segment_image_via_server(
+    client: DanNucNetClient,
+    source: Any,
+    region: Rect | None = None,
+    options: Any = None,
+    rois: Sequence[BaseGeometry] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    concurrency: int = 2,
+) -> Iterator[list[Nucleus]]:
+    """The standalone ``segment_slide`` loop, with the model on a server.
+
+    ``source`` is an opened ``dannucnet.slides.ImageSource`` on *this*
+    machine; chunks are planned exactly as ``pipeline.plan_slide`` plans them
+    (same chunk size, margin, tissue skipping, ROI clip), read here, and sent
+    as raw RGB with their core, so the output equals ``dannucnet segment``
+    run locally. Yields one list of nuclei per chunk, in chunk order.
+    """
+    from dannucnet.pipeline import SegmentOptions
+    from dannucnet.pipeline.slide import plan_slide
+
+    options = options if options is not None else SegmentOptions()
+    info = client._info or client.model_info()
+    plan = plan_slide(source, info.pixel_size_microns, region, rois, options)
+    total, found = len(plan.chunks), 0
+    if progress is not None:
+        progress(0, total, 0)
+
+    def run(chunk) -> list[Nucleus]:
+        if cancel is not None and cancel():
+            raise CancelledError("cancelled")
+        read = chunk.read.to_int()
+        rgb = source.read_region(
+            int(read.x), int(read.y), int(read.width), int(read.height), downsample=plan.downsample
+        )
+        effective = read.width / rgb.shape[1]  # same exact spacing as the standalone loop
+        return client.segment_region(
+            rgb, origin=(read.x, read.y), downsample=effective, mpp=plan.mpp,
+            core=chunk.core, clip=plan.clip, options=options,
+        )
+
+    for index, nuclei in enumerate(_map_ordered(run, plan.chunks, concurrency)):
+        found += len(nuclei)
+        if progress is not None:
+            progress(index + 1, total, found)
+        yield nuclei

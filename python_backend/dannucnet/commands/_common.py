@@ -1,0 +1,59 @@
+"""Arguments and helpers several commands share (model, device, options, progress)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from dannucnet.pipeline import SegmentOptions
+
+UNTRAINED_WARNING = (
+    "WARNING: model {name!r} is UNTRAINED (random weights): its nuclei are meaningless. "
+    "Install trained weights in models/ or pass --model."
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME|PATH", help="model name in models/ or a model folder (default: the shipped model)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 2 on CPU, 32 on GPU)")
+
+
+def add_segment_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's, 0.5)")
+    p.add_argument("--min-area", type=float, default=8.0, metavar="UM2", help="drop nuclei smaller than this (µm², default 8)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="chunk core side in model pixels (default 2048)")
+    p.add_argument("--no-tissue-detection", action="store_true", help="segment background chunks too")
+
+
+def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    return SegmentOptions(
+        threshold=args.threshold, min_area_um2=args.min_area, chunk_size=args.chunk_size,
+        skip_background=not args.no_tissue_detection,
+    )
+
+
+def load_predictor(args: argparse.Namespace):  # -> Predictor (import kept lazy: torch is slow to import)
+    from dannucnet.engine import Predictor
+    from dannucnet.model import load_model
+
+    model = load_model(args.model)
+    if not model.card.trained:
+        print(UNTRAINED_WARNING.format(name=model.card.name), file=sys.stderr)
+    return Predictor(model, device=args.device, batch_size=args.batch_size)
+
+
+def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
+    """A tqdm bar over chunks showing nuclei found; returns (callback, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="chunk", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int, nuclei: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix(nuclei=nuclei, refresh=False)
+        bar.refresh()
+
+    return update, bar.close

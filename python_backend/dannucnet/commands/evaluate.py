@@ -1,0 +1,104 @@
+"""``dannucnet evaluate``: score a model on a labelled dataset, the way a user receives its output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dannucnet.commands._common import add_model_arguments, load_predictor
+
+NAME = "evaluate"
+HELP = "score a model on an instance dataset folder (pixel F1/Jaccard, AJI, PQ, detection F1)"
+
+# (key, header) of the summary printed at the end.
+SUMMARY_COLUMNS = (
+    ("f1", "F1"),
+    ("jaccard", "JI"),
+    ("precision", "Prec"),
+    ("recall", "Rec"),
+    ("aji", "AJI"),
+    ("pq", "PQ"),
+    ("det_f1", "DetF1"),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="instance dataset folder (or the MoNuSeg folder)")
+    p.add_argument("--split", help="split to score, e.g. kumar-test (default: kumar-test if defined, else all)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write per-image and mean scores as JSON")
+    p.add_argument("--report", metavar="DIR", help="write report.md, evaluation.json and PNG plots into DIR")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
+    p.add_argument("--min-area", type=float, default=8.0, metavar="UM2", help="drop nuclei smaller than this (µm², default 8, as segment)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dataset
+    return "kumar-test" if "kumar-test" in dataset.splits else None
+
+
+def summary_table(result) -> str:  # noqa: ANN001 - evaluate.runner.EvaluationResult
+    """Plain-text table of overall, per-organ means for final polygons and the raw mask."""
+    header = f"{'':28s}" + "".join(f"{h:>8s}" for _, h in SUMMARY_COLUMNS)
+    lines = [header]
+
+    def row(label: str, scores: dict[str, float]) -> str:
+        return f"{label[:28]:28s}" + "".join(f"{100 * scores.get(k, float('nan')):8.2f}" for k, _ in SUMMARY_COLUMNS)
+
+    n = len(result.images)
+    lines.append(row(f"final polygons ({n})", result.mean("final")))
+    lines.append(row(f"raw mask ({n})", result.mean("raw")))
+    for organ, scores in result.by_organ("final").items():
+        lines.append(row(f"  {organ} ({int(scores['n_images'])})", scores))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dannucnet.errors import InputError, OutputError
+    from dannucnet.evaluate.runner import evaluate_model
+    from dannucnet.formats.dataset import load_dataset
+    from dannucnet.pipeline import SegmentOptions
+
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise InputError(f"--threshold must lie between 0 and 1, not {args.threshold}")
+    dataset = load_dataset(args.data)
+    split = args.split or _default_split(dataset)
+    samples = dataset.select(split)
+    options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
+    predictor = load_predictor(args)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(samples), desc="evaluate", unit="image")
+
+    def progress(image) -> None:  # noqa: ANN001 - runner.ImageResult
+        if bar is not None:
+            bar.set_postfix(F1=f"{image.final['f1']:.3f}", AJI=f"{image.final['aji']:.3f}")
+            bar.update(1)
+
+    try:
+        result = evaluate_model(
+            predictor, samples, threshold=args.threshold, progress=progress, split=split, options=options
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    print(f"model {result.model['name']} on {args.data} split {split or 'all'}: {len(samples)} images")
+    print(summary_table(result))
+    if args.json_out:
+        out = Path(args.json_out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc}") from exc
+        print(f"scores written to {out}")
+    if args.report:
+        from dannucnet.evaluate.report import write_report
+
+        print(f"report written to {write_report(result, args.report)}")
+    return 0

@@ -1,0 +1,57 @@
+"""``dannucnet train``: fit DAN-NucNet on an instance dataset folder."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+NAME = "train"
+HELP = "train DAN-NucNet on an instance dataset folder (images/, labels/, dataset.json)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="instance dataset folder (or the MoNuSeg folder)")
+    p.add_argument("--out", required=True, help="model folder to write, e.g. models/my-model")
+    p.add_argument("--split", help="training split name (default: kumar-train, train, or all images)")
+    p.add_argument("--val-split", help="validation split (default: hold out the bottom rows of each image)")
+    p.add_argument("--val-fraction", type=float, default=0.3, help="rows held out per image (default 0.3)")
+    p.add_argument("--name", help="model name in the card (default: the folder name)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 3e-3, code: 1e-3)")
+    p.add_argument("--loss", choices=("dan", "bce"), default="dan", help="Eq. 5 loss or BCE (ablation)")
+    p.add_argument("--mpp", type=float, default=0.25, help="pixel size to train at, µm/px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="stop after this many minutes")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--channel-reduction", type=int, choices=(8, 16), default=16, help="16 (code) or 8 (paper)")
+    p.add_argument("--no-spatial-attention", action="store_true", help="ablation")
+    p.add_argument("--no-channel-attention", action="store_true", help="ablation")
+    p.add_argument("--plain-blocks", action="store_true", help="ablation: plain conv blocks instead of residual")
+    p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dannucnet.train.loop import TrainConfig, train
+
+    architecture = {
+        "channel_reduction": args.channel_reduction,
+        "spatial_attention": not args.no_spatial_attention,
+        "channel_attention": not args.no_channel_attention,
+        "block": "plain" if args.plain_blocks else "residual",
+        "bn_momentum": args.bn_momentum,
+    }
+    cfg = TrainConfig(
+        data=args.data, out=args.out, split=args.split, val_split=args.val_split, val_fraction=args.val_fraction,
+        name=args.name, version=args.version, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, lr=args.lr, loss=args.loss, mpp=args.mpp, seed=args.seed, device=args.device,
+        time_budget_min=args.time_budget, augment=not args.no_augment, architecture=architecture,
+        resume=not args.no_resume, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    train(cfg)
+    return 0

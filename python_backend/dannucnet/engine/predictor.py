@@ -1,0 +1,96 @@
+"""The inference engine: RGB at the model's pixel size → nucleus probability map.
+
+One object per device holds the network (eval mode, channels_last, autocast
+on GPU). ``predict`` cuts overlapping windows, runs them in batches and blends
+them back; ``predict_tiles`` is the bare batched call, exposed so that a
+server can batch windows from many requests into one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dannucnet.engine.device import autocast, choose_device
+from dannucnet.engine.tiling import BlendAccumulator, pad_to_tile, plan_windows
+from dannucnet.errors import CancelledError, InputError
+from dannucnet.model import LoadedModel, ModelCard
+
+log = logging.getLogger(__name__)
+
+TileFunction = Callable[[np.ndarray], np.ndarray]
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+
+
+class Predictor:
+    """Runs a loaded DAN-NucNet on one device.
+
+    ``overlap`` defaults to 32 px (MODEL_SPEC §4 planning); batch size defaults
+    to 2 on the CPU, where larger batches fall out of cache and get slower per
+    tile, and 32 on a GPU.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str = "auto",
+        batch_size: int | None = None,
+        overlap: int = 32,
+        tile_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = choose_device(device)
+        self.tile = tile_size or model.card.tile_size
+        stride = model.network.config.stride
+        if self.tile % stride:
+            raise InputError(f"tile size must be a multiple of {stride}, got {self.tile}")
+        self.overlap = overlap
+        self.batch_size = batch_size or (2 if self.device.type == "cpu" else 32)
+        self.network = model.network.eval().to(self.device).to(memory_format=torch.channels_last)
+        self._lock = threading.Lock()  # one forward pass at a time per device
+
+    @property
+    def card(self) -> ModelCard:
+        return self.model.card
+
+    @torch.inference_mode()
+    def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """N×T×T×3 uint8 → N×T×T float32 probabilities (no tiling, no blending)."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with self._lock, autocast(self.device):
+            prob = torch.sigmoid(self.network(x).float())
+        return prob[:, 0].cpu().numpy()
+
+    def predict(
+        self,
+        rgb: np.ndarray,
+        tile_fn: TileFunction | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> np.ndarray:
+        """H×W×3 uint8 (already at the model's pixel size) → H×W float32 probabilities."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+        if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+            raise InputError("empty image")
+        tile_fn = tile_fn or self.predict_tiles
+        padded, (h, w) = pad_to_tile(rgb, self.tile)
+        windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.overlap)
+        acc = BlendAccumulator(padded.shape[0], padded.shape[1], self.tile, self.overlap)
+        t = self.tile
+        for start in range(0, len(windows), self.batch_size):
+            if cancel is not None and cancel():
+                raise CancelledError("cancelled")
+            batch = windows[start : start + self.batch_size]
+            tiles = np.stack([padded[wd.y : wd.y + t, wd.x : wd.x + t] for wd in batch])
+            for wd, values in zip(batch, tile_fn(tiles)):
+                acc.add(wd, values)
+            if progress is not None:
+                progress(min(start + self.batch_size, len(windows)), len(windows))
+        return acc.result()[:h, :w]

@@ -1,0 +1,1 @@
+"""File formats: QuPath GeoJSON, the instance dataset folder, MoNuSeg XML."""

@@ -1,0 +1,101 @@
+"""Segment one image or slide into a QuPath GeoJSON file (+ optional overlay PNG).
+
+The standalone door: ``dannucnet segment`` and ``dannucnet demo`` run this,
+and the cohort runner calls it once per slide. Output is streamed and
+atomic; a failed or cancelled run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dannucnet.engine import Predictor
+from dannucnet.errors import InputError
+from dannucnet.formats.geojson import GeoJSONWriter, ensure_writable
+from dannucnet.formats.overlay import OverlayCanvas
+from dannucnet.geometry.ownership import Rect
+from dannucnet.pipeline import SegmentOptions, plan_slide, segment_slide
+from dannucnet.slides import open_image
+
+Progress = Callable[[int, int, int], None]
+
+
+@dataclass
+class SegmentSummary:
+    input: str
+    output: str
+    overlay: str | None
+    nuclei: int
+    chunks: int
+    skipped_background_chunks: int
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    model: str
+    model_version: str
+    model_trained: bool
+    device: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_region(text: str) -> Rect:
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--region must be X,Y,W,H in full-resolution pixels, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise InputError(f"--region width and height must be positive, got {text!r}")
+    return Rect(x, y, w, h)
+
+
+def segment_to_geojson(
+    predictor: Predictor,
+    input_path: str | Path,
+    output_path: str | Path,
+    mpp: float | None = None,
+    region: Rect | None = None,
+    options: SegmentOptions = SegmentOptions(),
+    overlay_path: str | Path | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> SegmentSummary:
+    started = time.perf_counter()
+    ensure_writable(output_path)
+    if overlay_path is not None:
+        ensure_writable(overlay_path)
+    with open_image(input_path, mpp=mpp) as source:
+        source_mpp = source.require_mpp()
+        image = Rect(0, 0, source.width, source.height)
+        if region is not None and region.intersection(image).is_empty:
+            raise InputError(f"--region {region.x:g},{region.y:g},{region.width:g},{region.height:g} lies outside "
+                             f"the image ({source.width} x {source.height} px)")
+        plan = plan_slide(source, predictor.card.mpp, region=region, options=options)
+        card = predictor.card
+        metadata = {
+            "model": card.name,
+            "model_version": card.version,
+            "mpp": f"{source_mpp:g}",
+            "image": Path(input_path).name,
+        }
+        canvas = OverlayCanvas(source, region.intersection(image) if region else image) if overlay_path else None
+        with GeoJSONWriter(output_path, metadata=metadata) as writer:
+            for nuclei in segment_slide(predictor, source, options=options, progress=progress, cancel=cancel,
+                                        plan=plan):
+                writer.write(nuclei)
+                if canvas is not None:
+                    canvas.draw(nuclei)
+            count = writer.count
+        if canvas is not None and overlay_path is not None:
+            canvas.save(overlay_path)
+        return SegmentSummary(
+            input=str(input_path), output=str(output_path), overlay=str(overlay_path) if overlay_path else None,
+            nuclei=count, chunks=len(plan.chunks), skipped_background_chunks=plan.skipped_background,
+            width=source.width, height=source.height, mpp=source_mpp, mpp_source=source.mpp_source,
+            model=card.name, model_version=card.version, model_trained=card.trained, device=str(predictor.device),
+            seconds=time.perf_counter() - started,
+        )

@@ -1,0 +1,33 @@
+"""Options shared by every door (CLI, server, QuPath batch), with the defaults in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dannucnet.errors import InputError
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How a region or slide is segmented.
+
+    Sizes are in pixels at the model's resolution (0.25 µm/px for the shipped
+    model) so they mean the same tissue size on every scanner.
+    """
+
+    threshold: float | None = None  # None: the model card's threshold
+    min_area_um2: float = 8.0  # smaller specks are dropped (a small lymphocyte is ~20 µm²)
+    chunk_size: int = 2048  # core side of a slide chunk, model px
+    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm)
+    skip_background: bool = True  # skip slide chunks without tissue
+    max_nuclei: int | None = None  # refuse to return more than this (the server's response limit)
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise InputError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if not self.min_area_um2 >= 0:
+            raise InputError(f"minimum area must be zero or positive, got {self.min_area_um2}")
+        if self.chunk_size < 256:
+            raise InputError(f"chunk size must be at least 256 px, got {self.chunk_size}")
+        if self.margin < 0:
+            raise InputError(f"margin must be zero or positive, got {self.margin}")

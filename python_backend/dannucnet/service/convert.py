@@ -1,0 +1,80 @@
+"""Nuclei ↔ proto messages, and rectangles/geometries from requests.
+
+WKB is produced and parsed in bulk with shapely's vectorised functions: for a
+response with thousands of nuclei this is most of the serialisation cost.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from dannucnet.geometry.ownership import Rect
+from dannucnet.pipeline.types import Nucleus
+from dannucnet.service._generated.v1 import segmentation_pb2 as pb
+from dannucnet.service.status import invalid
+
+
+def nuclei_to_proto(nuclei: Sequence[Nucleus]) -> list[pb.Nucleus]:
+    if not nuclei:
+        return []
+    wkbs = shapely.to_wkb(np.asarray([n.polygon for n in nuclei], dtype=object))
+    return [
+        pb.Nucleus(
+            id=n.id,
+            polygon_wkb=bytes(w),
+            probability=float(n.probability),
+            measurements={k: float(v) for k, v in n.measurements.items()},
+        )
+        for n, w in zip(nuclei, wkbs)
+    ]
+
+
+def nuclei_from_proto(messages: Iterable[pb.Nucleus]) -> list[Nucleus]:
+    messages = list(messages)
+    if not messages:
+        return []
+    polygons = shapely.from_wkb([m.polygon_wkb for m in messages])
+    return [
+        Nucleus(polygon=poly, probability=m.probability, measurements=dict(m.measurements), id=m.id)
+        for m, poly in zip(messages, polygons)
+    ]
+
+
+def rect_to_proto(rect: Rect) -> pb.Rect:
+    return pb.Rect(x=rect.x, y=rect.y, width=rect.width, height=rect.height)
+
+
+def rect_from_proto(msg: pb.Rect, name: str) -> Rect:
+    values = {"x": msg.x, "y": msg.y, "width": msg.width, "height": msg.height}
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise invalid(f"{name}.{key} is {value}: it must be a finite number")
+    if msg.width <= 0 or msg.height <= 0:
+        raise invalid(f"{name} is {msg.width}×{msg.height}: width and height must be positive")
+    return Rect(msg.x, msg.y, msg.width, msg.height)
+
+
+def geometry_from_wkb(data: bytes, name: str) -> BaseGeometry:
+    """An area geometry (polygon or multipolygon) from WKB, valid and non-empty."""
+    try:
+        geom = shapely.from_wkb(data)
+    except Exception as exc:  # shapely.errors.GEOSException and friends
+        raise invalid(f"{name} is not valid WKB ({len(data)} bytes): {exc}") from None
+    if geom is None or geom.is_empty:
+        raise invalid(f"{name} is an empty geometry: send the annotation's polygon")
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise invalid(f"{name} is a {geom.geom_type}; send a Polygon or MultiPolygon (an area)")
+    if not geom.is_valid:
+        raise invalid(
+            f"{name} is not a valid polygon ({shapely.is_valid_reason(geom)}); fix it before sending, "
+            "e.g. with JTS GeometryFixer.fix(geometry) or shapely.make_valid"
+        )
+    xmin, ymin, xmax, ymax = geom.bounds
+    if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+        raise invalid(f"{name} has non-finite coordinates")
+    return geom

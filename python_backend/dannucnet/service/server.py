@@ -1,0 +1,163 @@
+"""Assemble and run the server: model + batcher + servicer, gRPC and HTTP, drain on exit."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from dannucnet.service.auth import TokenChecker, check_bind_policy
+from dannucnet.service.batched_predictor import BatchedPredictor
+from dannucnet.service.gateway import GatewayServer, build_gateway
+from dannucnet.service.grpc_server import SERVICE_NAME, build_grpc_server
+from dannucnet.service.limits import Limits
+from dannucnet.service.servicer import SegmentationService
+from dannucnet.service.slide_roots import prepare_roots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # gRPC; 0 picks a free port
+    http_port: int | None = 8765  # None: no HTTP gateway; 0 picks a free port
+    token: str | None = None
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    slide_roots: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    max_batch: int | None = None
+    max_workers: int = 32
+
+
+class Server:
+    """The running service; ``start()`` binds both transports, ``stop()`` drains them."""
+
+    def __init__(self, predictor: Any, config: ServerConfig, model_source: str = "") -> None:
+        check_bind_policy(config.host, config.token, config.insecure)
+        self.config = config
+        self.batched = BatchedPredictor(predictor, max_batch=config.max_batch)
+        self.service = SegmentationService(
+            self.batched,
+            limits=config.limits,
+            slide_roots=prepare_roots(config.slide_roots),
+            model_source=model_source,
+        )
+        self.checker = TokenChecker(config.token)
+        self.grpc_server, self.health = build_grpc_server(self.service, self.checker, max_workers=config.max_workers)
+        self.gateway: GatewayServer | None = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._http_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    # ---- lifecycle ------------------------------------------------------
+    def start(self) -> Server:
+        cfg = self.config
+        address = _join(cfg.host, cfg.port)
+        if cfg.tls_cert or cfg.tls_key:
+            cert, key = _read_tls(cfg.tls_cert, cfg.tls_key)
+            self.grpc_port = self.grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.grpc_port = self.grpc_server.add_insecure_port(address)
+        if not self.grpc_port:
+            raise OSError(f"cannot listen for gRPC on {address} (port in use?)")
+        self.grpc_server.start()
+        if cfg.http_port is not None:
+            ctx = None
+            if cfg.tls_cert:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            try:
+                self.gateway = build_gateway(cfg.host, cfg.http_port, self.service, self.checker, ssl_context=ctx)
+            except OSError:
+                self.grpc_server.stop(0)
+                raise
+            self.http_port = self.gateway.server_address[1]
+            self._http_thread = threading.Thread(
+                target=self.gateway.serve_forever, kwargs={"poll_interval": 0.2}, name="dannucnet-http", daemon=True
+            )
+            self._http_thread.start()
+        return self
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Graceful drain: refuse new calls, let running ones finish (up to ``grace`` s)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        grpc_done = self.grpc_server.stop(grace)
+        if self.gateway is not None:
+            self.gateway.draining = True
+            deadline = time.monotonic() + grace
+            while self.gateway.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.gateway.shutdown()
+            self.gateway.server_close()
+        grpc_done.wait(grace)
+        self.batched.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=5.0)
+
+    # ---- reporting ------------------------------------------------------
+    @property
+    def grpc_address(self) -> str:
+        return _join(_connect_host(self.config.host), self.grpc_port or 0)
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http_port is None:
+            return None
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{_join(_connect_host(self.config.host), self.http_port)}"
+
+    def summary(self) -> str:
+        card = self.batched.card
+        lines = [
+            f"model   {card.name} {card.version} ({'trained' if card.trained else 'UNTRAINED: output is meaningless'}), "
+            f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",
+            f"device  {self.batched.device}, micro-batches of up to {self.batched.max_batch} tiles",
+            f"gRPC    {self.grpc_address}" + (" (TLS)" if self.config.tls_cert else ""),
+            f"HTTP    {self.http_url}" if self.http_url else "HTTP    off",
+            f"auth    {'bearer token required' if self.checker.enabled else 'none (loopback or --insecure)'}",
+            "slides  " + (", ".join(str(r) for r in self.service.slide_roots) or "SegmentSlide disabled (no --slide-root)"),
+            f"limits  {self.config.limits.max_pixels:,} px/request, {self.config.limits.max_message_bytes:,} bytes/message, "
+            f"{self.config.limits.max_polygons:,} nuclei/response, {self.config.limits.max_pending} pending requests",
+        ]
+        return "\n".join(lines)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _connect_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes]:
+    from dannucnet.errors import InputError
+
+    if not (cert and key):
+        raise InputError("TLS needs both --tls-cert and --tls-key")
+    try:
+        return Path(cert).read_bytes(), Path(key).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None

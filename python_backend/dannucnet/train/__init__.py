@@ -1,0 +1,1 @@
+"""Training: patches with augmentation, and the released recipe's loop."""

@@ -1,0 +1,127 @@
+"""Training patches: random crops with the paper's augmentation plus stain jitter.
+
+The paper flips (and rotates/shifts small sets); we add the dihedral
+rotations, random crop positions (the shift), and haematoxylin/eosin jitter
+in optical-density space so the model copes with stain variation between
+labs instead of memorising one lab's colours. Patches without a nucleus are
+mostly rejected (the paper removes blank patches) but a few are kept so the
+model still sees empty stroma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from dannucnet.formats.dataset import Sample
+
+# Ruifrok & Johnston H&E(-DAB) stain vectors, rows = stains, in OD space.
+_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+_HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
+_HED_INV = np.linalg.inv(_HED).astype(np.float32)
+
+
+@dataclass
+class TrainImage:
+    """One image held in memory at the model's pixel size."""
+
+    stem: str
+    rgb: np.ndarray  # uint8 HxWx3
+    mask: np.ndarray  # uint8 HxW, 1 = nucleus
+    valid: np.ndarray  # uint8 HxW, 1 = annotated (counted by the loss)
+    rows: tuple[int, int]  # row range patches may come from (train/validation hold-out)
+
+
+def load_train_image(sample: Sample, target_mpp: float | None, rows_fraction: tuple[float, float]) -> TrainImage:
+    """Load a sample, resample to ``target_mpp`` when its pixel size differs by more than 2 %."""
+    rgb = sample.load_image()
+    labels = sample.load_labels()
+    region = sample.load_region()
+    mask = (labels > 0).astype(np.uint8)
+    valid = np.ones_like(mask) if region is None else region.astype(np.uint8)
+    if target_mpp and sample.mpp and abs(sample.mpp / target_mpp - 1.0) > 0.02:
+        scale = sample.mpp / target_mpp
+        size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        valid = cv2.resize(valid, size, interpolation=cv2.INTER_NEAREST)
+    h = rgb.shape[0]
+    rows = (int(h * rows_fraction[0]), int(h * rows_fraction[1]))
+    return TrainImage(sample.stem, rgb, mask, valid, rows)
+
+
+def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 0.15) -> np.ndarray:
+    """Scale and shift each stain's concentration (H, E, residual) by a random amount."""
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    conc = od.reshape(-1, 3) @ _HED_INV
+    alpha = rng.uniform(1 - strength, 1 + strength, size=3).astype(np.float32)
+    beta = rng.uniform(-strength / 4, strength / 4, size=3).astype(np.float32)
+    conc = conc * alpha + beta
+    out = 256.0 * np.exp(-(conc @ _HED)) - 1.0
+    return np.clip(out, 0, 255).reshape(rgb.shape).astype(np.uint8)
+
+
+def dihedral(arrays: list[np.ndarray], k: int, flip: bool) -> list[np.ndarray]:
+    out = [np.rot90(a, k, axes=(0, 1)) for a in arrays]
+    if flip:
+        out = [a[:, ::-1] for a in out]
+    return [np.ascontiguousarray(a) for a in out]
+
+
+class PatchSampler:
+    """Draws augmented training patches from images held in memory."""
+
+    def __init__(
+        self,
+        images: list[TrainImage],
+        size: int = 256,
+        seed: int = 0,
+        augment: bool = True,
+        keep_empty: float = 0.1,
+    ) -> None:
+        self.images = [im for im in images if im.rows[1] - im.rows[0] >= size and im.rgb.shape[1] >= size]
+        if not self.images:
+            raise ValueError(f"no image has a {size}x{size} area to sample patches from")
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self.keep_empty = keep_empty
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for _ in range(50):
+            im = self.images[self.rng.integers(len(self.images))]
+            y = self.rng.integers(im.rows[0], im.rows[1] - self.size + 1)
+            x = self.rng.integers(0, im.rgb.shape[1] - self.size + 1)
+            window = (slice(y, y + self.size), slice(x, x + self.size))
+            mask, valid = im.mask[window], im.valid[window]
+            if valid.mean() < 0.05:
+                continue
+            if mask.any() or self.rng.random() < self.keep_empty:
+                break
+        rgb = im.rgb[window]
+        if self.augment:
+            rgb, mask, valid = dihedral([rgb, mask, valid], int(self.rng.integers(4)), bool(self.rng.integers(2)))
+            rgb = stain_jitter(rgb, self.rng)
+        return rgb, mask, valid
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        items = [self.sample() for _ in range(n)]
+        return tuple(np.stack(parts) for parts in zip(*items))  # type: ignore[return-value]
+
+
+def grid_patches(images: list[TrainImage], size: int = 256) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed, non-random patches covering each image's row range: a stable validation set."""
+    out = []
+    for im in images:
+        r0, r1 = im.rows
+        if r1 - r0 < size:
+            continue
+        ys = sorted({*range(r0, r1 - size + 1, size), r1 - size})
+        xs = sorted({*range(0, im.rgb.shape[1] - size + 1, size), im.rgb.shape[1] - size})
+        for y in ys:
+            for x in xs:
+                w = (slice(y, y + size), slice(x, x + size))
+                out.append((im.rgb[w], im.mask[w], im.valid[w]))
+    return out

@@ -1,0 +1,32 @@
+"""Shared fixtures: data locations, small models, synthetic images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("DANNUCNET_DATA", REPO.parent / "shared" / "data"))
+
+
+def monuseg_root() -> Path:
+    return data_root() / "monuseg-train"
+
+
+requires_monuseg = pytest.mark.skipif(
+    not (monuseg_root() / "labels").is_dir(),
+    reason="MoNuSeg data not found (set DANNUCNET_DATA to the folder holding monuseg-train/)",
+)
+
+
+@pytest.fixture(scope="session")
+def untrained_predictor():
+    from dannucnet.engine import Predictor
+    from dannucnet.model import untrained_model
+
+    return Predictor(untrained_model(), device="cpu")
