@@ -623,9 +623,10 @@ class DnnClient {
         URI u = URI.create(baseUrl)
         String host = u.host ?: '127.0.0.1'
         int port = u.port > 0 ? u.port : 8765
+        String portOption = port == 8765 ? '' : " --http-port ${port}"
         String how = host in ['127.0.0.1', 'localhost', '::1'] ?
-                "start it with: dannucnet serve --port ${port}" :
-                "start it on ${host} with: dannucnet serve --host 0.0.0.0 --port ${port} --token <secret>"
+                "start it with: dannucnet serve${portOption}" :
+                "start it on ${host} with: dannucnet serve --host 0.0.0.0${portOption} --token-file <file with the token>"
         String reason = e.class.simpleName + (e.message ? ': ' + e.message : '')
         return new DnnError("Cannot reach the DAN-NucNet server at ${baseUrl} (${reason}); " +
                 "${how} — or set serverUrl in the settings at the top of this script.")

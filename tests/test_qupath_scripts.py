@@ -341,30 +341,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def background_server(tmp_path_factory):
+    """`dannucnet serve` on a free loopback port, started at module start so that its model load
+    overlaps the Groovy runs that need no server; the `server` fixture waits until it answers."""
+    if shutil.which("java") is None or shutil.which("npm") is None:
+        yield None  # every test that needs the server skips for want of Groovy
+        return
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "dannucnet", "serve", "--port", "0", "--http-port", str(port), "--model", "untrained",
            "--device", "cpu", "--token", TOKEN, "--grace", "1"]
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dannucnet serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dannucnet serve did not answer within 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        yield proc, f"http://127.0.0.1:{port}", log
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -372,6 +363,24 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tooling, background_server):
+    proc, url, log = background_server
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"dannucnet serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"dannucnet serve did not answer within 180 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +415,7 @@ def test_failures_say_what_to_do(served):
     assert "refused the access token" in errors["wrongToken"] and "HTTP 401" in errors["wrongToken"]
     assert "refused the access token" in errors["noToken"] and "DANNUCNET_TOKEN" in errors["noToken"]
     assert "Cannot reach the DAN-NucNet server" in errors["unreachable"]
-    assert "start it with: dannucnet serve --port " + config["deadUrl"].rsplit(":", 1)[1] in errors["unreachable"]
+    assert "start it with: dannucnet serve --http-port " + config["deadUrl"].rsplit(":", 1)[1] in errors["unreachable"]
     assert "HTTP 404" in errors["notFound"] and "HTTP port" in errors["notFound"]
 
 

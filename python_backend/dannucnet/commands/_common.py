@@ -57,3 +57,24 @@ def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int,
         bar.refresh()
 
     return update, bar.close
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", metavar="HOST:PORT", help="run the model on a dannucnet server instead of in-process")
+    p.add_argument("--token", help="server token (default: the DANNUCNET_TOKEN environment variable)")
+
+
+def make_segmenter(args: argparse.Namespace):  # -> jobs.segmenters.Segmenter
+    """In-process, or on ``--server`` when given: the same nuclei either way."""
+    import os
+
+    from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter
+
+    options = segment_options(args)
+    if getattr(args, "server", None):
+        segmenter = ServerSegmenter(args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"),
+                                    options=options)
+        if not segmenter.model_trained:
+            print(UNTRAINED_WARNING.format(name=segmenter.model_name), file=sys.stderr)
+        return segmenter
+    return LocalSegmenter(load_predictor(args), options)

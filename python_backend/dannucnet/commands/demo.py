@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dannucnet.jobs.segment_file import segment_to_geojson
+    from dannucnet.jobs.segmenters import LocalSegmenter
     from dannucnet.pipeline import SegmentOptions
     from dannucnet.slides.synthetic import write_synthetic_slide
 
@@ -38,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
                                   tissue_fraction=0.8)
     print(f"made a synthetic H&E slide {slide.width} x {slide.height} px at {slide.mpp} µm/px with "
           f"{len(slide.nuclei)} nuclei in {time.perf_counter() - t0:.1f} s: {slide.path}")
-    predictor = load_predictor(args)
+    segmenter = LocalSegmenter(load_predictor(args), SegmentOptions())
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
     try:
         summary = segment_to_geojson(
-            predictor, slide.path, out / "demo_nuclei.geojson", options=SegmentOptions(),
+            segmenter, slide.path, out / "demo_nuclei.geojson",
             overlay_path=out / "demo_overlay.png", progress=progress,
         )
     finally:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dannucnet.commands._common import (
-    add_model_arguments, add_segment_options, chunk_progress, load_predictor, segment_options,
+    add_model_arguments, add_segment_options, add_server_arguments, chunk_progress, make_segmenter,
 )
 
 NAME = "segment"
@@ -20,9 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", metavar="X,Y,W,H", help="only this rectangle (full-resolution pixels)")
     p.add_argument("--mpp", type=float, help="pixel size in µm/px (overrides or supplies the image's)")
     add_segment_options(p)
+    add_server_arguments(p)
     p.add_argument("--overlay", metavar="PNG", help="also write a PNG with the nucleus outlines")
-    p.add_argument("--server", metavar="HOST:PORT", help="run on a dannucnet server instead of in-process")
-    p.add_argument("--token", help="server token (or set DANNUCNET_TOKEN)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -30,27 +29,18 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.jobs.segment_file import parse_region, segment_to_geojson
 
     region = parse_region(args.region) if args.region else None
-    options = segment_options(args)
+    segmenter = make_segmenter(args)
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
     try:
-        if args.server:
-            from dannucnet.jobs.remote import segment_to_geojson_remote
-
-            summary = segment_to_geojson_remote(
-                args.server, args.token, args.input, args.output, mpp=args.mpp, region=region,
-                options=options, overlay_path=args.overlay, progress=progress,
-            )
-        else:
-            predictor = load_predictor(args)
-            summary = segment_to_geojson(
-                predictor, args.input, args.output, mpp=args.mpp, region=region, options=options,
-                overlay_path=args.overlay, progress=progress,
-            )
+        summary = segment_to_geojson(
+            segmenter, args.input, args.output, mpp=args.mpp, region=region, overlay_path=args.overlay,
+            progress=progress,
+        )
     finally:
         close()
     print(
         f"{summary.nuclei} nuclei in {summary.width} x {summary.height} px at {summary.mpp:g} µm/px "
-        f"({summary.chunks} chunks, {summary.skipped_background_chunks} background chunks skipped) "
+        f"({summary.chunks} chunks with tissue) "
         f"in {summary.seconds:.1f} s on {summary.device}"
     )
     print(f"wrote {summary.output}")

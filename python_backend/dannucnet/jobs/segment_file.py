@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dannucnet.engine import Predictor
 from dannucnet.errors import InputError
 from dannucnet.formats.geojson import GeoJSONWriter, ensure_writable
 from dannucnet.formats.overlay import OverlayCanvas
 from dannucnet.geometry.ownership import Rect
-from dannucnet.pipeline import SegmentOptions, plan_slide, segment_slide
+from dannucnet.jobs.segmenters import Segmenter
 from dannucnet.slides import open_image
 
 Progress = Callable[[int, int, int], None]
@@ -30,7 +29,6 @@ class SegmentSummary:
     overlay: str | None
     nuclei: int
     chunks: int
-    skipped_background_chunks: int
     width: int
     height: int
     mpp: float
@@ -54,38 +52,42 @@ def parse_region(text: str) -> Rect:
 
 
 def segment_to_geojson(
-    predictor: Predictor,
+    segmenter: Segmenter,
     input_path: str | Path,
     output_path: str | Path,
     mpp: float | None = None,
     region: Rect | None = None,
-    options: SegmentOptions = SegmentOptions(),
     overlay_path: str | Path | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> SegmentSummary:
+    """Stream the nuclei of ``input_path`` (optionally one ``region``) into ``output_path``."""
     started = time.perf_counter()
     ensure_writable(output_path)
     if overlay_path is not None:
         ensure_writable(overlay_path)
+    chunks = [0]
+
+    def track(done: int, total: int, nuclei: int) -> None:
+        chunks[0] = total
+        if progress is not None:
+            progress(done, total, nuclei)
+
     with open_image(input_path, mpp=mpp) as source:
         source_mpp = source.require_mpp()
         image = Rect(0, 0, source.width, source.height)
         if region is not None and region.intersection(image).is_empty:
             raise InputError(f"--region {region.x:g},{region.y:g},{region.width:g},{region.height:g} lies outside "
                              f"the image ({source.width} x {source.height} px)")
-        plan = plan_slide(source, predictor.card.mpp, region=region, options=options)
-        card = predictor.card
         metadata = {
-            "model": card.name,
-            "model_version": card.version,
+            "model": segmenter.model_name,
+            "model_version": segmenter.model_version,
             "mpp": f"{source_mpp:g}",
             "image": Path(input_path).name,
         }
         canvas = OverlayCanvas(source, region.intersection(image) if region else image) if overlay_path else None
         with GeoJSONWriter(output_path, metadata=metadata) as writer:
-            for nuclei in segment_slide(predictor, source, options=options, progress=progress, cancel=cancel,
-                                        plan=plan):
+            for nuclei in segmenter.stream(Path(input_path), region=region, mpp=mpp, progress=track, cancel=cancel):
                 writer.write(nuclei)
                 if canvas is not None:
                     canvas.draw(nuclei)
@@ -94,8 +96,7 @@ def segment_to_geojson(
             canvas.save(overlay_path)
         return SegmentSummary(
             input=str(input_path), output=str(output_path), overlay=str(overlay_path) if overlay_path else None,
-            nuclei=count, chunks=len(plan.chunks), skipped_background_chunks=plan.skipped_background,
-            width=source.width, height=source.height, mpp=source_mpp, mpp_source=source.mpp_source,
-            model=card.name, model_version=card.version, model_trained=card.trained, device=str(predictor.device),
-            seconds=time.perf_counter() - started,
+            nuclei=count, chunks=chunks[0], width=source.width, height=source.height, mpp=source_mpp,
+            mpp_source=source.mpp_source, model=segmenter.model_name, model_version=segmenter.model_version,
+            model_trained=segmenter.model_trained, device=segmenter.device, seconds=time.perf_counter() - started,
         )

@@ -233,73 +233,8 @@ def shift_nuclei(nuclei: list[Nucleus], dx: float, dy: float) -> list[Nucleus]:
     return nuclei
 
 
-class LocalSegmenter:
-    """In-process: the same ``segment_slide`` as ``dannucnet segment``, on a loaded ``Predictor``."""
-
-    def __init__(self, predictor: Any, options: Any = None) -> None:
-        self.predictor = predictor
-        self.model_name = str(predictor.card.name)
-        self.model_version = str(predictor.card.version)
-        self.options = options
-
-    def segment(
-        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
-    ) -> list[Nucleus]:
-        from dannucnet.pipeline import SegmentOptions, segment_slide
-        from dannucnet.slides import open_image
-
-        options = self.options if self.options is not None else SegmentOptions()
-        nuclei: list[Nucleus] = []
-        with open_image(path, mpp=mpp) as source:
-            for batch in segment_slide(self.predictor, source, rois=rois, options=options, progress=progress):
-                nuclei.extend(batch)
-        return nuclei
-
-
-class ServerSegmenter:
-    """Through ``dannucnet serve`` (``--server HOST:PORT``) with :class:`dannucnet.client.DanNucNetClient`.
-
-    By path (SegmentSlide) when the server has slide roots and accepts this
-    file's path (it shares the file system); otherwise this machine reads the
-    slide and sends pixels in chunks with cores (``segment_image_via_server``),
-    which gives the same nuclei.
-    """
-
-    def __init__(self, address: str, token: str | None = None, options: Any = None) -> None:
-        from dannucnet.client import DanNucNetClient
-
-        self.client = DanNucNetClient(address, token=token)
-        self.info = self.client.model_info()
-        self.model_name = str(self.info.name)
-        self.model_version = str(self.info.version)
-        self.options = options
-        self.by_path = bool(self.info.slide_segmentation_enabled)
-
-    def segment(
-        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
-    ) -> list[Nucleus]:
-        nuclei: list[Nucleus] = []
-        if self.by_path:
-            try:
-                for batch in self.client.segment_slide(
-                    str(Path(path).resolve()), rois=rois, options=self.options, mpp=mpp, progress=progress
-                ):
-                    nuclei.extend(batch)
-                return nuclei
-            except DanNucNetError as exc:
-                # the server cannot open this path (outside its slide roots, or not on its file system)
-                code = getattr(getattr(exc, "code", None), "name", "")
-                if nuclei or not (isinstance(exc, InputError) or code in ("PERMISSION_DENIED", "NOT_FOUND")):
-                    raise
-                log.info("server cannot read %s itself (%s): sending pixels instead", path, exc)
-                self.by_path = False
-        from dannucnet.client import segment_image_via_server
-        from dannucnet.slides import open_image
-
-        with open_image(path, mpp=mpp) as source:
-            for batch in segment_image_via_server(self.client, source, options=self.options, rois=rois, progress=progress):
-                nuclei.extend(batch)
-        return nuclei
+# The segmenters live with the other whole-image jobs; re-exported for this module's users.
+from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter  # noqa: E402,F401
 
 
 # -- reporting ------------------------------------------------------------------

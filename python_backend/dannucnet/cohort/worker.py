@@ -1,0 +1,118 @@
+"""The per-slide task that runs on a Dask worker.
+
+Each worker process loads the model once and keeps it (``_PREDICTORS``):
+loading weights and moving them to a GPU costs seconds, a slide's task should
+not pay it again. User-caused failures (a corrupt slide, no pixel size) are
+*returned* as a failure, because retrying a corrupt file cannot help; anything
+else is raised so that Dask retries it, possibly on another worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dannucnet.errors import DanNucNetError
+
+_PREDICTORS: dict[tuple[str | None, str, int | None], Any] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a worker needs for one slide (plain data, cheap to ship)."""
+
+    input: str
+    output: str
+    model: str | None
+    device: str
+    batch_size: int | None
+    mpp: float | None
+    options: Any  # SegmentOptions (a frozen dataclass, picklable)
+    torch_threads: int | None = None
+    server: str | None = None  # run the model on a dannucnet server instead of on the worker
+    token: str | None = None
+    pipelined: bool = False  # pipeline.pipelined runner (decoding, model, post-processing overlapped)
+
+
+def predictor_for(model: str | None, device: str, batch_size: int | None, torch_threads: int | None = None):
+    """This process's predictor for (model, device, batch size), loaded on first use."""
+    key = (model, device, batch_size)
+    with _LOCK:
+        predictor = _PREDICTORS.get(key)
+        if predictor is None:
+            import torch
+
+            from dannucnet.engine import Predictor
+            from dannucnet.model import load_model
+
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            predictor = Predictor(load_model(model), device=device, batch_size=batch_size)
+            _PREDICTORS[key] = predictor
+        return predictor
+
+
+class PipelinedSegmenter:
+    """The ``jobs.segmenters.Segmenter`` protocol over :func:`segment_slide_pipelined`
+    (what a GPU worker should run: the device is fed while slides decode and nuclei are traced)."""
+
+    def __init__(self, predictor: Any, options: Any) -> None:
+        self.predictor = predictor
+        self.options = options
+        card = predictor.card
+        self.model_name, self.model_version = str(card.name), str(card.version)
+        self.model_trained, self.device = bool(card.trained), str(predictor.device)
+
+    def stream(self, path, region=None, rois=None, mpp=None, progress=None, cancel=None):
+        from dannucnet.pipeline import SegmentOptions
+        from dannucnet.pipeline.pipelined import segment_slide_pipelined
+        from dannucnet.slides import open_image
+
+        with open_image(path, mpp=mpp) as source:
+            yield from segment_slide_pipelined(self.predictor, source, region=region, rois=rois,
+                                               options=self.options or SegmentOptions(), progress=progress,
+                                               cancel=cancel)
+
+
+def segmenter_for(spec: TaskSpec):
+    """A segmenter for this task: the worker's cached model (plain or pipelined), or the given server."""
+    from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter
+
+    if spec.server:
+        return ServerSegmenter(spec.server, token=spec.token, options=spec.options)
+    predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads)
+    if spec.pipelined:
+        return PipelinedSegmenter(predictor, spec.options)
+    return LocalSegmenter(predictor, spec.options)
+
+
+def segment_slide_task(spec: TaskSpec) -> dict[str, Any]:
+    """Segment one slide into ``spec.output``; returns a result dict (never half-writes)."""
+    from dannucnet.cohort.records import DoneRecord, write_done
+    from dannucnet.jobs.segment_file import segment_to_geojson
+
+    started = time.perf_counter()
+    base = {"input": spec.input, "output": spec.output, "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        from dannucnet.slides import open_image
+
+        # a corrupt or unusable slide fails here, before this worker spends seconds loading a model
+        with open_image(spec.input, mpp=spec.mpp) as source:
+            source.require_mpp()
+        summary = segment_to_geojson(segmenter_for(spec), spec.input, spec.output, mpp=spec.mpp)
+    except DanNucNetError as exc:
+        return {**base, "status": "failed", "error": type(exc).__name__, "message": str(exc),
+                "seconds": time.perf_counter() - started}
+    write_done(Path(spec.output), DoneRecord(
+        input=spec.input, output=spec.output, model=summary.model, model_version=summary.model_version,
+        nuclei=summary.nuclei, seconds=summary.seconds, finished=time.time(),
+    ))
+    return {**base, "status": "done", "nuclei": summary.nuclei, "seconds": summary.seconds,
+            "width": summary.width, "height": summary.height, "chunks": summary.chunks,
+            "model": summary.model, "model_version": summary.model_version, "device": summary.device}

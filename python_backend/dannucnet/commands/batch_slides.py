@@ -1,0 +1,74 @@
+"""``dannucnet batch-slides``: a cohort of slides → one QuPath GeoJSON each, on Dask distributed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dannucnet.commands._common import (
+    add_model_arguments, add_segment_options, add_server_arguments, segment_options,
+)
+
+NAME = "batch-slides"
+HELP = "segment many slides (a folder or a list file), one task per slide, on a local or Dask cluster"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides", metavar="DIR_OR_LIST", help="folder of slides, or a text file with one slide path per line")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for <slide>.geojson.gz outputs")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler (e.g. tcp://host:8786); default: a local cluster on this machine")
+    p.add_argument("--workers", type=int, help="local cluster worker processes (default: one per GPU, else cores/4)")
+    p.add_argument("--retries", type=int, default=1, help="retries per slide after an unexpected error (default 1)")
+    add_model_arguments(p)
+    p.add_argument("--mpp", type=float, help="pixel size in µm/px for slides that lack one")
+    add_segment_options(p)
+    add_server_arguments(p)
+    p.add_argument("--pipelined", action="store_true",
+                   help="overlap decoding, model and post-processing within each slide (recommended on a GPU)")
+    p.add_argument("--force", action="store_true", help="redo slides already done with this model version")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from dannucnet.cohort import find_slides, run_cohort
+    from dannucnet.commands._common import UNTRAINED_WARNING
+    from dannucnet.errors import InputError
+
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise InputError("batch-slides needs Dask distributed: pip install 'dannucnet[cluster]'") from None
+    slides = find_slides(args.slides)
+    bar = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.quiet, file=sys.stderr,
+               dynamic_ncols=True)
+    failed = 0
+
+    def progress(done: int, total: int, outcome) -> None:
+        nonlocal failed
+        failed += outcome.status == "failed"
+        bar.n = done
+        bar.set_postfix(failed=failed, refresh=False)
+        bar.refresh()
+
+    try:
+        report = run_cohort(
+            slides, args.output, model=args.model, device=args.device, mpp=args.mpp,
+            options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
+            retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
+            server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
+        )
+    finally:
+        bar.close()
+    print(report.table())
+    if not report.model_trained:
+        print(UNTRAINED_WARNING.format(name=report.model), file=sys.stderr)
+    if not report.ok:
+        print(f"{report.count('failed')} slide(s) failed: see the .failed.json records in {args.output}",
+              file=sys.stderr)
+        return 1
+    return 0

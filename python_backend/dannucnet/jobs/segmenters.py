@@ -1,0 +1,119 @@
+"""Where the model runs: in this process, or on a ``dannucnet serve`` server.
+
+Every door that segments whole images (``segment``, ``demo``, ``batch``,
+``batch-slides``) takes a segmenter, so running against a remote GPU is one
+flag and gives the same nuclei: the server path plans chunks exactly as the
+local one (``pipeline.plan_slide``) and sends each chunk with its core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from shapely.geometry.base import BaseGeometry
+
+from dannucnet.errors import DanNucNetError, InputError
+from dannucnet.geometry.ownership import Rect
+from dannucnet.pipeline.types import Nucleus
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int, int], None]
+
+
+class Segmenter(Protocol):
+    model_name: str
+    model_version: str
+    model_trained: bool
+    device: str
+
+    def stream(
+        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[list[Nucleus]]: ...
+
+    def segment(
+        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
+    ) -> list[Nucleus]: ...
+
+
+class _CollectMixin:
+    def segment(
+        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
+    ) -> list[Nucleus]:
+        """All nuclei of an image at once (the QuPath batch writes an image in one go)."""
+        return [n for batch in self.stream(path, rois=rois, mpp=mpp, progress=progress) for n in batch]  # type: ignore[attr-defined]
+
+
+class LocalSegmenter(_CollectMixin):
+    """In-process: ``pipeline.segment_slide`` on a loaded ``Predictor``."""
+
+    def __init__(self, predictor: Any, options: Any = None) -> None:
+        self.predictor = predictor
+        self.model_name = str(predictor.card.name)
+        self.model_version = str(predictor.card.version)
+        self.model_trained = bool(predictor.card.trained)
+        self.device = str(predictor.device)
+        self.options = options
+
+    def stream(
+        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[list[Nucleus]]:
+        from dannucnet.pipeline import SegmentOptions, segment_slide
+        from dannucnet.slides import open_image
+
+        options = self.options if self.options is not None else SegmentOptions()
+        with open_image(path, mpp=mpp) as source:
+            yield from segment_slide(self.predictor, source, region=region, rois=rois, options=options,
+                                     progress=progress, cancel=cancel)
+
+
+class ServerSegmenter(_CollectMixin):
+    """Through ``dannucnet serve`` with :class:`dannucnet.client.DanNucNetClient`.
+
+    By path (SegmentSlide) when the server has slide roots and accepts this
+    file's path (it shares the file system); otherwise this machine reads the
+    slide and sends pixels in chunks with cores, which gives the same nuclei.
+    """
+
+    def __init__(self, address: str, token: str | None = None, options: Any = None) -> None:
+        from dannucnet.client import DanNucNetClient
+
+        self.client = DanNucNetClient(address, token=token)
+        self.info = self.client.model_info()
+        self.model_name = str(self.info.name)
+        self.model_version = str(self.info.version)
+        self.model_trained = bool(getattr(self.info, "trained", True))
+        self.device = f"{self.info.device} on {address}"
+        self.options = options
+        self.by_path = bool(self.info.slide_segmentation_enabled)
+
+    def stream(
+        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[list[Nucleus]]:
+        if self.by_path and region is None:
+            sent = False
+            try:
+                for batch in self.client.segment_slide(
+                    str(Path(path).resolve()), rois=rois, options=self.options, mpp=mpp, progress=progress
+                ):
+                    sent = True
+                    yield batch
+                return
+            except DanNucNetError as exc:
+                # the server cannot open this path (outside its slide roots, or not on its file system)
+                code = getattr(getattr(exc, "code", None), "name", "")
+                if sent or not (isinstance(exc, InputError) or code in ("PERMISSION_DENIED", "NOT_FOUND")):
+                    raise
+                log.info("server cannot read %s itself (%s): sending pixels instead", path, exc)
+                self.by_path = False
+        from dannucnet.client import segment_image_via_server
+        from dannucnet.slides import open_image
+
+        with open_image(path, mpp=mpp) as source:
+            yield from segment_image_via_server(self.client, source, region=region, options=self.options, rois=rois,
+                                                progress=progress, cancel=cancel)

@@ -1,0 +1,109 @@
+"""``dannucnet segment`` end to end on a generated pyramidal TIFF, and every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from dannucnet.cli import main
+from dannucnet.slides.synthetic import write_synthetic_slide
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    return write_synthetic_slide(folder / "slide.tif", (640, 512), seed=2, mpp=0.25).path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dannucnet", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_segment_writes_qupath_geojson_and_overlay(slide, tmp_path):
+    out, overlay = tmp_path / "nuclei.geojson.gz", tmp_path / "overlay.png"
+    code = main(["segment", str(slide), "-o", str(out), "--overlay", str(overlay), "--region", "0,0,600,512", "-q",
+                 "--model", "untrained", "--threshold", "0.45"])
+    assert code == 0
+    doc = json.loads(gzip.decompress(out.read_bytes()))
+    assert doc["type"] == "FeatureCollection"
+    for feature in doc["features"]:
+        assert feature["geometry"]["type"] == "Polygon"
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["classification"]["name"] == "Nucleus"
+        assert props["metadata"]["model"] == "untrained" and props["metadata"]["image"] == "slide.tif"
+    with Image.open(overlay) as im:
+        assert im.size == (600, 512)
+    assert not list(tmp_path.glob(".*part"))
+
+
+def test_default_model_finds_nuclei_when_trained(slide, tmp_path):
+    from dannucnet.model import load_model
+
+    if not load_model(None).card.trained:
+        pytest.skip("no trained default model installed in models/")
+    out = tmp_path / "nuclei.geojson"
+    assert main(["segment", str(slide), "-o", str(out), "-q"]) == 0
+    assert len(json.loads(out.read_text())["features"]) > 10
+
+
+def _plain_tiff_without_mpp(path: Path) -> Path:
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8))
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (lambda d: ["segment", str(d / "nope.svs"), "-o", str(d / "o.geojson")], "not found|does not exist|no such"),
+    "not an image": (lambda d: ["segment", str(_write(d / "x.tif", b"hello")), "-o", str(d / "o.geojson")], "not|cannot|unsupported"),
+    "truncated tiff": (lambda d: ["segment", str(_truncated(d)), "-o", str(d / "o.geojson")], "truncat|corrupt|cannot|incomplete"),
+    "no pixel size": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson")], "--mpp"),
+    "implausible --mpp": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson"), "--mpp", "352.8"], "mpp|pixel size"),
+    "region outside": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--region", "5000,5000,100,100"], "outside"),
+    "malformed region": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--region", "1,2,3"], "X,Y,W,H"),
+    "unwritable output": (lambda d: ["segment", "{slide}", "-o", str(d / "no" / "such" / "o.geojson")], "does not exist|cannot write"),
+    "output is a folder": (lambda d: ["segment", "{slide}", "-o", str(d)], "folder"),
+    "unknown model": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--model", "no-such-model"], "unknown model"),
+    "unavailable device": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--device", "cuda"], "cuda|device"),
+    "bad threshold": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--threshold", "2"], "threshold"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(folder: Path) -> Path:
+    source = folder / "full.tif"
+    write_synthetic_slide(source, 512, seed=1)
+    data = source.read_bytes()
+    return _write(folder / "truncated.tif", data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_leaves_nothing(case, slide, tmp_path, capsys):
+    build, pattern = BAD_INPUTS[case]
+    args = [a.replace("{slide}", str(slide)) for a in build(tmp_path)]
+    before = set(tmp_path.rglob("*"))
+    code = main([*args, "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit {code}: {err}"
+    message = [line for line in err if "error:" in line]
+    assert len(message) == 1 and "Traceback" not in "\n".join(err)
+    import re
+
+    assert re.search(pattern, message[0], re.IGNORECASE), message[0]
+    assert not any(p.name.endswith((".geojson", ".part", ".png")) for p in set(tmp_path.rglob("*")) - before)
+
+
+def test_help_and_version():
+    result = run_cli("segment", "--help")
+    assert result.returncode == 0 and "--mpp" in result.stdout and "--overlay" in result.stdout
+    assert run_cli("--version").stdout.startswith("dannucnet ")
