@@ -58,28 +58,6 @@ def predictor_for(model: str | None, device: str, batch_size: int | None, torch_
         return predictor
 
 
-class PipelinedSegmenter:
-    """The ``jobs.segmenters.Segmenter`` protocol over :func:`segment_slide_pipelined`
-    (what a GPU worker should run: the device is fed while slides decode and nuclei are traced)."""
-
-    def __init__(self, predictor: Any, options: Any) -> None:
-        self.predictor = predictor
-        self.options = options
-        card = predictor.card
-        self.model_name, self.model_version = str(card.name), str(card.version)
-        self.model_trained, self.device = bool(card.trained), str(predictor.device)
-
-    def stream(self, path, region=None, rois=None, mpp=None, progress=None, cancel=None):
-        from dannucnet.pipeline import SegmentOptions
-        from dannucnet.pipeline.pipelined import segment_slide_pipelined
-        from dannucnet.slides import open_image
-
-        with open_image(path, mpp=mpp) as source:
-            yield from segment_slide_pipelined(self.predictor, source, region=region, rois=rois,
-                                               options=self.options or SegmentOptions(), progress=progress,
-                                               cancel=cancel)
-
-
 def segmenter_for(spec: TaskSpec):
     """A segmenter for this task: the worker's cached model (plain or pipelined), or the given server."""
     from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter
@@ -88,7 +66,7 @@ def segmenter_for(spec: TaskSpec):
         return ServerSegmenter(spec.server, token=spec.token, options=spec.options)
     predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads)
     if spec.pipelined:
-        return PipelinedSegmenter(predictor, spec.options)
+        return LocalSegmenter(predictor, spec.options, pipelined=True)
     return LocalSegmenter(predictor, spec.options)
 
 

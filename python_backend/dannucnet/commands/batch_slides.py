@@ -24,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="pixel size in µm/px for slides that lack one")
     add_segment_options(p)
     add_server_arguments(p)
-    p.add_argument("--pipelined", action="store_true",
-                   help="overlap decoding, model and post-processing within each slide (recommended on a GPU)")
     p.add_argument("--force", action="store_true", help="redo slides already done with this model version")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

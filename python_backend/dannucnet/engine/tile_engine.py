@@ -35,21 +35,35 @@ class EngineStats:
 
 
 class ChunkBlend:
-    """Device-side accumulator of one chunk's weighted windows (BlendAccumulator's arithmetic)."""
+    """Accumulator of one chunk's weighted windows, with BlendAccumulator's arithmetic.
+
+    On a GPU it lives on the device (only the finished map is copied back). On
+    the CPU it is plain numpy: small torch ops would each wake the OpenMP team,
+    whose spinning threads then starve the reader and post-processing threads.
+    """
 
     def __init__(self, height: int, width: int, weights: torch.Tensor, device: torch.device) -> None:
-        self.total = torch.zeros((height, width), dtype=torch.float32, device=device)
-        self.norm = torch.zeros((height, width), dtype=torch.float32, device=device)
-        self.weights = weights
+        self.on_device = device.type != "cpu"
+        if self.on_device:
+            self.total = torch.zeros((height, width), dtype=torch.float32, device=device)
+            self.norm = torch.zeros((height, width), dtype=torch.float32, device=device)
+            self.weights = weights
+        else:
+            self.total = np.zeros((height, width), dtype=np.float32)
+            self.norm = np.zeros((height, width), dtype=np.float32)
+            self.weights = weights.cpu().numpy()
         self.tile = weights.shape[0]
 
-    def add(self, window: Window, values: torch.Tensor) -> None:
+    def add(self, window: Window, values) -> None:
         t = self.tile
-        self.total[window.y : window.y + t, window.x : window.x + t] += values * self.weights
-        self.norm[window.y : window.y + t, window.x : window.x + t] += self.weights
+        sl = (slice(window.y, window.y + t), slice(window.x, window.x + t))
+        self.total[sl] += values * self.weights
+        self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
-        return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
+        if self.on_device:
+            return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
+        return self.total / np.maximum(self.norm, 1e-12)
 
 
 class TileEngine:
@@ -78,6 +92,7 @@ class TileEngine:
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
         t, b = self.tile, self.batch_size
         self._host = [torch.empty((b, t, t, 3), dtype=torch.uint8, pin_memory=cuda) for _ in range(max(1, buffers))]
+        self._host_np = [h.numpy() for h in self._host]  # filled with numpy: no OpenMP wake-ups per window
         self._ready = [None] * len(self._host)  # CUDA event: the buffer's copy to the device has finished
         self._next = 0
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -112,17 +127,18 @@ class TileEngine:
         return torch.autocast(self.device.type, dtype=self._dtype)
 
     # -- batches ------------------------------------------------------------
-    def host_buffer(self) -> torch.Tensor:
-        """The next free pinned buffer (waits only if the GPU has not yet copied it)."""
+    def host_buffer(self) -> np.ndarray:
+        """The next free (pinned) buffer as a B×T×T×3 uint8 array; waits only if the GPU has not yet copied it."""
         i = self._next
         event = self._ready[i]
         if event is not None:
             event.synchronize()
-        return self._host[i]
+        return self._host_np[i]
 
     @torch.inference_mode()
-    def run(self, n: int) -> torch.Tensor:
-        """Run the first ``n`` tiles of the current host buffer; returns n×T×T float32 probabilities on the device."""
+    def run(self, n: int) -> torch.Tensor | np.ndarray:
+        """Run the first ``n`` tiles of the current host buffer → n×T×T float32 probabilities
+        (a device tensor on a GPU, a numpy array on the CPU)."""
         i = self._next
         self._next = (i + 1) % len(self._host)
         host = self._host[i]
@@ -149,7 +165,7 @@ class TileEngine:
             self.stats.model_seconds += time.perf_counter() - t0
         self.stats.batches += 1
         self.stats.tiles += n
-        return prob
+        return prob if cuda or self.device.type != "cpu" else prob.numpy()
 
     def finish_stats(self) -> EngineStats:
         """Collect device timings (one synchronisation, at the end)."""
@@ -171,7 +187,7 @@ class TileEngine:
             part = windows[start : start + self.batch_size]
             host = self.host_buffer()
             for k, wd in enumerate(part):
-                host[k].copy_(torch.from_numpy(padded[wd.y : wd.y + t, wd.x : wd.x + t]))
+                host[k] = padded[wd.y : wd.y + t, wd.x : wd.x + t]
             probs = self.run(len(part))
             for k, wd in enumerate(part):
                 blend.add(wd, probs[k])

@@ -48,10 +48,12 @@ class _CollectMixin:
 
 
 class LocalSegmenter(_CollectMixin):
-    """In-process: ``pipeline.segment_slide`` on a loaded ``Predictor``."""
+    """In-process: ``pipeline.segment_slide`` on a loaded ``Predictor``, or with ``pipelined`` the
+    staged runner that keeps a GPU fed while slides decode and nuclei are traced (same nuclei)."""
 
-    def __init__(self, predictor: Any, options: Any = None) -> None:
+    def __init__(self, predictor: Any, options: Any = None, pipelined: bool = False) -> None:
         self.predictor = predictor
+        self.pipelined = pipelined
         self.model_name = str(predictor.card.name)
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
@@ -63,11 +65,13 @@ class LocalSegmenter(_CollectMixin):
         mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
         from dannucnet.pipeline import SegmentOptions, segment_slide
+        from dannucnet.pipeline.pipelined import segment_slide_pipelined
         from dannucnet.slides import open_image
 
         options = self.options if self.options is not None else SegmentOptions()
+        run = segment_slide_pipelined if self.pipelined else segment_slide
         with open_image(path, mpp=mpp) as source:
-            yield from segment_slide(self.predictor, source, region=region, rois=rois, options=options,
+            yield from run(self.predictor, source, region=region, rois=rois, options=options,
                                      progress=progress, cancel=cancel)
 
 

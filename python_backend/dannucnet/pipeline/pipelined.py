@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, resample_rgb, scale_to_model
@@ -250,7 +249,7 @@ def segment_slide_pipelined(
                 state = {"blend": engine.new_blend(padded.shape[0], padded.shape[1]), "left": len(windows),
                          "h": h, "w": w, "rgb": model_rgb, "where": where}
                 for window in windows:
-                    host[len(batch)].copy_(torch.from_numpy(padded[window.y : window.y + t, window.x : window.x + t]))
+                    host[len(batch)] = padded[window.y : window.y + t, window.x : window.x + t]
                     batch.append((state, window))
                     if len(batch) == engine.batch_size:
                         flush()

@@ -11,16 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import shapely
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, resample_rgb, scale_to_model
 from dannucnet.engine.predictor import Cancel, TileFunction
 from dannucnet.errors import InputError
-from dannucnet.geometry.instances import label_nuclei
-from dannucnet.geometry.measurements import measure_nuclei
-from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
-from dannucnet.geometry.polygons import labels_to_polygons
+from dannucnet.geometry.ownership import Rect
+from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 
@@ -73,33 +70,10 @@ def segment_region(
     prob = predictor.predict(model_rgb, tile_fn=tile_fn, cancel=cancel)
     t2 = time.perf_counter()
     threshold = options.threshold if options.threshold is not None else card.threshold
-    min_area_px = max(1, round(options.min_area_um2 / card.mpp**2))
-    labels = label_nuclei(prob, threshold=threshold, min_area_px=min_area_px)
-    t3 = time.perf_counter()
-    to_level0 = downsample / scale
-    polygons = labels_to_polygons(labels, origin=origin, scale=to_level0)
-    ids = np.array(sorted(polygons), dtype=np.int64)
-    geoms = [polygons[i] for i in ids]
-    keep = np.ones(len(ids), dtype=bool)
-    if len(ids):
-        centroids = centroids_of(geoms)
-        if core is not None:
-            keep &= owned_mask(centroids, core)
-        if clip is not None:
-            shapely.prepare(clip)
-            keep &= shapely.contains_xy(clip, centroids[:, 0], centroids[:, 1])
-    kept = {int(i): g for i, g, k in zip(ids, geoms, keep) if k}
-    if options.max_nuclei is not None and len(kept) > options.max_nuclei:
-        raise InputError(
-            f"the region holds {len(kept)} nuclei, more than the limit of {options.max_nuclei}: send smaller regions"
-        )
-    t4 = time.perf_counter()
-    measurements = measure_nuclei(kept, labels, prob, model_rgb, mpp)
-    nuclei = [
-        Nucleus(polygon=poly, probability=float(measurements[i].get("Detection probability", 0.0)),
-                measurements=measurements[i])
-        for i, poly in kept.items()
-    ]
-    t5 = time.perf_counter()
-    timings.update(resample=t1 - t0, model=t2 - t1, instances=t3 - t2, polygons=t4 - t3, measurements=t5 - t4)
+    where = ChunkGeometry(
+        origin=(float(origin[0]), float(origin[1])), to_level0=downsample / scale, mpp=mpp, core=core,
+        threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)),
+    )
+    nuclei, post = chunk_nuclei(prob, model_rgb, where, clip=clip, options=options)
+    timings.update(resample=t1 - t0, model=t2 - t1, **post)
     return RegionResult(nuclei=nuclei, timings=timings, probability=prob if keep_probability else None)

@@ -16,11 +16,7 @@ import cv2
 import numpy as np
 
 from dannucnet.formats.dataset import Sample
-
-# Ruifrok & Johnston H&E(-DAB) stain vectors, rows = stains, in OD space.
-_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
-_HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
-_HED_INV = np.linalg.inv(_HED).astype(np.float32)
+from dannucnet.geometry.stain import hed_to_rgb, rgb_to_hed
 
 
 @dataclass
@@ -54,13 +50,10 @@ def load_train_image(sample: Sample, target_mpp: float | None, rows_fraction: tu
 
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 0.15) -> np.ndarray:
     """Scale and shift each stain's concentration (H, E, residual) by a random amount."""
-    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    conc = od.reshape(-1, 3) @ _HED_INV
+    conc = rgb_to_hed(rgb)
     alpha = rng.uniform(1 - strength, 1 + strength, size=3).astype(np.float32)
     beta = rng.uniform(-strength / 4, strength / 4, size=3).astype(np.float32)
-    conc = conc * alpha + beta
-    out = 256.0 * np.exp(-(conc @ _HED)) - 1.0
-    return np.clip(out, 0, 255).reshape(rgb.shape).astype(np.uint8)
+    return hed_to_rgb(conc * alpha + beta * 0.4343)  # beta was tuned in natural-log OD; stain.py uses log10
 
 
 def dihedral(arrays: list[np.ndarray], k: int, flip: bool) -> list[np.ndarray]:
