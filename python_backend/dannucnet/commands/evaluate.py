@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
     p.add_argument("--min-area", type=float, default=8.0, metavar="UM2", help="drop nuclei smaller than this (µm², default 8, as segment)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--update-card", action="store_true",
+                   help="record the mean and per-organ scores under metrics.<split> in the model folder's card")
 
 
 def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dataset
@@ -101,4 +103,28 @@ def run(args: argparse.Namespace) -> int:
         from dannucnet.evaluate.report import write_report
 
         print(f"report written to {write_report(result, args.report)}")
+    if args.update_card:
+        _record_in_card(predictor.model.source, result, split or "all", args.data)
     return 0
+
+
+def _record_in_card(model_dir: str, result, split: str, data: str) -> None:  # noqa: ANN001 - EvaluationResult
+    """Write the measured scores into the model card so they travel with the weights."""
+    from dannucnet.errors import InputError
+    from dannucnet.model.card import CARD_FILE
+
+    card_path = Path(model_dir) / CARD_FILE
+    if not card_path.is_file():
+        raise InputError(f"--update-card needs a model folder, not {model_dir}")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    summary = result.to_dict()
+    card.setdefault("metrics", {})[split] = {
+        "data": Path(data).name,
+        "threshold": summary["threshold"],
+        "averaging": summary["averaging"],
+        "final_polygons": result.mean("final"),
+        "raw_mask": result.mean("raw"),
+        "by_organ_final_polygons": result.by_organ("final"),
+    }
+    card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"scores recorded in {card_path}")
