@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shapely.affinity import translate
 from shapely.geometry.base import BaseGeometry
 
-from dannucnet.errors import DanNucNetError, InputError
+from dannucnet.errors import InputError
 from dannucnet.formats.geojson import PROBABILITY_KEY
 from dannucnet.qupath.entries import ANNOTATION, ImageEntryData
 from dannucnet.qupath.ledger import Ledger
