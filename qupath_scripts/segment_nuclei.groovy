@@ -767,26 +767,38 @@ class DnnRunner {
 
 }
 
-/** Progress lines for the log: chunks done / total, nuclei so far, elapsed and remaining time. */
+/**
+ * Progress: chunks done / total, nuclei so far, elapsed and remaining time. Lines go to the log at most
+ * every 5 s; the optional listener (the progress window in the GUI) hears every update.
+ */
 class DnnProgress {
 
     final long started = System.nanoTime()
     final Closure log
     final int total
+    final Closure listener
     long lastLog = 0
 
-    DnnProgress(int total, Closure log) {
+    DnnProgress(int total, Closure log, Closure listener = null) {
         this.total = total
         this.log = log
+        this.listener = listener
+    }
+
+    static String describe(int done, int total, long nuclei, double elapsed) {
+        String eta = done > 0 && done < total ?
+                String.format(Locale.ROOT, ', about %.0f s left', elapsed / done * (total - done)) : ''
+        return String.format(Locale.ROOT, '%d/%d chunks, %,d nuclei, %.1f s%s', done, total, nuclei, elapsed, eta)
     }
 
     void update(int done, long nuclei) {
         long now = System.nanoTime()
+        double elapsed = (now - started) / 1e9d
+        String line = describe(done, total, nuclei, elapsed)
+        listener?.call(done, total, line)
         if (done == total || done == 1 || now - lastLog > 5_000_000_000L) {
             lastLog = now
-            double elapsed = (now - started) / 1e9d
-            String eta = done < total ? String.format(Locale.ROOT, ', about %.0f s left', elapsed / done * (total - done)) : ''
-            log.call(String.format(Locale.ROOT, '%d/%d chunks, %,d nuclei, %.1f s%s', done, total, nuclei, elapsed, eta))
+            log.call(line)
         }
     }
 
@@ -880,6 +892,78 @@ class DnnGeometry {
 
 }
 // END JTS
+
+// BEGIN GUI
+import javafx.application.Platform
+import javafx.event.ActionEvent
+import javafx.geometry.Insets
+import javafx.scene.Scene
+import javafx.scene.control.Button
+import javafx.scene.control.Label
+import javafx.scene.control.ProgressBar
+import javafx.scene.layout.VBox
+import javafx.stage.Stage
+import qupath.lib.gui.QuPathGUI
+
+/**
+ * A small progress window with a Stop button, shown only when QuPath's GUI runs (never headless).
+ * Stop interrupts the script's thread, exactly like "Kill running script", so the same clean-up runs.
+ * Every JavaFX call goes through Platform.runLater: the script itself runs off the FX thread.
+ */
+class DnnProgressWindow {
+
+    final Thread worker
+    final ProgressBar bar = new ProgressBar(0)
+    final Label text = new Label('Starting…')
+    Stage stage
+
+    private DnnProgressWindow(Thread worker) {
+        this.worker = worker
+    }
+
+    static DnnProgressWindow openIfGui(String title, Thread worker) {
+        QuPathGUI gui = QuPathGUI.getInstance()
+        if (gui == null || java.awt.GraphicsEnvironment.isHeadless()) {
+            return null
+        }
+        DnnProgressWindow window = new DnnProgressWindow(worker)
+        Platform.runLater { window.show(gui.getStage(), title) }
+        return window
+    }
+
+    void show(Stage owner, String title) {
+        Button stop = new Button('Stop')
+        stop.setOnAction { ActionEvent e ->
+            text.setText('Stopping…')
+            stop.setDisable(true)
+            worker.interrupt()
+        }
+        bar.setMaxWidth(Double.MAX_VALUE)
+        VBox box = new VBox(8d, text, bar, stop)
+        box.setPadding(new Insets(12d))
+        box.setPrefWidth(420d)
+        stage = new Stage()
+        stage.initOwner(owner)
+        stage.setTitle(title)
+        stage.setScene(new Scene(box))
+        stage.show()
+    }
+
+    Closure listener() {
+        return { int done, int total, String line ->
+            Platform.runLater {
+                bar.setProgress(total > 0 ? done / (double) total : 1d)
+                text.setText(line)
+            }
+        }
+    }
+
+    void dismiss() {
+        Platform.runLater { stage?.close() }
+    }
+
+}
+// END GUI
 
 // BEGIN QUPATH
 import qupath.lib.images.ImageData
@@ -978,7 +1062,8 @@ class DnnQuPath {
         log.call("${parents.size()} object(s) to fill, ${jobs.size()} chunk(s), ${config.parallelRequests} in parallel")
 
         PathClass nucleusClass = PathClass.fromString(config.nucleusClass)
-        DnnProgress progress = new DnnProgress(jobs.size(), log)
+        DnnProgressWindow window = DnnProgressWindow.openIfGui("DAN-NucNet: ${imageName}", Thread.currentThread())
+        DnnProgress progress = new DnnProgress(jobs.size(), log, window?.listener())
         long count = 0
         parents.each { DnnParent p ->
             p.wasLocked = p.object.isLocked()
@@ -1006,6 +1091,7 @@ class DnnQuPath {
                     p.object.setLocked(p.wasLocked)
                 }
             }
+            window?.dismiss()
         }
         log.call("Done: ${count} nuclei in ${parents.size()} object(s) of ${imageName}")
     }

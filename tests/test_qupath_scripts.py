@@ -45,6 +45,7 @@ ALLOWED_IMPORTS = {
     "CORE": ("java.", "javax."),
     "GSON": ("com.google.gson.",),
     "JTS": ("org.locationtech.jts.",),
+    "GUI": ("javafx.", "qupath.lib.gui."),
     "QUPATH": ("qupath.lib.",),
 }
 
@@ -147,7 +148,8 @@ def test_sections_use_only_what_their_environment_has():
         assert "@Grab" not in text and "JsonSlurper" not in text and "io.grpc" not in text, script.name
         assert not re.search(r"\.resolveHierarchy\s*\(", text), f"{script.name} calls resolveHierarchy()"
     parts = sections()
-    assert list(parts) == ["CORE", "GSON", "JTS", "QUPATH"]
+    assert list(parts) == ["CORE", "GSON", "JTS", "GUI", "QUPATH"]
+    assert "qupath.lib.gui" not in parts["QUPATH"]  # GUI classes only where the GUI section guards them
     for name, body in parts.items():
         for imp in re.findall(r"^import\s+([\w.]+)", body, re.M):
             assert imp.startswith(ALLOWED_IMPORTS[name]), f"{name} imports {imp}"
@@ -436,6 +438,9 @@ def test_chunked_run_owns_each_nucleus_once(served):
     assert len(run["chunks"]) == 4  # 256² at 128 px chunks
     assert run["maxRunning"] == config["parallel"]  # the pool is used, and bounded
     assert run["progress"][-1].startswith("4/4 chunks")
+    # the GUI window hears every chunk, in order, with the same text as the log
+    assert [h[:2] for h in run["heard"]] == [[i, 4] for i in range(1, 5)]
+    assert run["heard"][-1][2] == run["progress"][-1] and "left" in run["heard"][0][2]
     assert sorted(run["done"]) == [0, 1, 2, 3]  # every chunk sent, and answered, exactly once
     chunks = {c["index"]: c for c in run["chunks"]}
     seen = []
@@ -514,6 +519,15 @@ def qupath_java_and_classpath() -> tuple[str, list[str]] | None:
     return None
 
 
+NO_GUI = """// BEGIN GUI
+class DnnProgressWindow {
+    static DnnProgressWindow openIfGui(String title, Thread worker) { null }
+    Closure listener() { null }
+    void dismiss() { }
+}
+// END GUI"""
+
+
 def test_whole_script_on_qupath_classes(tooling, server, tmp_path):
     found = qupath_java_and_classpath()
     if found is None:
@@ -530,6 +544,10 @@ def test_whole_script_on_qupath_classes(tooling, server, tmp_path):
     ]:
         assert old in text
         text = text.replace(old, new)
+    if not os.environ.get("PAQUO_QUPATH_DIR") and os.environ.get("DANNUCNET_QUPATH_CLASSPATH"):
+        # qupath-core alone has no GUI (no JavaFX, no qupath-gui-fx): run the script as headless QuPath
+        # would, where QuPathGUI.getInstance() is null and no window opens.
+        text = SECTION.sub(lambda m: NO_GUI if m.group(1) == "GUI" else m.group(0), text)
     script = tmp_path / "segment_nuclei.groovy"
     script.write_text(text, encoding="utf-8")
     out = tmp_path / "out.json"

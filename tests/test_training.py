@@ -12,7 +12,9 @@ import torch
 from dannucnet.formats.dataset import DatasetWriter, load_dataset
 from dannucnet.model import DANNucNet, ModelConfig, dan_nucnet_loss, load_model
 from dannucnet.slides.synthetic import make_synthetic_he
+from dannucnet.errors import InputError
 from dannucnet.train.loop import TrainConfig, train
+from dannucnet.train.patches import separated_foreground
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,38 @@ def test_dataset_folder_round_trip(dataset):
     region = sample.load_region()
     assert region is not None and not region[:, :16].any() and region[:, 16:].all()
     assert sample.load_labels().max() > 0
+
+
+def test_touching_nuclei_get_a_background_seam_in_the_target():
+    """Pixels bordering a *different* nucleus become background; outer outlines and lone nuclei stay."""
+    labels = np.zeros((7, 10), np.uint16)
+    labels[1:6, 1:5] = 1  # touches nucleus 2 along column 4|5
+    labels[1:6, 5:9] = 2
+    labels[0, 0] = 0
+    alone = np.zeros((7, 10), np.uint16)
+    alone[2:5, 2:6] = 3
+    seam = separated_foreground(labels)
+    expected = (labels > 0).astype(np.uint8)
+    expected[1:6, 4:6] = 0  # one column on each side of the contact
+    assert np.array_equal(seam, expected)
+    assert np.array_equal(separated_foreground(alone), (alone > 0).astype(np.uint8))
+    diagonal = np.zeros((4, 4), np.uint16)
+    diagonal[0:2, 0:2], diagonal[2:4, 2:4] = 1, 2  # corner contact counts as touching
+    assert separated_foreground(diagonal)[1, 1] == 0 and separated_foreground(diagonal)[0, 0] == 1
+
+
+def test_fine_tuning_starts_from_a_model_and_refuses_another_architecture(dataset, tmp_path):
+    base = tmp_path / "base"
+    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
+    train(cfg, report=lambda _msg: None)
+    messages: list[str] = []
+    tuned = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "tuned"), "init_from": str(base), "lr": 0.0})
+    train(tuned, report=messages.append)
+    assert any("starting from the weights" in m for m in messages)
+    # lr 0: the weights are exactly the base model's, so they really were loaded
+    a, b = load_model(str(base)).network.state_dict(), load_model(str(tmp_path / "tuned")).network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    other = TrainConfig(**{**tuned.__dict__, "out": str(tmp_path / "other"), "architecture": {"block": "plain"}})
+    with pytest.raises(InputError, match="architecture"):
+        train(other, report=lambda _msg: None)

@@ -158,7 +158,9 @@ if (cfg.mode == 'server') {
     List<Map> chunked = []
     List<Integer> answered = []
     List<Map> progressLines = []
-    DnnProgress progress = new DnnProgress(chunks.size(), { String line -> progressLines << line })
+    List<List> heard = []  // what the GUI progress window would be told, every update
+    DnnProgress progress = new DnnProgress(chunks.size(), { String line -> progressLines << line },
+            { int done, int total, String line -> heard << [done, total, line] })
     long count = 0
     t0 = System.nanoTime()
     DnnRunner.run(chunks, cfg.parallel as int, { DnnChunk c ->
@@ -175,7 +177,8 @@ if (cfg.mode == 'server') {
         count += a.nuclei.size()
         progress.update(done, count)
     })
-    out.chunked = [ms: (System.nanoTime() - t0) / 1e6, maxRunning: maxRunning.get(), progress: progressLines, done: answered,
+    out.chunked = [ms: (System.nanoTime() - t0) / 1e6, maxRunning: maxRunning.get(), progress: progressLines,
+                   heard: heard, done: answered,
                    chunks: chunks.collect { [index: it.index, region: it.region.toJson(), core: it.core.toJson()] },
                    nuclei: chunked]
     // Clipped to a polygon (as an annotation ROI would be).

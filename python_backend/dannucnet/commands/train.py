@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--time-budget", type=float, metavar="MIN", help="stop after this many minutes")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--init-from", metavar="MODEL", help="start from this model's weights (fine-tuning)")
+    p.add_argument("--no-instance-gaps", action="store_true",
+                   help="plain binary targets (paper) instead of a seam between touching nuclei")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--channel-reduction", type=int, choices=(8, 16), default=16, help="16 (code) or 8 (paper)")
     p.add_argument("--no-spatial-attention", action="store_true", help="ablation")
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, split=args.split, val_split=args.val_split, val_fraction=args.val_fraction,
         name=args.name, version=args.version, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, loss=args.loss, mpp=args.mpp, seed=args.seed, device=args.device,
-        time_budget_min=args.time_budget, augment=not args.no_augment, architecture=architecture,
+        time_budget_min=args.time_budget, augment=not args.no_augment,
+        instance_gaps=not args.no_instance_gaps, init_from=args.init_from, architecture=architecture,
         resume=not args.no_resume, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)

@@ -26,6 +26,7 @@ from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
+from dannucnet.model.registry import load_model
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class TrainConfig:
     device: str = "auto"
     time_budget_min: float | None = None
     augment: bool = True
+    instance_gaps: bool = True  # background seam between touching nuclei in the targets
+    init_from: str | None = None  # model name/folder whose weights start the run (fine-tuning)
     architecture: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (ablations)
     resume: bool = True
     command: str = ""
@@ -95,12 +98,12 @@ def _prepare_images(cfg: TrainConfig) -> tuple[list[TrainImage], list[TrainImage
     train_samples = dataset.select(split)
     if cfg.val_split:
         val_samples = dataset.select(cfg.val_split)
-        train = [load_train_image(s, cfg.mpp, (0.0, 1.0)) for s in train_samples]
-        val = [load_train_image(s, cfg.mpp, (0.0, 1.0)) for s in val_samples]
+        train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps) for s in train_samples]
+        val = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps) for s in val_samples]
         how = f"images of split {cfg.val_split!r}"
     else:
         cut = 1.0 - cfg.val_fraction
-        train = [load_train_image(s, cfg.mpp, (0.0, cut)) for s in train_samples]
+        train = [load_train_image(s, cfg.mpp, (0.0, cut), cfg.instance_gaps) for s in train_samples]
         val = [
             TrainImage(t.stem, t.rgb, t.mask, t.valid, (t.rows[1], t.rgb.shape[0])) for t in train
         ]
@@ -158,7 +161,11 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     steps = cfg.steps_per_epoch or max(1, round(train_pixels / (cfg.patch_size**2 * cfg.batch_size)))
 
     config = ModelConfig(**{**ModelConfig(bn_momentum=0.1).to_dict(), **cfg.architecture})
-    network = DANNucNet(config).to(device).to(memory_format=torch.channels_last)
+    network = DANNucNet(config)
+    if cfg.init_from:
+        network = _initial_weights(cfg.init_from, config)
+        report(f"starting from the weights of {cfg.init_from}")
+    network = network.to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(network.parameters(), lr=cfg.lr, eps=1e-7)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
@@ -237,6 +244,17 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     card["training"]["stop_reason"] = stop_reason
     (out / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
+    """Weights of an installed model, refused when its architecture differs from this run's."""
+    loaded = load_model(name_or_path)
+    if loaded.card.config.to_dict() != config.to_dict():
+        raise InputError(
+            f"--init-from {name_or_path}: its architecture {loaded.card.config.to_dict()} differs from "
+            f"this run's {config.to_dict()}"
+        )
+    return loaded.network
 
 
 def _save_best(
