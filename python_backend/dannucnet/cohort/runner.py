@@ -81,6 +81,10 @@ def default_workers(device: str) -> int:
     return max(1, (os.cpu_count() or 1) // 4)
 
 
+#: Output file suffix per ``--format``.
+OUTPUT_SUFFIX = {"geojson": ".geojson.gz", "parquet": ".parquet"}
+
+
 def run_cohort(
     slides: Sequence[Path],
     outdir: str | Path,
@@ -97,8 +101,9 @@ def run_cohort(
     server: str | None = None,
     token: str | None = None,
     pipelined: bool = False,
+    output_format: str = "geojson",
 ) -> CohortReport:
-    """Segment every slide into ``outdir/<stem>.geojson.gz``; returns one outcome per slide.
+    """Segment every slide into ``outdir/<stem>.geojson.gz`` (or ``.parquet``); returns one outcome per slide.
 
     Slides whose output was already made by the same model name and version are
     skipped unless ``force``. A slide that fails (after ``retries`` retries for
@@ -117,12 +122,18 @@ def run_cohort(
         raise OutputError(f"the output folder {outdir} is not writable; choose another with -o")
     if retries < 0:
         raise InputError(f"--retries must be zero or more, got {retries}")
+    if output_format not in OUTPUT_SUFFIX:
+        raise InputError(f"unknown output format {output_format!r}: choose one of {', '.join(OUTPUT_SUFFIX)}")
+    if output_format == "parquet":
+        from dannucnet.formats.geoparquet import require_pyarrow
+
+        require_pyarrow()  # fail before any slide is queued
     name, version, trained = _model_identity(model, server, token, options)
     report = CohortReport(model=name, model_version=version, model_trained=trained)
     todo: list[tuple[int, TaskSpec]] = []
     outcomes: list[SlideOutcome | None] = [None] * len(slides)
     for i, slide in enumerate(slides):
-        out = output_path_for(slide, outdir)
+        out = output_path_for(slide, outdir, OUTPUT_SUFFIX[output_format])
         if not force and is_done(out, name, version):
             outcomes[i] = SlideOutcome(str(slide), str(out), "skipped")
         else:

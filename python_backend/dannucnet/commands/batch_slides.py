@@ -15,7 +15,7 @@ HELP = "segment many slides (a folder or a list file), one task per slide, on a 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides", metavar="DIR_OR_LIST", help="folder of slides, or a text file with one slide path per line")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for <slide>.geojson.gz outputs")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the <slide>.geojson.gz (or .parquet) outputs")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler (e.g. tcp://host:8786); default: a local cluster on this machine")
     p.add_argument("--workers", type=int, help="local cluster worker processes (default: one per GPU, else cores/4)")
@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_segment_options(p)
     add_server_arguments(p)
     p.add_argument("--force", action="store_true", help="redo slides already done with this model version")
+    p.add_argument("--format", choices=("geojson", "parquet"), default="geojson",
+                   help="geojson: <slide>.geojson.gz for QuPath (default); parquet: <slide>.parquet (GeoParquet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             slides, args.output, model=args.model, device=args.device, mpp=args.mpp,
             options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
             retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
+            output_format=args.format,
             server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
         )
     finally:

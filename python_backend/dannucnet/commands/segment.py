@@ -15,7 +15,7 @@ HELP = "segment nuclei in an H&E image or whole slide and write QuPath GeoJSON"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="SVS, pyramidal TIFF, OME-TIFF, or a plain PNG/JPEG/TIFF image")
-    p.add_argument("-o", "--output", required=True, help="output .geojson or .geojson.gz")
+    p.add_argument("-o", "--output", required=True, help="output .geojson or .geojson.gz (QuPath), or .parquet (GeoParquet, needs pyarrow)")
     add_model_arguments(p)
     p.add_argument("--region", metavar="X,Y,W,H", help="only this rectangle (full-resolution pixels)")
     p.add_argument("--mpp", type=float, help="pixel size in µm/px (overrides or supplies the image's)")

@@ -1,4 +1,4 @@
-"""Segment one image or slide into a QuPath GeoJSON file (+ optional overlay PNG).
+"""Segment one image or slide into a QuPath GeoJSON (or GeoParquet) file (+ optional overlay PNG).
 
 The standalone door: ``dannucnet segment`` and ``dannucnet demo`` run this,
 and the cohort runner calls it once per slide. Output is streamed and
@@ -7,6 +7,7 @@ atomic; a failed or cancelled run leaves nothing behind.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from dannucnet.errors import InputError
 from dannucnet.formats.geojson import GeoJSONWriter, ensure_writable
+from dannucnet.formats.geoparquet import PARQUET_SUFFIXES, GeoParquetWriter
 from dannucnet.formats.overlay import OverlayCanvas
 from dannucnet.geometry.ownership import Rect
 from dannucnet.jobs.segmenters import Segmenter
@@ -51,6 +53,13 @@ def parse_region(text: str) -> Rect:
     return Rect(x, y, w, h)
 
 
+def open_writer(path: str | os.PathLike[str], metadata: dict[str, str]) -> GeoJSONWriter | GeoParquetWriter:
+    """The writer the output's name asks for: ``.parquet``/``.geoparquet`` → GeoParquet, else QuPath GeoJSON."""
+    if str(path).lower().endswith(PARQUET_SUFFIXES):
+        return GeoParquetWriter(path, metadata=metadata)
+    return GeoJSONWriter(path, metadata=metadata)
+
+
 def segment_to_geojson(
     segmenter: Segmenter,
     input_path: str | Path,
@@ -86,12 +95,12 @@ def segment_to_geojson(
             "image": Path(input_path).name,
         }
         canvas = OverlayCanvas(source, region.intersection(image) if region else image) if overlay_path else None
-        with GeoJSONWriter(output_path, metadata=metadata) as writer:
+        with open_writer(output_path, metadata) as writer:
             for nuclei in segmenter.stream(Path(input_path), region=region, mpp=mpp, progress=track, cancel=cancel):
                 writer.write(nuclei)
                 if canvas is not None:
                     canvas.draw(nuclei)
-            count = writer.count
+        count = writer.count
         if canvas is not None and overlay_path is not None:
             canvas.save(overlay_path)
         return SegmentSummary(
