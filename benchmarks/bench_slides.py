@@ -16,6 +16,7 @@ a GPU, optionally ``torch.compile``) → post-processing pool → GeoJSON.gz. It
     python benchmarks/bench_slides.py --quick                       # CPU smoke run, tiny sizes
     python benchmarks/bench_slides.py                               # CPU: 2048² 4096² 8192²
     python benchmarks/bench_slides.py --gpu                         # GPU box: see benchmarks/README.md
+    python benchmarks/bench_slides.py --stand-in --sizes 4096 8192 16384  # memory scaling on a CPU
 
 Slides above 16384² are a mosaic of one rendered 4096² block (rendering every
 pixel of a 100k² slide would take an hour); the pipeline still decodes, infers
@@ -149,11 +150,44 @@ class GpuSampler:
 # ---------------------------------------------------------------------------
 
 
+def _stand_in_model():
+    """A 1×1 convolution ('dark pixels are nuclei') in place of DAN-NucNet, for ``--stand-in``.
+
+    It finds the synthetic nuclei, so decoding, blending, instance splitting,
+    polygons and output all run on every chunk, while the network costs next to
+    nothing: a CPU can then push 16k²–32k² slides through the pipeline and show
+    how memory scales. Its timings are pipeline timings, never model timings.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from dannucnet.model.card import ModelCard
+    from dannucnet.model.weights import LoadedModel
+
+    class StandIn(nn.Module):
+        config = SimpleNamespace(stride=16)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 1)
+            with torch.no_grad():
+                self.conv.weight[:] = torch.tensor([-30.0, -30.0, 0.0]).view(1, 3, 1, 1)
+                self.conv.bias[:] = 24.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    return LoadedModel(StandIn(), ModelCard(name="stand-in 1x1 conv (pipeline only)", version="0"), "benchmark")
+
+
 def _predictor(args):
     from dannucnet.engine import Predictor
     from dannucnet.model import load_model
 
-    return Predictor(load_model(args.model), device=args.device, batch_size=args.batch_size)
+    model = _stand_in_model() if args.stand_in else load_model(args.model)
+    return Predictor(model, device=args.device, batch_size=args.batch_size)
 
 
 def measure_slide(args) -> dict:
@@ -269,7 +303,11 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 
 def print_report(rows: list[dict], bare: dict | None) -> None:
     r0 = rows[0]
-    print(f"model {r0['model']} ({'trained' if r0['trained'] else 'UNTRAINED: few nuclei, post-processing understated'})"
+    if r0["model"].startswith("stand-in"):
+        print("PIPELINE ONLY: a 1x1 conv stands in for DAN-NucNet; times below are not model times")
+    state = ("trained" if r0["trained"] else "fixed weights" if r0["model"].startswith("stand-in")
+             else "UNTRAINED: few nuclei, post-processing understated")
+    print(f"model {r0['model']} ({state})"
           f" on {r0['device']}{' ' + r0.get('gpu_name', '') if 'gpu_name' in r0 else ''}, batch {r0['batch_size']}, "
           f"precision {r0['precision']}{', compiled' if r0['compiled'] else ''}, {r0['readers']} readers, "
           f"{r0['post_workers']} post workers, {r0['torch_threads']} torch threads, "
@@ -326,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tissue-fraction", type=float, default=0.5)
     p.add_argument("--bare", action="store_true", help="also measure the bare model (default on with --gpu)")
     p.add_argument("--bare-batches", type=int, default=4)
+    p.add_argument("--stand-in", action="store_true",
+                   help="replace the network by a 1x1 conv: pipeline-only memory/throughput scaling at large sizes")
     p.add_argument("--workdir", type=Path, help="where slides are written and kept (default: a temp folder)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -352,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             common += [flag, str(value)]
     if args.compile:
         common.append("--compile")
+    if args.stand_in:
+        common.append("--stand-in")
     script = Path(__file__).resolve()
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_slides_")
     folder = args.workdir or Path(tmp.name)

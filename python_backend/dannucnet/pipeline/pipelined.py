@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from shapely.geometry.base import BaseGeometry
 
-from dannucnet.engine import Predictor, resample_rgb, scale_to_model
+from dannucnet.engine import Predictor, heap, resample_rgb, scale_to_model
 from dannucnet.engine.tile_engine import TileEngine
 from dannucnet.engine.tiling import pad_to_tile, plan_windows
 from dannucnet.errors import CancelledError
@@ -156,6 +156,7 @@ def segment_slide_pipelined(
     compiled :class:`TileEngine` across slides.
     """
     started = time.perf_counter()
+    heap.limit_arenas()  # before the pools start their threads
     plan = plan or plan_slide(source, predictor.card.mpp, region, rois, options)
     stats = stats if stats is not None else PipelineStats()
     engine = engine or TileEngine(predictor, batch_size=config.batch_size, precision=config.precision,
@@ -277,6 +278,7 @@ def segment_slide_pipelined(
             stats.chunks, stats.nuclei = done, found
             if progress is not None:
                 progress(done, total, found)
+            heap.trim()
             yield nuclei
     finally:
         stop.set()
