@@ -481,6 +481,53 @@ def test_interrupt_stops_promptly_and_drops_late_answers(served):
     assert cancel["interruptFlagKept"] is True  # QuPath's batch loop sees the interrupt too
 
 
+# ---- the GUI section on real JavaFX ----------------------------------------------
+FX_JARS = [Path(f"/usr/share/java/javafx-{m}.jar") for m in ("base", "controls", "graphics")]
+FX_NATIVE = Path("/usr/lib/x86_64-linux-gnu/jni")
+QUPATH_GUI_STAND_IN = """package qupath.lib.gui;
+import javafx.stage.Stage;
+/** Stand-in for QuPath's GUI class: only the two members the script calls. */
+public class QuPathGUI {
+    public static QuPathGUI instance;
+    public Stage stage;
+    public static QuPathGUI getInstance() { return instance; }
+    public Stage getStage() { return stage; }
+}
+"""
+
+
+def test_progress_window_shows_progress_and_stop_interrupts(tooling, tmp_path):
+    """The GUI section's window on Debian's OpenJFX under Xvfb: owned by QuPath's stage, follows the
+    progress, Stop interrupts the script thread, it closes; no window when there is no GUI."""
+    xvfb, javac = shutil.which("xvfb-run"), shutil.which("javac")
+    if not all(j.is_file() for j in FX_JARS) or xvfb is None or javac is None:
+        pytest.skip("needs OpenJFX, Xvfb and javac (Debian: libopenjfx-java libopenjfx-jni xvfb xauth, a JDK)")
+    fx = os.pathsep.join(str(j) for j in FX_JARS)
+    src = tmp_path / "src" / "qupath" / "lib" / "gui" / "QuPathGUI.java"
+    src.parent.mkdir(parents=True)
+    src.write_text(QUPATH_GUI_STAND_IN, encoding="utf-8")
+    classes = tmp_path / "classes"
+    subprocess.run([javac, "-cp", fx, "-d", str(classes), str(src)], check=True, capture_output=True, timeout=120)
+    parts = sections()
+    script = tmp_path / "gui_test.groovy"
+    script.write_text(parts["CORE"] + parts["GUI"] + (REPO / "tests" / "groovy" / "gui_driver.groovy").read_text(
+        encoding="utf-8"), encoding="utf-8")
+    proc = subprocess.run(
+        [xvfb, "-a", tooling["java"], f"-Djava.library.path={FX_NATIVE}", "-cp",
+         os.pathsep.join([str(GROOVY_LIB / "*"), fx, str(classes)]), "groovy.ui.GroovyMain", str(script)],
+        capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["opened"] and res["showing"] and res["ownedByQuPath"]
+    assert res["title"] == "DAN-NucNet: synthetic.png"
+    assert res["progress"] == pytest.approx(0.75) and res["text"].startswith("3/4 chunks, 25 nuclei")
+    assert res["lastLogged"].startswith("1/4 chunks")  # the log is rate-limited, the window is not
+    assert res["workerInterrupted"] is True and res["textAfterStop"] == "Stopping…"
+    assert res["showingAfterDismiss"] is False
+    assert res["windowWithoutGui"] is False
+
+
 # ---- lint (collected last: it ran in the background meanwhile) ------------------
 def test_lint_every_script(tooling, background_lint):
     scripts = sorted(SCRIPTS.glob("*.groovy"))
