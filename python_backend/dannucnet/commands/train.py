@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="MODEL", help="start from this model's weights (fine-tuning)")
     p.add_argument("--no-instance-gaps", action="store_true",
                    help="plain binary targets (paper) instead of a seam between touching nuclei")
+    p.add_argument("--no-colour-normalise", action="store_true",
+                   help="feed pixels as they are (paper) instead of Reinhard-normalised onto the training set")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--channel-reduction", type=int, choices=(8, 16), default=16, help="16 (code) or 8 (paper)")
     p.add_argument("--no-spatial-attention", action="store_true", help="ablation")
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         name=args.name, version=args.version, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, loss=args.loss, mpp=args.mpp, seed=args.seed, device=args.device,
         time_budget_min=args.time_budget, augment=not args.no_augment,
-        instance_gaps=not args.no_instance_gaps, init_from=args.init_from, architecture=architecture,
+        instance_gaps=not args.no_instance_gaps, init_from=args.init_from,
+        colour_normalise=not args.no_colour_normalise, architecture=architecture,
         resume=not args.no_resume, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)

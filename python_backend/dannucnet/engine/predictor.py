@@ -15,9 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dannucnet.engine.colour import ColourReference, normalise_colour
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.engine.tiling import BlendAccumulator, pad_to_tile, plan_windows
-from dannucnet.errors import CancelledError, InputError
+from dannucnet.errors import CancelledError, InputError, ModelError
 from dannucnet.model import LoadedModel, ModelCard
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,17 @@ class Predictor:
         self.batch_size = batch_size or (2 if self.device.type == "cpu" else 32)
         self.network = model.network.eval().to(self.device).to(memory_format=torch.channels_last)
         self._lock = threading.Lock()  # one forward pass at a time per device
+        try:
+            self.colour = ColourReference.from_dict(model.card.colour_reference)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model card {model.card.name!r}: invalid colour_reference: {exc}") from exc
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """What the network is fed for a whole chunk: its colours normalised as in training (if the card says so).
+
+        Done per chunk, never per window, so overlapping windows agree and blend without seams.
+        """
+        return normalise_colour(rgb, self.colour)
 
     @property
     def card(self) -> ModelCard:
@@ -80,7 +92,7 @@ class Predictor:
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
         tile_fn = tile_fn or self.predict_tiles
-        padded, (h, w) = pad_to_tile(rgb, self.tile)
+        padded, (h, w) = pad_to_tile(self.prepare(rgb), self.tile)
         windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.overlap)
         acc = BlendAccumulator(padded.shape[0], padded.shape[1], self.tile, self.overlap)
         t = self.tile

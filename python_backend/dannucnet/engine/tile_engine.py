@@ -179,7 +179,7 @@ class TileEngine:
         """One H×W×3 uint8 image → H×W probabilities (what ``Predictor.predict`` returns), via this engine."""
         from dannucnet.engine.tiling import pad_to_tile, plan_windows
 
-        padded, (h, w) = pad_to_tile(rgb, self.tile)
+        padded, (h, w) = pad_to_tile(self.predictor.prepare(rgb), self.tile)
         windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.predictor.overlap)
         blend = self.new_blend(padded.shape[0], padded.shape[1])
         t = self.tile

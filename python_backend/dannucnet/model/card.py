@@ -28,6 +28,8 @@ class ModelCard:
     tile_size: int = 256
     threshold: float = 0.5
     normalisation: str = "rgb / 255 (no mean/std, no stain normalisation)"
+    # Reinhard target (engine.colour.ColourReference.to_dict()); None = pixels go in as they are
+    colour_reference: dict[str, Any] | None = None
     trained: bool = False
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)

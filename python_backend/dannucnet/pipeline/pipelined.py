@@ -105,7 +105,8 @@ class _Readers:
                 self.opened.append(src)
         return src
 
-    def read(self, chunk: Chunk, downsample: float, model_mpp: float, mpp: float):
+    def read(self, chunk: Chunk, downsample: float, model_mpp: float, mpp: float, prepare: Callable):
+        """Decode and resample one chunk; ``prepare`` (colour normalisation) runs here too, off the model thread."""
         t0 = time.perf_counter()
         read = chunk.read.to_int()
         rgb = self._source().read_region(int(read.x), int(read.y), int(read.width), int(read.height),
@@ -113,7 +114,7 @@ class _Readers:
         effective = read.width / rgb.shape[1]
         scale = scale_to_model(mpp * effective, model_mpp)
         model_rgb = resample_rgb(rgb, scale)
-        return model_rgb, read, effective, scale, time.perf_counter() - t0
+        return model_rgb, prepare(model_rgb), read, effective, scale, time.perf_counter() - t0
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -206,7 +207,7 @@ def segment_slide_pipelined(
                 nonlocal nxt
                 while nxt < total and len(pending) < depth:
                     pending.append(readers.pool.submit(readers.read, plan.chunks[nxt], plan.downsample,
-                                                       card.mpp, plan.mpp))
+                                                       card.mpp, plan.mpp, predictor.prepare))
                     nxt += 1
 
             top_up()
@@ -237,12 +238,12 @@ def segment_slide_pipelined(
                 if cancel is not None and cancel():
                     raise CancelledError("cancelled")
                 t_wait = time.perf_counter()
-                model_rgb, read, effective, scale, seconds = pending.popleft().result()
+                model_rgb, network_rgb, read, effective, scale, seconds = pending.popleft().result()
                 stats.model_idle_seconds += time.perf_counter() - t_wait
                 stats.decode_seconds += seconds
                 stats.decode_megapixels += read.width * read.height / 1e6
                 top_up()
-                padded, (h, w) = pad_to_tile(model_rgb, t)
+                padded, (h, w) = pad_to_tile(network_rgb, t)  # measurements use the unnormalised model_rgb
                 windows = plan_windows(padded.shape[0], padded.shape[1], t, overlap)
                 chunk = plan.chunks[index]
                 where = ChunkGeometry(origin=(read.x, read.y), to_level0=effective / scale, mpp=plan.mpp,

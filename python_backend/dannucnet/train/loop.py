@@ -14,7 +14,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,11 +26,13 @@ from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
+from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.model.registry import load_model
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+COLOUR_NORMALISATION = "Reinhard L*a*b* onto colour_reference (per chunk, tissue pixels), then rgb / 255"
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainConfig:
     time_budget_min: float | None = None
     augment: bool = True
     instance_gaps: bool = True  # background seam between touching nuclei in the targets
+    colour_normalise: bool = True  # Reinhard L*a*b* normalisation onto the training set's average
     init_from: str | None = None  # model name/folder whose weights start the run (fine-tuning)
     architecture: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (ablations)
     resume: bool = True
@@ -92,7 +95,9 @@ def _default_split(splits: dict[str, list[str]]) -> str | None:
     return None
 
 
-def _prepare_images(cfg: TrainConfig) -> tuple[list[TrainImage], list[TrainImage], dict[str, Any]]:
+def _prepare_images(
+    cfg: TrainConfig,
+) -> tuple[list[TrainImage], list[TrainImage], dict[str, Any], ColourReference | None]:
     dataset = load_dataset(cfg.data)
     split = cfg.split or _default_split(dataset.splits)
     train_samples = dataset.select(split)
@@ -108,6 +113,18 @@ def _prepare_images(cfg: TrainConfig) -> tuple[list[TrainImage], list[TrainImage
             TrainImage(t.stem, t.rgb, t.mask, t.valid, (t.rows[1], t.rgb.shape[0])) for t in train
         ]
         how = f"bottom {cfg.val_fraction:.0%} of the rows of every training image (never sampled for training)"
+    reference = None
+    if cfg.colour_normalise:
+        # One reference for the run (the training images' average L*a*b* statistics); every image,
+        # training and validation, is mapped onto it with its own statistics, as inference will do.
+        stats = {id(t.rgb): lab_stats(t.rgb, t.valid)[:2] for t in train + val}
+        reference = reference_from(stats[id(t.rgb)] for t in train)
+        normalised = {key: None for key in stats}
+        for t in train + val:
+            if normalised[id(t.rgb)] is None:
+                normalised[id(t.rgb)] = normalise_colour(t.rgb, reference, stats[id(t.rgb)])
+        train = [replace(t, rgb=normalised[id(t.rgb)]) for t in train]
+        val = [replace(t, rgb=normalised[id(t.rgb)]) for t in val]
     info = {
         "dataset": str(Path(cfg.data)),
         "dataset_name": dataset.meta.get("provenance", {}).get("name", Path(cfg.data).name),
@@ -115,7 +132,7 @@ def _prepare_images(cfg: TrainConfig) -> tuple[list[TrainImage], list[TrainImage
         "images": [s.stem for s in train_samples],
         "validation": how,
     }
-    return train, val, info
+    return train, val, info, reference
 
 
 @torch.no_grad()
@@ -149,7 +166,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = choose_device(cfg.device)
-    train_images, val_images, data_info = _prepare_images(cfg)
+    train_images, val_images, data_info, colour_reference = _prepare_images(cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
@@ -219,7 +236,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         improved = val_loss < best_loss - cfg.min_delta
         if improved:
             best_loss, best_epoch = val_loss, epoch + 1
-            _save_best(out, network, cfg, name, history, best_epoch, data_info, time.monotonic() - started, device)
+            _save_best(out, network, cfg, name, history, best_epoch, data_info, time.monotonic() - started, device,
+                       colour_reference)
         report(
             f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  val loss {val_loss:.4f}  "
             f"val pixel F1 {val_f1:.4f}  lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved else ''}"
@@ -259,7 +277,7 @@ def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
 
 def _save_best(
     out: Path, network: DANNucNet, cfg: TrainConfig, name: str, history: list[EpochLog], best_epoch: int,
-    data_info: dict[str, Any], seconds: float, device: torch.device,
+    data_info: dict[str, Any], seconds: float, device: torch.device, colour: ColourReference | None = None,
 ) -> None:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     card = ModelCard(
@@ -268,6 +286,8 @@ def _save_best(
         mpp=cfg.mpp,
         tile_size=cfg.patch_size,
         trained=True,
+        normalisation=(COLOUR_NORMALISATION if colour is not None else ModelCard.normalisation),
+        colour_reference=colour.to_dict() if colour is not None else None,
         description="DAN-NucNet (Ahmad et al., ESWA 2023) trained with dannucnet train.",
         provenance={"software": f"dannucnet {__version__}", "torch": torch.__version__, **data_info},
         licence=_licence_for(data_info),

@@ -1,0 +1,109 @@
+"""Colour normalisation (Reinhard, in CIE L*a*b*) so stain and brightness match the training set.
+
+Why: a CPU-trained network learns "dark purple = nucleus". Frozen sections and
+other labs' slides are much darker or paler than the training images (the
+Kumar-test colon and bladder frames have L* ≈ 90–130 against ≈ 143 for the
+training set) and were called nucleus almost everywhere. Matching each image's
+L*a*b* mean and spread to the training set's — the same transform at training
+and at inference — removes most of that shift for the cost of one colour
+conversion per chunk.
+
+Statistics come from tissue pixels only (glass would make every slide look
+pale), and from the whole chunk, not from each 256 px window, so neighbouring
+windows see the same transform and blend without seams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = ["ColourReference", "lab_stats", "normalise_colour", "reference_from"]
+
+#: Pixels brighter than this in every channel are glass, not tissue.
+GLASS_LEVEL = 215
+#: Fewer tissue pixels than this share of the image: statistics are unreliable, pixels pass unchanged.
+MIN_TISSUE_SHARE = 0.05
+#: Per-channel spread ratios are clipped to this range so a near-uniform chunk is not blown up.
+MAX_SPREAD_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class ColourReference:
+    """Target L*a*b* mean and standard deviation (OpenCV's 8-bit L*a*b* scale)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    method: str = "reinhard-lab"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "mean": [round(v, 4) for v in self.mean],
+                "std": [round(v, 4) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ColourReference | None:
+        if not data:
+            return None
+        if data.get("method") != "reinhard-lab":
+            raise ValueError(f"unknown colour normalisation {data.get('method')!r}")
+        mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"colour reference needs 3 means and 3 positive spreads, got {data}")
+        return cls(mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def _tissue(rgb: np.ndarray) -> np.ndarray:
+    return (rgb < GLASS_LEVEL).any(axis=2) & (rgb > 0).any(axis=2)
+
+
+def lab_stats(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean and std of L*a*b* over tissue pixels (and ``mask``), and the tissue share."""
+    keep = _tissue(rgb)
+    if mask is not None:
+        keep &= mask.astype(bool)
+    share = float(keep.mean()) if keep.size else 0.0
+    if not keep.any():
+        return np.zeros(3), np.ones(3), 0.0
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)[keep].astype(np.float64)
+    return lab.mean(axis=0), lab.std(axis=0) + 1e-6, share
+
+
+def reference_from(stats: Iterable[tuple[np.ndarray, np.ndarray]]) -> ColourReference:
+    """The training set's reference: the average of its images' means and spreads."""
+    items = list(stats)
+    if not items:
+        raise ValueError("no images to build a colour reference from")
+    mean = np.mean([m for m, _ in items], axis=0)
+    std = np.mean([s for _, s in items], axis=0)
+    return ColourReference(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))  # type: ignore[arg-type]
+
+
+def normalise_colour(
+    rgb: np.ndarray, reference: ColourReference | None, stats: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
+    """Map ``rgb``'s tissue colours onto ``reference`` (uint8 in, uint8 out; glass stays glass).
+
+    ``stats`` = (mean, std) computed elsewhere (e.g. over a whole training image); by default
+    they are taken from ``rgb`` itself. Images with almost no tissue pass unchanged.
+    """
+    if reference is None or rgb.size == 0:
+        return rgb
+    if stats is None:
+        mean, std, share = lab_stats(rgb)
+        if share < MIN_TISSUE_SHARE:
+            return rgb
+    else:
+        mean, std = np.asarray(stats[0], np.float64), np.asarray(stats[1], np.float64)
+    ratio = np.clip(np.asarray(reference.std) / std, 1 / MAX_SPREAD_RATIO, MAX_SPREAD_RATIO)
+    scale = ratio.astype(np.float32)
+    shift = (np.asarray(reference.mean) - mean * ratio).astype(np.float32)
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = lab * scale + shift
+    out = cv2.cvtColor(np.clip(lab + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+    glass = ~_tissue(rgb)
+    out[glass] = rgb[glass]
+    return out
