@@ -36,8 +36,20 @@ from pathlib import Path
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process, in MB.
+
+    On Linux this is VmHWM, the high-water mark of this program's own memory. Not ru_maxrss: Linux
+    carries it over from the parent through fork and exec, so a child started by a parent that
+    had just rendered a 32k² test slide reported the parent's 1.1 GB as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
