@@ -59,8 +59,14 @@ def test_fills_holes_and_respects_max_hole() -> None:
     cv2.circle(m, (40, 40), 25, 1, -1)
     m[38:42, 38:42] = 0  # 16 px hole
     m[20:30, 35:45] = 0  # 100 px hole
-    lab = label_nuclei(m.astype(np.float32), split=False)
+    lab = label_nuclei(m.astype(np.float32), split=False, max_hole_px=None)
     assert lab.max() == 1 and lab[40, 40] == 1 and lab[25, 40] == 1
+    lab = label_nuclei(m.astype(np.float32), split=False)  # default: small holes filled
+    assert lab[40, 40] == 1 and lab[25, 40] == 1
+    lumen = np.zeros((120, 120), np.uint8)
+    cv2.circle(lumen, (60, 60), 50, 1, -1)
+    cv2.circle(lumen, (60, 60), 30, 0, -1)  # a 2,800 px lumen inside a ring of tissue
+    assert label_nuclei(lumen.astype(np.float32), split=False)[60, 60] == 0
     lab = label_nuclei(m.astype(np.float32), split=False, max_hole_px=50)
     assert lab[40, 40] == 1 and lab[25, 40] == 0
     # a pocket open to the image border is not a hole

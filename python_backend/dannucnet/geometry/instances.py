@@ -23,12 +23,18 @@ from dannucnet.errors import InputError
 
 __all__ = ["label_nuclei", "labels_from_mask", "fill_holes", "remove_small", "split_touching"]
 
+# The three defaults below were chosen on the held-out bottom 30 % rows of the Kumar training images
+# (never the test split) with dannucnet-monuseg 1.1: AJI 0.444 → 0.466 against the earlier
+# (fill every hole, depth 0.1, sigma 1.0), PQ 0.410 → 0.408, pixel F1 unchanged.
 #: Neck must be this much narrower (relative) than the smaller nucleus's radius to split.
-DEFAULT_SPLIT_DEPTH = 0.1
+DEFAULT_SPLIT_DEPTH = 0.05
 #: Pixels added to distances before comparing ratios; damps splits of tiny/ragged blobs.
 DEFAULT_SPLIT_OFFSET_PX = 1.0
 #: Gaussian sigma (px) applied to the distance map; removes one-pixel jitter maxima.
-DEFAULT_SMOOTH_SIGMA_PX = 1.0
+DEFAULT_SMOOTH_SIGMA_PX = 1.5
+#: Holes up to this size (px at 0.25 µm/px = 16 µm²) are filled; a lumen ringed by nuclei is larger
+#: and stays open (filled, the whole ring became one "nucleus" of up to 17,000 px).
+DEFAULT_MAX_HOLE_PX = 256
 
 
 def _as_mask(mask: np.ndarray) -> np.ndarray:
@@ -212,7 +218,7 @@ def label_nuclei(
     prob: np.ndarray,
     threshold: float = 0.5,
     min_area_px: int = 16,
-    max_hole_px: int | None = None,
+    max_hole_px: int | None = DEFAULT_MAX_HOLE_PX,
     split: bool = True,
     *,
     split_depth: float = DEFAULT_SPLIT_DEPTH,
