@@ -117,12 +117,10 @@ def _prepare_images(
     if cfg.colour_normalise:
         # One reference for the run (the training images' average L*a*b* statistics); every image,
         # training and validation, is mapped onto it with its own statistics, as inference will do.
-        stats = {id(t.rgb): lab_stats(t.rgb, t.valid)[:2] for t in train + val}
+        images = {id(t.rgb): t for t in train + val}  # held-out rows share their training image's array
+        stats = {key: lab_stats(t.rgb, t.valid)[:2] for key, t in images.items()}
         reference = reference_from(stats[id(t.rgb)] for t in train)
-        normalised = {key: None for key in stats}
-        for t in train + val:
-            if normalised[id(t.rgb)] is None:
-                normalised[id(t.rgb)] = normalise_colour(t.rgb, reference, stats[id(t.rgb)])
+        normalised = {key: normalise_colour(t.rgb, reference, stats[key]) for key, t in images.items()}
         train = [replace(t, rgb=normalised[id(t.rgb)]) for t in train]
         val = [replace(t, rgb=normalised[id(t.rgb)]) for t in val]
     info = {
