@@ -167,7 +167,7 @@ def _stand_in_model():
     from dannucnet.model.weights import LoadedModel
 
     class StandIn(nn.Module):
-        config = SimpleNamespace(stride=16)
+        config = SimpleNamespace(stride=16, outputs=1)
 
         def __init__(self) -> None:
             super().__init__()

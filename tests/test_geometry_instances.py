@@ -134,3 +134,23 @@ def test_split_recovers_touching_nuclei_in_a_crowded_field() -> None:
     assert merged < 0.6 * k  # the field really has many touching nuclei
     assert matched >= 0.85 * k
     assert lab.max() <= 1.05 * k  # and is not over-split
+
+
+def test_a_predicted_distance_splits_touching_nuclei_without_a_neck() -> None:
+    """Two 20x16 nuclei side by side make one 40x16 rectangle: no neck, so the mask alone keeps
+    one object; a distance map with a hill in each (what the distance head predicts) gives two."""
+    mask = np.zeros((40, 60), np.uint8)
+    mask[12:28, 10:50] = 1
+    prob = mask.astype(np.float32)
+    distance = np.zeros_like(prob)
+    yy, xx = np.mgrid[0:40, 0:60]
+    for cx in (20, 40):
+        hill = np.clip(1 - np.maximum(np.abs(xx - cx + 0.5) / 10, np.abs(yy - 19.5) / 8), 0, 1)
+        distance = np.maximum(distance, hill * (np.abs(xx - cx + 0.5) < 10))
+    assert label_nuclei(prob).max() == 1
+    labels = label_nuclei(np.dstack([prob, distance]))
+    assert labels.max() == 2
+    assert set(np.unique(labels[20, 12:29])) == {1} or set(np.unique(labels[20, 12:29])) == {2}
+    assert abs(int((labels == 1).sum()) - int((labels == 2).sum())) <= 16
+    with pytest.raises(InputError, match="H×W×2"):
+        label_nuclei(np.zeros((5, 5, 3), np.float32))

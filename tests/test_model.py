@@ -138,3 +138,13 @@ def test_unknown_model_and_broken_files_are_clear_errors(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError, match="safetensors"):
         load_model(str(tmp_path))
+
+
+def test_distance_head_adds_one_output_channel_and_one_filter():
+    base, _ = count_parameters(DANNucNet())
+    net = DANNucNet(ModelConfig(distance_head=True)).eval()
+    assert count_parameters(net)[0] == base + 32 + 1  # one 1x1 filter over the 32 head features, one bias
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 32, 48)).shape == (1, 2, 32, 48)
+    assert ModelConfig.from_dict(ModelConfig(distance_head=True).to_dict()).outputs == 2
+    assert ModelConfig.from_dict({k: v for k, v in ModelConfig().to_dict().items() if k != "distance_head"}).outputs == 1

@@ -25,7 +25,7 @@ class DarknessNet(nn.Module):
     nuclei, so post-processing, ownership and seams are exercised for real.
     """
 
-    config = SimpleNamespace(stride=16)
+    config = SimpleNamespace(stride=16, outputs=1)
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +91,30 @@ def test_colour_normalising_model_gives_the_same_nuclei_in_both_runners(slide):
         unnormalised = [n for b in segment_slide(plain, src, options=options, plan=plan) for n in b]
     assert _key(piped) == _key(reference) and len(reference) > 50
     assert sum(n.polygon.area for n in reference) > 1.1 * sum(n.polygon.area for n in unnormalised)
+
+
+class DarknessDistanceNet(DarknessNet):
+    """DarknessNet plus a second, distance-like channel (a blurred copy), as a distance-head model returns."""
+
+    config = SimpleNamespace(stride=16, outputs=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.conv(x)
+        return torch.cat([logit, nn.functional.avg_pool2d(logit, 9, stride=1, padding=4)], dim=1)
+
+
+def test_distance_head_model_gives_the_same_nuclei_in_both_runners(slide):
+    """Two-channel maps (probability, distance) blend and travel through both runners alike."""
+    predictor = Predictor(LoadedModel(DarknessDistanceNet(), ModelCard(name="darkness", version="3"), "test"),
+                          device="cpu")
+    options = SegmentOptions(chunk_size=256, margin=64)
+    with open_image(slide.path) as src:
+        plan = plan_slide(src, predictor.card.mpp, options=options)
+        reference = [n for b in segment_slide(predictor, src, options=options, plan=plan) for n in b]
+        piped = [n for b in segment_slide_pipelined(predictor, src, options=options, plan=plan,
+                                                    config=PipelineConfig(readers=2, batch_size=3)) for n in b]
+    assert len(reference) > 50 and _key(piped) == _key(reference)
+    assert all(0.5 <= n.probability <= 1.0 for n in reference)
 
 
 def test_engine_matches_predictor_with_the_real_network(untrained_predictor):

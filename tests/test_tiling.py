@@ -48,3 +48,15 @@ def test_real_network_is_seamless_between_windows(untrained_predictor):
     prob = untrained_predictor.predict(rgb)
     assert prob.shape == (256, 480) and np.isfinite(prob).all()
     assert ((prob >= 0) & (prob <= 1)).all()
+
+
+def test_two_channel_maps_blend_each_channel_like_one(untrained_predictor):
+    """A distance-head model's windows (T×T×2) blend per channel with the same weights."""
+    from dannucnet.engine.tiling import BlendAccumulator
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(300, 520, 3), dtype=np.uint8)
+    acc = BlendAccumulator(300, 520, 256, 32, channels=2)
+    for w in plan_windows(300, 520, 256, 32):
+        acc.add(w, rgb[w.y : w.y + 256, w.x : w.x + 256, 1:].astype(np.float32) / 255.0)
+    np.testing.assert_allclose(acc.result(), rgb[..., 1:] / 255.0, atol=1e-6)

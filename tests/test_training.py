@@ -14,7 +14,7 @@ from dannucnet.model import DANNucNet, ModelConfig, dan_nucnet_loss, load_model
 from dannucnet.slides.synthetic import make_synthetic_he
 from dannucnet.errors import InputError
 from dannucnet.train.loop import TrainConfig, train
-from dannucnet.train.patches import separated_foreground
+from dannucnet.train.patches import normalised_distance, separated_foreground
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,41 @@ def test_fine_tuning_starts_from_a_model_and_refuses_another_architecture(datase
     other = TrainConfig(**{**tuned.__dict__, "out": str(tmp_path / "other"), "architecture": {"block": "plain"}})
     with pytest.raises(InputError, match="architecture"):
         train(other, report=lambda _msg: None)
+
+
+def test_distance_target_peaks_at_each_centre_and_falls_to_zero_between_touching_nuclei():
+    labels = np.zeros((12, 24), np.uint16)
+    labels[2:10, 2:12], labels[2:10, 12:22] = 1, 2  # two 8x10 nuclei sharing a border
+    d = normalised_distance(labels)
+    row = d[6]
+    # worked by hand: distance inside the seam-separated mask, divided by each nucleus's own maximum (4)
+    assert np.allclose(row[:12], [0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 0.75, 0.5, 0.25, 0])
+    assert np.allclose(row[12:], [0, 0.25, 0.5, 0.75, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
+    assert d[labels == 0].max() == 0 and d.max() == 1
+
+
+def test_adding_a_distance_head_to_a_trained_model_and_training_it(dataset, tmp_path):
+    """--init-from a one-output model with the distance head: all weights carry over, the new channel
+    starts as a copy of the foreground one; training runs and lowers the loss; removing a head is refused."""
+    from dannucnet.train.loop import _initial_weights
+
+    base = tmp_path / "base"
+    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
+    train(cfg, report=lambda _msg: None)
+    headed = ModelConfig(**{**load_model(str(base)).card.config.to_dict(), "distance_head": True})
+    net = _initial_weights(str(base), headed).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 64, 64))
+    assert out.shape[1] == 2 and torch.equal(out[:, 0], out[:, 1])
+    tuned = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "tuned"), "init_from": str(base), "epochs": 3,
+                           "steps_per_epoch": 4, "architecture": {"distance_head": True}})
+    train(tuned, report=lambda _msg: None)
+    card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
+    assert card["architecture"]["distance_head"] is True
+    losses = [h["train_loss"] for h in card["training"]["history"]]
+    assert losses[-1] < losses[0]
+    assert load_model(str(tmp_path / "tuned")).network.config.outputs == 2
+    back = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "back"), "init_from": str(tmp_path / "tuned")})
+    with pytest.raises(InputError, match="architecture"):
+        train(back, report=lambda _msg: None)

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spatial-attention", action="store_true", help="ablation")
     p.add_argument("--no-channel-attention", action="store_true", help="ablation")
     p.add_argument("--plain-blocks", action="store_true", help="ablation: plain conv blocks instead of residual")
+    p.add_argument("--distance-head", action="store_true",
+                   help="add a second output, each nucleus's normalised distance to its border, to split touching nuclei")
     p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
 
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         "channel_attention": not args.no_channel_attention,
         "block": "plain" if args.plain_blocks else "residual",
         "bn_momentum": args.bn_momentum,
+        "distance_head": args.distance_head,
     }
     cfg = TrainConfig(
         data=args.data, out=args.out, split=args.split, val_split=args.val_split, val_fraction=args.val_fraction,

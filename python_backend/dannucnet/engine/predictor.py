@@ -28,6 +28,11 @@ Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
 
 
+
+def model_map(prob: torch.Tensor) -> torch.Tensor:
+    """N×C×T×T sigmoid outputs → the map layout every consumer reads: N×T×T for one channel, N×T×T×C for more."""
+    return prob[:, 0] if prob.shape[1] == 1 else prob.permute(0, 2, 3, 1)
+
 class Predictor:
     """Runs a loaded DAN-NucNet on one device.
 
@@ -67,17 +72,22 @@ class Predictor:
         return normalise_colour(rgb, self.colour)
 
     @property
+    def channels(self) -> int:
+        """Channels of the maps this predictor returns (1: H×W probability; 2: H×W×2 with distance)."""
+        return self.network.config.outputs
+
+    @property
     def card(self) -> ModelCard:
         return self.model.card
 
     @torch.inference_mode()
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """N×T×T×3 uint8 → N×T×T float32 probabilities (no tiling, no blending)."""
+        """N×T×T×3 uint8 → N×T×T float32 probabilities (N×T×T×2 with the distance head; no tiling, no blending)."""
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with self._lock, autocast(self.device):
             prob = torch.sigmoid(self.network(x).float())
-        return prob[:, 0].cpu().numpy()
+        return model_map(prob).cpu().numpy()
 
     def predict(
         self,
@@ -86,7 +96,10 @@ class Predictor:
         progress: Progress | None = None,
         cancel: Cancel | None = None,
     ) -> np.ndarray:
-        """H×W×3 uint8 (already at the model's pixel size) → H×W float32 probabilities."""
+        """H×W×3 uint8 (already at the model's pixel size) → H×W float32 probabilities.
+
+        With a distance head the map is H×W×2: probability, then normalised distance.
+        """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
@@ -94,7 +107,7 @@ class Predictor:
         tile_fn = tile_fn or self.predict_tiles
         padded, (h, w) = pad_to_tile(self.prepare(rgb), self.tile)
         windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.overlap)
-        acc = BlendAccumulator(padded.shape[0], padded.shape[1], self.tile, self.overlap)
+        acc = BlendAccumulator(padded.shape[0], padded.shape[1], self.tile, self.overlap, self.channels)
         t = self.tile
         for start in range(0, len(windows), self.batch_size):
             if cancel is not None and cancel():

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dannucnet.engine.predictor import Predictor
-from dannucnet.engine.tiling import Window, blend_weights
+from dannucnet.engine.predictor import Predictor, model_map
+from dannucnet.engine.tiling import Window, blend_weights, map_shape
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +42,34 @@ class ChunkBlend:
     whose spinning threads then starve the reader and post-processing threads.
     """
 
-    def __init__(self, height: int, width: int, weights: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self, height: int, width: int, weights: torch.Tensor, device: torch.device, channels: int = 1
+    ) -> None:
         self.on_device = device.type != "cpu"
+        shape = map_shape(height, width, channels)
         if self.on_device:
-            self.total = torch.zeros((height, width), dtype=torch.float32, device=device)
+            self.total = torch.zeros(shape, dtype=torch.float32, device=device)
             self.norm = torch.zeros((height, width), dtype=torch.float32, device=device)
             self.weights = weights
         else:
-            self.total = np.zeros((height, width), dtype=np.float32)
+            self.total = np.zeros(shape, dtype=np.float32)
             self.norm = np.zeros((height, width), dtype=np.float32)
             self.weights = weights.cpu().numpy()
+        self.channel_weights = self.weights if channels == 1 else self.weights[..., None]
         self.tile = weights.shape[0]
 
     def add(self, window: Window, values) -> None:
         t = self.tile
         sl = (slice(window.y, window.y + t), slice(window.x, window.x + t))
-        self.total[sl] += values * self.weights
+        self.total[sl] += values * self.channel_weights
         self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
         if self.on_device:
-            return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
-        return self.total / np.maximum(self.norm, 1e-12)
+            norm = torch.clamp_min(self.norm, 1e-12)
+            return (self.total / (norm if self.total.ndim == 2 else norm[..., None])).cpu().numpy()
+        norm = np.maximum(self.norm, 1e-12)
+        return self.total / (norm if self.total.ndim == 2 else norm[..., None])
 
 
 class TileEngine:
@@ -157,7 +163,7 @@ class TileEngine:
             t0 = time.perf_counter()
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with self.predictor._lock, self._autocast():  # the predictor may be shared (server)
-            prob = torch.sigmoid(self._forward(x).float())[:n, 0]
+            prob = model_map(torch.sigmoid(self._forward(x).float())[:n])
         if cuda:
             end.record()
             self._timing.append((start, end))
@@ -194,4 +200,4 @@ class TileEngine:
         return blend.result()[:h, :w]
 
     def new_blend(self, height: int, width: int) -> ChunkBlend:
-        return ChunkBlend(height, width, self.weights, self.device)
+        return ChunkBlend(height, width, self.weights, self.device, self.predictor.channels)

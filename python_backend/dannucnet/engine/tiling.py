@@ -57,19 +57,26 @@ def pad_to_tile(rgb: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]
     return np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode=mode), (h, w)
 
 
-class BlendAccumulator:
-    """Accumulates weighted window predictions into a full map."""
+def map_shape(height: int, width: int, channels: int) -> tuple[int, ...]:
+    """A model map's shape: H×W for one output (the paper's probability), H×W×C for more."""
+    return (height, width) if channels == 1 else (height, width, channels)
 
-    def __init__(self, height: int, width: int, tile: int, overlap: int) -> None:
+
+class BlendAccumulator:
+    """Accumulates weighted window predictions (T×T, or T×T×C) into a full map."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int, channels: int = 1) -> None:
         self.tile = tile
-        self.weights = blend_weights(tile, overlap)
-        self.total = np.zeros((height, width), dtype=np.float32)
         self.norm = np.zeros((height, width), dtype=np.float32)
+        self.total = np.zeros(map_shape(height, width, channels), dtype=np.float32)
+        weights = blend_weights(tile, overlap)
+        self.weights = weights if channels == 1 else weights[..., None]
 
     def add(self, window: Window, values: np.ndarray) -> None:
         sl = (slice(window.y, window.y + self.tile), slice(window.x, window.x + self.tile))
         self.total[sl] += values * self.weights
-        self.norm[sl] += self.weights
+        self.norm[sl] += self.weights[..., 0] if self.weights.ndim == 3 else self.weights
 
     def result(self) -> np.ndarray:
-        return self.total / np.maximum(self.norm, 1e-12)
+        norm = np.maximum(self.norm, 1e-12)
+        return self.total / (norm if self.total.ndim == 2 else norm[..., None])

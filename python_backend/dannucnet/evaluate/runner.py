@@ -28,6 +28,7 @@ from scipy import ndimage
 from dannucnet.errors import InputError
 from dannucnet.evaluate.metrics import SCORE_NAMES, score_labels
 from dannucnet.formats.dataset import Sample
+from dannucnet.geometry.instances import split_map
 from dannucnet.geometry.rasterize import rasterize_polygons
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when a model is actually run
@@ -182,7 +183,7 @@ def evaluate_model(
         final = polygons_to_labels([n.polygon for n in segmented.nuclei], truth.shape)
         if segmented.probability is None:  # pragma: no cover - segment_region always keeps it when asked
             raise RuntimeError("segment_region returned no probability map")
-        raw = raw_instances(probability_at(segmented.probability, truth.shape), thr)
+        raw = raw_instances(probability_at(split_map(segmented.probability)[0], truth.shape), thr)
 
         image = ImageResult(
             stem=sample.stem,

@@ -17,7 +17,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
-from dannucnet.geometry.instances import label_nuclei
+from dannucnet.geometry.instances import label_nuclei, split_map
 from dannucnet.geometry.measurements import measure_nuclei
 from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
 from dannucnet.geometry.polygons import labels_to_polygons
@@ -65,7 +65,7 @@ def chunk_nuclei(
             f"the region holds {len(kept)} nuclei, more than the limit of {options.max_nuclei}: send smaller regions"
         )
     t2 = time.perf_counter()
-    measurements = measure_nuclei(kept, labels, prob, model_rgb, where.mpp)
+    measurements = measure_nuclei(kept, labels, split_map(prob)[0], model_rgb, where.mpp)
     nuclei = [
         Nucleus(polygon=poly, probability=float(measurements[i].get("Detection probability", 0.0)),
                 measurements=measurements[i])

@@ -80,12 +80,31 @@ class EpochLog:
 
 
 def _to_tensors(batch: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    rgb, mask, valid = batch
+    """(input, mask target, valid) — plus the distance target (0..1) when the batch has one."""
+    rgb, mask, valid = batch[:3]
     x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
     x = x.contiguous(memory_format=torch.channels_last).to(device, non_blocking=True)
     t = torch.from_numpy(mask).unsqueeze(1).float().to(device)
     v = torch.from_numpy(valid).unsqueeze(1).float().to(device)
-    return x, t, v
+    if len(batch) == 3:
+        return x, t, v
+    d = torch.from_numpy(batch[3]).unsqueeze(1).float().div_(255.0).to(device)
+    return x, t, v, d
+
+
+def distance_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the distance head's sigmoid against the normalised distance, annotated pixels only."""
+    per_pixel = (torch.sigmoid(logits.float()) - target) ** 2
+    return (per_pixel * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def total_loss(loss_fn: Callable, logits: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The configured mask loss on channel 0, plus the distance loss on channel 1 when the network has that head."""
+    t, v = tensors[1], tensors[2]
+    loss = loss_fn(logits[:, :1], t, v)
+    if logits.shape[1] > 1:
+        loss = loss + distance_loss(logits[:, 1:2], tensors[3], v)
+    return loss
 
 
 def _default_split(splits: dict[str, list[str]]) -> str | None:
@@ -99,19 +118,18 @@ def _prepare_images(
     cfg: TrainConfig,
 ) -> tuple[list[TrainImage], list[TrainImage], dict[str, Any], ColourReference | None]:
     dataset = load_dataset(cfg.data)
+    distance = bool(cfg.architecture.get("distance_head", False))
     split = cfg.split or _default_split(dataset.splits)
     train_samples = dataset.select(split)
     if cfg.val_split:
         val_samples = dataset.select(cfg.val_split)
-        train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps) for s in train_samples]
-        val = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps) for s in val_samples]
+        train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
+        val = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in val_samples]
         how = f"images of split {cfg.val_split!r}"
     else:
         cut = 1.0 - cfg.val_fraction
-        train = [load_train_image(s, cfg.mpp, (0.0, cut), cfg.instance_gaps) for s in train_samples]
-        val = [
-            TrainImage(t.stem, t.rgb, t.mask, t.valid, (t.rows[1], t.rgb.shape[0])) for t in train
-        ]
+        train = [load_train_image(s, cfg.mpp, (0.0, cut), cfg.instance_gaps, distance) for s in train_samples]
+        val = [replace(t, rows=(t.rows[1], t.rgb.shape[0])) for t in train]
         how = f"bottom {cfg.val_fraction:.0%} of the rows of every training image (never sampled for training)"
     reference = None
     if cfg.colour_normalise:
@@ -142,11 +160,12 @@ def validate(
     losses, tp, fp, fn = [], 0.0, 0.0, 0.0
     for i in range(0, len(patches), batch):
         chunk = tuple(np.stack(p) for p in zip(*patches[i : i + batch]))
-        x, t, v = _to_tensors(chunk, device)
+        tensors = _to_tensors(chunk, device)
+        x, t, v = tensors[:3]
         with autocast(device):
             logits = network(x)
-        losses.append(float(loss_fn(logits, t, v)) * len(chunk[0]))
-        pred = (logits.float() > 0).float() * v
+        losses.append(float(total_loss(loss_fn, logits, tensors)) * len(chunk[0]))
+        pred = (logits[:, :1].float() > 0).float() * v
         tp += float((pred * t).sum())
         fp += float((pred * (1 - t)).sum())
         fn += float(((1 - pred) * t * v).sum())
@@ -213,10 +232,10 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         t0 = time.monotonic()
         total = 0.0
         for step in range(steps):
-            x, t, v = _to_tensors(sampler.batch(cfg.batch_size), device)
+            tensors = _to_tensors(sampler.batch(cfg.batch_size), device)
             with autocast(device):
-                logits = network(x)
-            loss = loss_fn(logits, t, v)
+                logits = network(tensors[0])
+            loss = total_loss(loss_fn, logits, tensors)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -263,14 +282,30 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
 
 
 def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
-    """Weights of an installed model, refused when its architecture differs from this run's."""
+    """Weights of an installed model, refused when its architecture differs from this run's.
+
+    The one difference allowed is adding the distance head to a model without one: every
+    weight carries over, and the new channel starts as a copy of the foreground channel
+    (high inside nuclei), from which the distance target is a short way.
+    """
     loaded = load_model(name_or_path)
-    if loaded.card.config.to_dict() != config.to_dict():
+    source = loaded.card.config.to_dict()
+    adds_head = config.distance_head and not source["distance_head"]
+    if {**source, "distance_head": config.distance_head} != config.to_dict() or (
+        source["distance_head"] and not config.distance_head
+    ):
         raise InputError(
-            f"--init-from {name_or_path}: its architecture {loaded.card.config.to_dict()} differs from "
-            f"this run's {config.to_dict()}"
+            f"--init-from {name_or_path}: its architecture {source} differs from this run's {config.to_dict()}"
         )
-    return loaded.network
+    if not adds_head:
+        return loaded.network
+    network = DANNucNet(config)
+    state = loaded.network.state_dict()
+    last = f"head.{len(network.head) - 1}"
+    for key in (f"{last}.weight", f"{last}.bias"):
+        state[key] = torch.cat([state[key], state[key]], dim=0)
+    network.load_state_dict(state)
+    return network
 
 
 def _save_best(

@@ -28,6 +28,25 @@ class TrainImage:
     mask: np.ndarray  # uint8 HxW, 1 = nucleus
     valid: np.ndarray  # uint8 HxW, 1 = annotated (counted by the loss)
     rows: tuple[int, int]  # row range patches may come from (train/validation hold-out)
+    depth: np.ndarray | None = None  # uint8 HxW, 255 × normalised distance to the nucleus's own border
+
+
+def normalised_distance(labels: np.ndarray) -> np.ndarray:
+    """Each nucleus's distance to its own border, divided by its largest value: 1 at its centre.
+
+    The target of the optional distance head. Distances are measured inside the
+    seam-separated foreground, so two touching nuclei each get their own hill and
+    the valley between them reaches zero — the cue the instance split needs and a
+    plain foreground probability (≈1 across both) does not carry.
+    """
+    labels = np.asarray(labels)
+    fg = separated_foreground(labels)
+    dist = cv2.distanceTransform(fg, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    lab = np.where(fg > 0, labels, 0).astype(np.int64)
+    peak = np.zeros(int(lab.max()) + 1, np.float32)
+    np.maximum.at(peak, lab.ravel(), dist.ravel())
+    peak[0] = 1.0
+    return (dist / np.maximum(peak[lab], 1e-6)).astype(np.float32)
 
 
 def separated_foreground(labels: np.ndarray) -> np.ndarray:
@@ -53,27 +72,35 @@ def separated_foreground(labels: np.ndarray) -> np.ndarray:
 
 
 def load_train_image(
-    sample: Sample, target_mpp: float | None, rows_fraction: tuple[float, float], instance_gaps: bool = True
+    sample: Sample,
+    target_mpp: float | None,
+    rows_fraction: tuple[float, float],
+    instance_gaps: bool = True,
+    distance: bool = False,
 ) -> TrainImage:
     """Load a sample, resample to ``target_mpp`` when its pixel size differs by more than 2 %.
 
     ``instance_gaps`` cuts a background seam between touching nuclei in the target
     (see :func:`separated_foreground`); off gives the paper's plain binary mask.
+    ``distance`` adds the distance-head target (:func:`normalised_distance`).
     """
     rgb = sample.load_image()
     labels = sample.load_labels()
     region = sample.load_region()
     mask = separated_foreground(labels) if instance_gaps else (labels > 0).astype(np.uint8)
     valid = np.ones_like(mask) if region is None else region.astype(np.uint8)
+    depth = np.round(normalised_distance(labels) * 255).astype(np.uint8) if distance else None
     if target_mpp and sample.mpp and abs(sample.mpp / target_mpp - 1.0) > 0.02:
         scale = sample.mpp / target_mpp
         size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
         valid = cv2.resize(valid, size, interpolation=cv2.INTER_NEAREST)
+        if depth is not None:
+            depth = cv2.resize(depth, size, interpolation=cv2.INTER_LINEAR)
     h = rgb.shape[0]
     rows = (int(h * rows_fraction[0]), int(h * rows_fraction[1]))
-    return TrainImage(sample.stem, rgb, mask, valid, rows)
+    return TrainImage(sample.stem, rgb, mask, valid, rows, depth)
 
 
 #: HED concentration scale range (±). Frozen sections and other labs differ by more than 15 %.
@@ -129,7 +156,8 @@ class PatchSampler:
         self.augment = augment
         self.keep_empty = keep_empty
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self) -> tuple[np.ndarray, ...]:
+        """(rgb, mask, valid) — plus the distance target when the images carry one."""
         for _ in range(50):
             im = self.images[self.rng.integers(len(self.images))]
             y = self.rng.integers(im.rows[0], im.rows[1] - self.size + 1)
@@ -140,19 +168,18 @@ class PatchSampler:
                 continue
             if mask.any() or self.rng.random() < self.keep_empty:
                 break
-        rgb = im.rgb[window]
+        parts = [im.rgb[window], mask, valid] + ([] if im.depth is None else [im.depth[window]])
         if self.augment:
-            rgb, mask, valid = dihedral([rgb, mask, valid], int(self.rng.integers(4)), bool(self.rng.integers(2)))
-            rgb = stain_jitter(rgb, self.rng)
-            rgb = colour_jitter(rgb, self.rng)
-        return rgb, mask, valid
+            parts = dihedral(parts, int(self.rng.integers(4)), bool(self.rng.integers(2)))
+            parts[0] = colour_jitter(stain_jitter(parts[0], self.rng), self.rng)
+        return tuple(parts)
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self, n: int) -> tuple[np.ndarray, ...]:
         items = [self.sample() for _ in range(n)]
         return tuple(np.stack(parts) for parts in zip(*items))  # type: ignore[return-value]
 
 
-def grid_patches(images: list[TrainImage], size: int = 256) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def grid_patches(images: list[TrainImage], size: int = 256) -> list[tuple[np.ndarray, ...]]:
     """Fixed, non-random patches covering each image's row range: a stable validation set."""
     out = []
     for im in images:
@@ -164,5 +191,5 @@ def grid_patches(images: list[TrainImage], size: int = 256) -> list[tuple[np.nda
         for y in ys:
             for x in xs:
                 w = (slice(y, y + size), slice(x, x + size))
-                out.append((im.rgb[w], im.mask[w], im.valid[w]))
+                out.append((im.rgb[w], im.mask[w], im.valid[w]) + (() if im.depth is None else (im.depth[w],)))
     return out
