@@ -140,10 +140,10 @@ def test_unknown_model_and_broken_files_are_clear_errors(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_distance_head_adds_one_output_channel_and_one_filter():
+def test_distance_head_adds_one_output_channel_from_its_own_branch():
     base, _ = count_parameters(DANNucNet())
     net = DANNucNet(ModelConfig(distance_head=True)).eval()
-    assert count_parameters(net)[0] == base + 32 + 1  # one 1x1 filter over the 32 head features, one bias
+    assert count_parameters(net)[0] == base + 2 * (32 * 32 * 9 + 32) + (32 + 1)  # two 3x3 convs and a 1x1 filter
     with torch.no_grad():
         assert net(torch.rand(1, 3, 32, 48)).shape == (1, 2, 32, 48)
     assert ModelConfig.from_dict(ModelConfig(distance_head=True).to_dict()).outputs == 2

@@ -132,27 +132,40 @@ def test_distance_target_peaks_at_each_centre_and_falls_to_zero_between_touching
 
 
 def test_adding_a_distance_head_to_a_trained_model_and_training_it(dataset, tmp_path):
-    """--init-from a one-output model with the distance head: all weights carry over, the new channel
-    starts as a copy of the foreground one; training runs and lowers the loss; removing a head is refused."""
+    """--init-from a one-output model with the distance head: every weight carries over; with
+    distance_only the probability channel stays exactly the base model's while the new branch
+    learns (the loss falls); training the whole network also runs; removing the head is refused."""
     from dannucnet.train.loop import _initial_weights
 
     base = tmp_path / "base"
     cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
     train(cfg, report=lambda _msg: None)
-    headed = ModelConfig(**{**load_model(str(base)).card.config.to_dict(), "distance_head": True})
-    net = _initial_weights(str(base), headed).eval()
+    base_net = load_model(str(base)).network.eval()
+    headed = ModelConfig(**{**base_net.config.to_dict(), "distance_head": True})
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        out = net(torch.rand(1, 3, 64, 64))
-    assert out.shape[1] == 2 and torch.equal(out[:, 0], out[:, 1])
+        assert torch.equal(_initial_weights(str(base), headed).eval()(x)[:, :1], base_net(x))
     tuned = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "tuned"), "init_from": str(base), "epochs": 3,
-                           "steps_per_epoch": 4, "architecture": {"distance_head": True}})
+                           "steps_per_epoch": 4, "lr": 3e-3, "architecture": {"distance_head": True},
+                           "distance_only": True})
     train(tuned, report=lambda _msg: None)
     card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
     assert card["architecture"]["distance_head"] is True
     losses = [h["train_loss"] for h in card["training"]["history"]]
     assert losses[-1] < losses[0]
-    assert load_model(str(tmp_path / "tuned")).network.config.outputs == 2
+    tuned_net = load_model(str(tmp_path / "tuned")).network.eval()
+    assert tuned_net.config.outputs == 2
+    with torch.no_grad():
+        assert torch.equal(tuned_net(x)[:, :1], base_net(x))
+    whole = TrainConfig(**{**tuned.__dict__, "out": str(tmp_path / "whole"), "distance_only": False, "epochs": 1,
+                           "steps_per_epoch": 1})
+    train(whole, report=lambda _msg: None)
+    with torch.no_grad():
+        assert not torch.equal(load_model(str(tmp_path / "whole")).network.eval()(x)[:, :1], base_net(x))
     back = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "back"), "init_from": str(tmp_path / "tuned")})
     with pytest.raises(InputError, match="architecture"):
         train(back, report=lambda _msg: None)
+    plain = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "plain"), "distance_only": True})
+    with pytest.raises(InputError, match="distance head"):
+        train(plain, report=lambda _msg: None)

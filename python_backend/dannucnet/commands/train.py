@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-blocks", action="store_true", help="ablation: plain conv blocks instead of residual")
     p.add_argument("--distance-head", action="store_true",
                    help="add a second output, each nucleus's normalised distance to its border, to split touching nuclei")
+    p.add_argument("--distance-only", action="store_true",
+                   help="train only the distance branch; the rest keeps the --init-from model's weights")
+    p.add_argument("--distance-weight", type=float, default=0.25, help="distance loss weight beside Eq. 5")
     p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
 
 
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget, augment=not args.no_augment,
         instance_gaps=not args.no_instance_gaps, init_from=args.init_from,
         colour_normalise=not args.no_colour_normalise, architecture=architecture,
-        resume=not args.no_resume, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        resume=not args.no_resume, distance_weight=args.distance_weight,
+        distance_only=args.distance_only, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)
     return 0

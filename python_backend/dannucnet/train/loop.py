@@ -65,6 +65,8 @@ class TrainConfig:
     colour_normalise: bool = True  # Reinhard L*a*b* normalisation onto the training set's average
     init_from: str | None = None  # model name/folder whose weights start the run (fine-tuning)
     architecture: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (ablations)
+    distance_weight: float = 0.25  # weight of the distance head's loss beside Eq. 5 (only with that head)
+    distance_only: bool = False  # train only the distance branch; the rest stays frozen as loaded
     resume: bool = True
     command: str = ""
 
@@ -98,12 +100,15 @@ def distance_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return (per_pixel * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def total_loss(loss_fn: Callable, logits: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The configured mask loss on channel 0, plus the distance loss on channel 1 when the network has that head."""
+def total_loss(
+    loss_fn: Callable, logits: torch.Tensor, tensors: tuple[torch.Tensor, ...], distance_weight: float = 1.0
+) -> torch.Tensor:
+    """The configured mask loss on channel 0, plus the weighted distance loss on channel 1 when the network has
+    that head. The weight keeps the distance term from drowning Eq. 5, whose values are a few hundredths."""
     t, v = tensors[1], tensors[2]
     loss = loss_fn(logits[:, :1], t, v)
     if logits.shape[1] > 1:
-        loss = loss + distance_loss(logits[:, 1:2], tensors[3], v)
+        loss = loss + distance_weight * distance_loss(logits[:, 1:2], tensors[3], v)
     return loss
 
 
@@ -153,7 +158,8 @@ def _prepare_images(
 
 @torch.no_grad()
 def validate(
-    network: DANNucNet, patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable, batch: int
+    network: DANNucNet, patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable, batch: int,
+    distance_weight: float = 1.0,
 ) -> tuple[float, float]:
     """Mean loss and pooled pixel F1 at threshold 0.5 over the fixed validation patches."""
     network.eval()
@@ -164,12 +170,14 @@ def validate(
         x, t, v = tensors[:3]
         with autocast(device):
             logits = network(x)
-        losses.append(float(total_loss(loss_fn, logits, tensors)) * len(chunk[0]))
+        losses.append(float(total_loss(loss_fn, logits, tensors, distance_weight)) * len(chunk[0]))
         pred = (logits[:, :1].float() > 0).float() * v
         tp += float((pred * t).sum())
         fp += float((pred * (1 - t)).sum())
         fn += float(((1 - pred) * t * v).sum())
     network.train()
+    if network.distance is not None and not any(p.requires_grad for p in network.head.parameters()):
+        freeze_all_but_distance(network)
     f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
     return sum(losses) / max(len(patches), 1), f1
 
@@ -200,7 +208,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         network = _initial_weights(cfg.init_from, config)
         report(f"starting from the weights of {cfg.init_from}")
     network = network.to(device).to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(network.parameters(), lr=cfg.lr, eps=1e-7)
+    trainable = freeze_all_but_distance(network) if cfg.distance_only else list(network.parameters())
+    optimiser = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-7)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
         threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr,
@@ -227,6 +236,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     )
     started = time.monotonic() - elapsed_before
     network.train()
+    if cfg.distance_only:
+        freeze_all_but_distance(network)
     stop_reason = "max epochs reached"
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
@@ -235,7 +246,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             tensors = _to_tensors(sampler.batch(cfg.batch_size), device)
             with autocast(device):
                 logits = network(tensors[0])
-            loss = total_loss(loss_fn, logits, tensors)
+            loss = total_loss(loss_fn, logits, tensors, cfg.distance_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -245,7 +256,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
                       end="", file=sys.stderr)
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size)
+        val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
         scheduler.step(val_loss)
         entry = EpochLog(epoch + 1, total / steps, val_loss, val_f1, optimiser.param_groups[0]["lr"],
                          time.monotonic() - t0)
@@ -285,8 +296,7 @@ def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
     """Weights of an installed model, refused when its architecture differs from this run's.
 
     The one difference allowed is adding the distance head to a model without one: every
-    weight carries over, and the new channel starts as a copy of the foreground channel
-    (high inside nuclei), from which the distance target is a short way.
+    weight carries over and the new branch starts untrained (see ``distance_only``).
     """
     loaded = load_model(name_or_path)
     source = loaded.card.config.to_dict()
@@ -300,12 +310,27 @@ def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
     if not adds_head:
         return loaded.network
     network = DANNucNet(config)
-    state = loaded.network.state_dict()
-    last = f"head.{len(network.head) - 1}"
-    for key in (f"{last}.weight", f"{last}.bias"):
-        state[key] = torch.cat([state[key], state[key]], dim=0)
-    network.load_state_dict(state)
+    missing, unexpected = network.load_state_dict(loaded.network.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("distance.") for k in missing):  # pragma: no cover - same config
+        raise InputError(f"--init-from {name_or_path}: weights do not fit ({missing}, {unexpected})")
     return network
+
+
+def freeze_all_but_distance(network: DANNucNet) -> list[torch.nn.Parameter]:
+    """Freeze everything except the distance branch; return the parameters left to train.
+
+    Frozen parts are also put in eval mode (BatchNorm statistics stay those of the trained
+    model), so the probability output stays exactly the trained model's: adding the head
+    can change how touching nuclei are split, never which pixels are nucleus.
+    """
+    if network.distance is None:
+        raise InputError("--distance-only needs a network with the distance head (--distance-head)")
+    for name, module in network.named_children():
+        if name != "distance":
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+    return list(network.distance.parameters())
 
 
 def _save_best(
