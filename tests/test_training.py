@@ -169,3 +169,18 @@ def test_adding_a_distance_head_to_a_trained_model_and_training_it(dataset, tmp_
     plain = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "plain"), "distance_only": True})
     with pytest.raises(InputError, match="distance head"):
         train(plain, report=lambda _msg: None)
+
+
+def test_freeze_bn_keeps_the_loaded_batchnorm_statistics(dataset, tmp_path):
+    base = tmp_path / "base"
+    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
+    train(cfg, report=lambda _msg: None)
+    before = load_model(str(base)).network.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    for freeze, out in ((True, "frozen"), (False, "moving")):
+        tuned = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / out), "init_from": str(base),
+                               "steps_per_epoch": 2, "freeze_bn": freeze})
+        train(tuned, report=lambda _msg: None)
+        after = load_model(str(tmp_path / out)).network.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in stats) is freeze

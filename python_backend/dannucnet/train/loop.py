@@ -67,6 +67,7 @@ class TrainConfig:
     architecture: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (ablations)
     distance_weight: float = 0.25  # weight of the distance head's loss beside Eq. 5 (only with that head)
     distance_only: bool = False  # train only the distance branch; the rest stays frozen as loaded
+    freeze_bn: bool = False  # keep BatchNorm statistics as loaded (fine-tuning with small batches)
     resume: bool = True
     command: str = ""
 
@@ -161,6 +162,7 @@ def validate(
     network: DANNucNet, patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable, batch: int,
     distance_weight: float = 1.0,
 ) -> tuple[float, float]:
+    """Leaves the network in eval mode: the caller puts it back into its training mode."""
     """Mean loss and pooled pixel F1 at threshold 0.5 over the fixed validation patches."""
     network.eval()
     losses, tp, fp, fn = [], 0.0, 0.0, 0.0
@@ -175,9 +177,6 @@ def validate(
         tp += float((pred * t).sum())
         fp += float((pred * (1 - t)).sum())
         fn += float(((1 - pred) * t * v).sum())
-    network.train()
-    if network.distance is not None and not any(p.requires_grad for p in network.head.parameters()):
-        freeze_all_but_distance(network)
     f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
     return sum(losses) / max(len(patches), 1), f1
 
@@ -235,9 +234,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         f"{steps} steps/epoch × batch {cfg.batch_size}, device {device}, loss {cfg.loss}"
     )
     started = time.monotonic() - elapsed_before
-    network.train()
-    if cfg.distance_only:
-        freeze_all_but_distance(network)
+    training_mode(network, cfg)
     stop_reason = "max epochs reached"
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
@@ -257,6 +254,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         if sys.stderr.isatty():
             print(file=sys.stderr)
         val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
+        training_mode(network, cfg)
         scheduler.step(val_loss)
         entry = EpochLog(epoch + 1, total / steps, val_loss, val_f1, optimiser.param_groups[0]["lr"],
                          time.monotonic() - t0)
@@ -314,6 +312,17 @@ def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
     if unexpected or any(not k.startswith("distance.") for k in missing):  # pragma: no cover - same config
         raise InputError(f"--init-from {name_or_path}: weights do not fit ({missing}, {unexpected})")
     return network
+
+
+def training_mode(network: DANNucNet, cfg: TrainConfig) -> None:
+    """``network.train()``, except for what the run keeps frozen (see ``distance_only``, ``freeze_bn``)."""
+    network.train()
+    if cfg.distance_only:
+        freeze_all_but_distance(network)
+    if cfg.freeze_bn:
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
 
 
 def freeze_all_but_distance(network: DANNucNet) -> list[torch.nn.Parameter]:
