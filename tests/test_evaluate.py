@@ -30,12 +30,13 @@ from dannucnet.slides.synthetic import make_synthetic_he
 TINY = ModelConfig(base_filters=16, depth=2)
 
 
-def _tiny_model() -> LoadedModel:
+def _tiny_model(distance_head: bool = False) -> LoadedModel:
     import torch
 
     torch.manual_seed(0)
-    network = DANNucNet(TINY).eval()
-    card = ModelCard(name="tiny-test", version="0", architecture=TINY.to_dict(), tile_size=128)
+    config = ModelConfig(**{**TINY.to_dict(), "distance_head": distance_head})
+    network = DANNucNet(config).eval()
+    card = ModelCard(name="tiny-test", version="0", architecture=config.to_dict(), tile_size=128)
     return LoadedModel(network=network, card=card, source="test")
 
 
@@ -77,11 +78,12 @@ def test_raw_instances_are_connected_components() -> None:
     assert labels.max() == 2 and (labels > 0).sum() == 4 + 6
 
 
-def test_evaluate_model_runs_and_is_json_serialisable(dataset_dir: Path) -> None:
+@pytest.mark.parametrize("distance_head", [False, True], ids=["probability", "probability+distance"])
+def test_evaluate_model_runs_and_is_json_serialisable(dataset_dir: Path, distance_head: bool) -> None:
     samples = load_dataset(dataset_dir).select("all")
     seen: list[str] = []
     result = evaluate_model(
-        Predictor(_tiny_model(), device="cpu"), samples, threshold=0.5, progress=lambda r: seen.append(r.stem)
+        Predictor(_tiny_model(distance_head), device="cpu"), samples, threshold=0.5, progress=lambda r: seen.append(r.stem)
     )
     assert seen == ["img0", "img1", "img2"]
     assert result.threshold == 0.5 and result.model["name"] == "tiny-test"
