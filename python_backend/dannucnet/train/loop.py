@@ -162,8 +162,10 @@ def validate(
     network: DANNucNet, patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable, batch: int,
     distance_weight: float = 1.0,
 ) -> tuple[float, float]:
-    """Leaves the network in eval mode: the caller puts it back into its training mode."""
-    """Mean loss and pooled pixel F1 at threshold 0.5 over the fixed validation patches."""
+    """Mean loss and pooled pixel F1 at threshold 0.5 over the fixed validation patches.
+
+    Leaves the network in eval mode: the caller restores its own training mode (frozen parts stay frozen).
+    """
     network.eval()
     losses, tp, fp, fn = [], 0.0, 0.0, 0.0
     for i in range(0, len(patches), batch):
