@@ -69,13 +69,13 @@ class BlendAccumulator:
         self.tile = tile
         self.norm = np.zeros((height, width), dtype=np.float32)
         self.total = np.zeros(map_shape(height, width, channels), dtype=np.float32)
-        weights = blend_weights(tile, overlap)
-        self.weights = weights if channels == 1 else weights[..., None]
+        self.weights = blend_weights(tile, overlap)
+        self.channel_weights = self.weights if channels == 1 else self.weights[..., None]
 
     def add(self, window: Window, values: np.ndarray) -> None:
         sl = (slice(window.y, window.y + self.tile), slice(window.x, window.x + self.tile))
-        self.total[sl] += values * self.weights
-        self.norm[sl] += self.weights[..., 0] if self.weights.ndim == 3 else self.weights
+        self.total[sl] += values * self.channel_weights
+        self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
         norm = np.maximum(self.norm, 1e-12)
