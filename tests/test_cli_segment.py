@@ -85,6 +85,8 @@ BAD_INPUTS = {
     "unknown model": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--model", "no-such-model"], "unknown model"),
     "unavailable device": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--device", "cuda"], "cuda|device"),
     "bad threshold": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--threshold", "2"], "threshold"),
+    "tta with a server": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--tta", "--server",
+                                     "127.0.0.1:9"], "--tta.*--server"),
 }
 
 

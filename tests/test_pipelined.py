@@ -139,3 +139,22 @@ def test_cancel_and_early_close_stop_cleanly(slide):
         gen.close()  # stops the threads without hanging
         with pytest.raises(CancelledError):
             list(segment_slide_pipelined(predictor, src, options=options, cancel=lambda: True))
+
+
+def test_flip_tta_is_the_mean_of_the_four_flips_in_both_engines(untrained_predictor):
+    """--tta: each window's map is the mean over its four flips (flipped back), alike in Predictor and TileEngine."""
+    from dannucnet.engine.tile_engine import TileEngine
+    from dannucnet.slides.synthetic import make_synthetic_he
+
+    plain = untrained_predictor
+    tta = Predictor(plain.model, device="cpu", tta=True)
+    tiles = make_synthetic_he(256, 512, seed=4).rgb.reshape(1, 256, 512, 3)[:, :, :256].copy()
+    tiles = np.concatenate([tiles, tiles[:, ::-1].copy()])
+    by_hand = (plain.predict_tiles(tiles) + plain.predict_tiles(tiles[:, :, ::-1].copy())[:, :, ::-1]
+               + plain.predict_tiles(tiles[:, ::-1].copy())[:, ::-1]
+               + plain.predict_tiles(tiles[:, ::-1, ::-1].copy())[:, ::-1, ::-1]) / 4
+    got = tta.predict_tiles(tiles)
+    assert np.abs(got - by_hand).max() < 1e-5
+    assert np.abs(got - plain.predict_tiles(tiles)).max() > 1e-4  # an untrained network is not flip-symmetric
+    rgb = make_synthetic_he(300, 280, seed=2).rgb
+    assert np.abs(TileEngine(tta, batch_size=3).predict(rgb) - tta.predict(rgb)).max() < 1e-5

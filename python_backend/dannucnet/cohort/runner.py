@@ -102,6 +102,7 @@ def run_cohort(
     token: str | None = None,
     pipelined: bool = False,
     output_format: str = "geojson",
+    tta: bool = False,
 ) -> CohortReport:
     """Segment every slide into ``outdir/<stem>.geojson.gz`` (or ``.parquet``); returns one outcome per slide.
 
@@ -139,7 +140,7 @@ def run_cohort(
         else:
             todo.append((i, TaskSpec(input=str(slide), output=str(out), model=model, device=device,
                                      batch_size=batch_size, mpp=mpp, options=options, server=server,
-                                     token=token, pipelined=pipelined)))
+                                     token=token, pipelined=pipelined, tta=tta)))
     finished = 0
     for o in outcomes:
         if o is not None:

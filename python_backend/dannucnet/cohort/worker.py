@@ -38,11 +38,14 @@ class TaskSpec:
     server: str | None = None  # run the model on a dannucnet server instead of on the worker
     token: str | None = None
     pipelined: bool = False  # pipeline.pipelined runner (decoding, model, post-processing overlapped)
+    tta: bool = False  # test-time augmentation (four flips per window)
 
 
-def predictor_for(model: str | None, device: str, batch_size: int | None, torch_threads: int | None = None):
-    """This process's predictor for (model, device, batch size), loaded on first use."""
-    key = (model, device, batch_size)
+def predictor_for(
+    model: str | None, device: str, batch_size: int | None, torch_threads: int | None = None, tta: bool = False
+):
+    """This process's predictor for (model, device, batch size, tta), loaded on first use."""
+    key = (model, device, batch_size, tta)
     with _LOCK:
         predictor = _PREDICTORS.get(key)
         if predictor is None:
@@ -53,7 +56,7 @@ def predictor_for(model: str | None, device: str, batch_size: int | None, torch_
 
             if torch_threads:
                 torch.set_num_threads(torch_threads)
-            predictor = Predictor(load_model(model), device=device, batch_size=batch_size)
+            predictor = Predictor(load_model(model), device=device, batch_size=batch_size, tta=tta)
             _PREDICTORS[key] = predictor
         return predictor
 
@@ -64,7 +67,7 @@ def segmenter_for(spec: TaskSpec):
 
     if spec.server:
         return ServerSegmenter(spec.server, token=spec.token, options=spec.options)
-    predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads)
+    predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads, spec.tta)
     if spec.pipelined:
         return LocalSegmenter(predictor, spec.options, pipelined=True)
     return LocalSegmenter(predictor, spec.options)

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.commands._common import UNTRAINED_WARNING
     from dannucnet.errors import InputError
 
+    if args.server and args.tta:
+        raise InputError("--tta runs the model on the workers; it cannot be combined with --server")
     try:
         import distributed  # noqa: F401
     except ImportError:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             slides, args.output, model=args.model, device=args.device, mpp=args.mpp,
             options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
             retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
-            output_format=args.format,
+            output_format=args.format, tta=args.tta,
             server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
         )
     finally:

@@ -33,6 +33,27 @@ def model_map(prob: torch.Tensor) -> torch.Tensor:
     """N×C×T×T sigmoid outputs → the map layout every consumer reads: N×T×T for one channel, N×T×T×C for more."""
     return prob[:, 0] if prob.shape[1] == 1 else prob.permute(0, 2, 3, 1)
 
+
+#: The four flips test-time augmentation averages over (tensor dims of N×C×H×W).
+FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def forward_map(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """N×3×T×T input → sigmoid outputs in :func:`model_map` layout.
+
+    ``tta`` averages the outputs over the four flips of each window (each flipped back
+    first): about 0.5 pixel-F1 and 1 AJI point on held-out Kumar rows, at four times
+    the model time.
+    """
+    if not tta:
+        return model_map(torch.sigmoid(forward(x).float()))
+    total = None
+    for dims in FLIPS:
+        out = torch.sigmoid(forward(x.flip(dims) if dims else x).float())
+        out = out.flip(dims) if dims else out
+        total = out if total is None else total + out
+    return model_map(total / len(FLIPS))
+
 class Predictor:
     """Runs a loaded DAN-NucNet on one device.
 
@@ -48,8 +69,10 @@ class Predictor:
         batch_size: int | None = None,
         overlap: int = 32,
         tile_size: int | None = None,
+        tta: bool = False,
     ) -> None:
         self.model = model
+        self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
         self.device = choose_device(device)
         self.tile = tile_size or model.card.tile_size
         stride = model.network.config.stride
@@ -86,8 +109,8 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with self._lock, autocast(self.device):
-            prob = torch.sigmoid(self.network(x).float())
-        return model_map(prob).cpu().numpy()
+            prob = forward_map(self.network, x, self.tta)
+        return prob.cpu().numpy()
 
     def predict(
         self,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dannucnet.engine.predictor import Predictor, model_map
+from dannucnet.engine.predictor import Predictor, forward_map
 from dannucnet.engine.tiling import Window, blend_weights, map_shape
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class TileEngine:
             t0 = time.perf_counter()
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with self.predictor._lock, self._autocast():  # the predictor may be shared (server)
-            prob = model_map(torch.sigmoid(self._forward(x).float())[:n])
+            prob = forward_map(self._forward, x, self.predictor.tta)[:n]
         if cuda:
             end.record()
             self._timing.append((start, end))
