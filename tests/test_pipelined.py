@@ -75,6 +75,18 @@ def test_same_nuclei_as_segment_slide(slide, config):
     assert stats.tiles > 0 and stats.decode_megapixels > 0 and stats.post_seconds > 0
 
 
+def _both_runners(predictor, slide, pipelined: bool = True):
+    """Nuclei of the reference chunk loop and (unless ``pipelined`` is off) of the pipelined runner."""
+    options = SegmentOptions(chunk_size=256, margin=64)
+    with open_image(slide.path) as src:
+        plan = plan_slide(src, predictor.card.mpp, options=options)
+        reference = [n for b in segment_slide(predictor, src, options=options, plan=plan) for n in b]
+        piped = [n for b in segment_slide_pipelined(predictor, src, options=options, plan=plan,
+                                                    config=PipelineConfig(readers=2, batch_size=3)) for n in b] \
+            if pipelined else None
+    return reference, piped
+
+
 def test_colour_normalising_model_gives_the_same_nuclei_in_both_runners(slide):
     """A card with a colour reference: chunks are normalised once (never per window) in both runners,
     and the normalisation really reaches the network (a darker target finds more nucleus pixels)."""
@@ -82,13 +94,8 @@ def test_colour_normalising_model_gives_the_same_nuclei_in_both_runners(slide):
     plain = Predictor(LoadedModel(DarknessNet(), ModelCard(name="darkness", version="1"), "test"), device="cpu")
     normalising = Predictor(LoadedModel(DarknessNet(), ModelCard(name="darkness", version="2", colour_reference=ref),
                                         "test"), device="cpu")
-    options = SegmentOptions(chunk_size=256, margin=64)
-    with open_image(slide.path) as src:
-        plan = plan_slide(src, plain.card.mpp, options=options)
-        reference = [n for b in segment_slide(normalising, src, options=options, plan=plan) for n in b]
-        piped = [n for b in segment_slide_pipelined(normalising, src, options=options, plan=plan,
-                                                    config=PipelineConfig(readers=2, batch_size=3)) for n in b]
-        unnormalised = [n for b in segment_slide(plain, src, options=options, plan=plan) for n in b]
+    reference, piped = _both_runners(normalising, slide)
+    unnormalised, _ = _both_runners(plain, slide, pipelined=False)
     assert _key(piped) == _key(reference) and len(reference) > 50
     assert sum(n.polygon.area for n in reference) > 1.1 * sum(n.polygon.area for n in unnormalised)
 
@@ -107,12 +114,7 @@ def test_distance_head_model_gives_the_same_nuclei_in_both_runners(slide):
     """Two-channel maps (probability, distance) blend and travel through both runners alike."""
     predictor = Predictor(LoadedModel(DarknessDistanceNet(), ModelCard(name="darkness", version="3"), "test"),
                           device="cpu")
-    options = SegmentOptions(chunk_size=256, margin=64)
-    with open_image(slide.path) as src:
-        plan = plan_slide(src, predictor.card.mpp, options=options)
-        reference = [n for b in segment_slide(predictor, src, options=options, plan=plan) for n in b]
-        piped = [n for b in segment_slide_pipelined(predictor, src, options=options, plan=plan,
-                                                    config=PipelineConfig(readers=2, batch_size=3)) for n in b]
+    reference, piped = _both_runners(predictor, slide)
     assert len(reference) > 50 and _key(piped) == _key(reference)
     assert all(0.5 <= n.probability <= 1.0 for n in reference)
 
