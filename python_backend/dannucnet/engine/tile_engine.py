@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dannucnet.engine.predictor import Predictor, forward_map
-from dannucnet.engine.tiling import Window, blend_weights, map_shape
+from dannucnet.engine.tiling import Window, blend_weights, map_shape, norm_shape
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +46,29 @@ class ChunkBlend:
         self, height: int, width: int, weights: torch.Tensor, device: torch.device, channels: int = 1
     ) -> None:
         self.on_device = device.type != "cpu"
-        shape = map_shape(height, width, channels)
+        shape, sums = map_shape(height, width, channels), norm_shape(height, width, channels)
+        self.tile = weights.shape[0]
+        if channels > 1:
+            weights = weights[..., None]  # broadcasts over the channels, as in BlendAccumulator
         if self.on_device:
             self.total = torch.zeros(shape, dtype=torch.float32, device=device)
-            self.norm = torch.zeros((height, width), dtype=torch.float32, device=device)
+            self.norm = torch.zeros(sums, dtype=torch.float32, device=device)
             self.weights = weights
         else:
             self.total = np.zeros(shape, dtype=np.float32)
-            self.norm = np.zeros((height, width), dtype=np.float32)
+            self.norm = np.zeros(sums, dtype=np.float32)
             self.weights = weights.cpu().numpy()
-        self.channel_weights = self.weights if channels == 1 else self.weights[..., None]
-        self.tile = weights.shape[0]
 
     def add(self, window: Window, values) -> None:
         t = self.tile
         sl = (slice(window.y, window.y + t), slice(window.x, window.x + t))
-        self.total[sl] += values * self.channel_weights
+        self.total[sl] += values * self.weights
         self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
         if self.on_device:
-            norm = torch.clamp_min(self.norm, 1e-12)
-            return (self.total / (norm if self.total.ndim == 2 else norm[..., None])).cpu().numpy()
-        norm = np.maximum(self.norm, 1e-12)
-        return self.total / (norm if self.total.ndim == 2 else norm[..., None])
+            return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
+        return self.total / np.maximum(self.norm, 1e-12)
 
 
 class TileEngine:

@@ -62,21 +62,26 @@ def map_shape(height: int, width: int, channels: int) -> tuple[int, ...]:
     return (height, width) if channels == 1 else (height, width, channels)
 
 
+def norm_shape(height: int, width: int, channels: int) -> tuple[int, ...]:
+    """The blend weights' running sum: H×W, or H×W×1 so that it divides an H×W×C map."""
+    return (height, width) if channels == 1 else (height, width, 1)
+
+
 class BlendAccumulator:
     """Accumulates weighted window predictions (T×T, or T×T×C) into a full map."""
 
     def __init__(self, height: int, width: int, tile: int, overlap: int, channels: int = 1) -> None:
         self.tile = tile
-        self.norm = np.zeros((height, width), dtype=np.float32)
+        # with channels, weights and their sum keep a trailing axis of 1 so they broadcast over the channels
         self.total = np.zeros(map_shape(height, width, channels), dtype=np.float32)
-        self.weights = blend_weights(tile, overlap)
-        self.channel_weights = self.weights if channels == 1 else self.weights[..., None]
+        self.norm = np.zeros(norm_shape(height, width, channels), dtype=np.float32)
+        weights = blend_weights(tile, overlap)
+        self.weights = weights if channels == 1 else weights[..., None]
 
     def add(self, window: Window, values: np.ndarray) -> None:
         sl = (slice(window.y, window.y + self.tile), slice(window.x, window.x + self.tile))
-        self.total[sl] += values * self.channel_weights
+        self.total[sl] += values * self.weights
         self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
-        norm = np.maximum(self.norm, 1e-12)
-        return self.total / (norm if self.total.ndim == 2 else norm[..., None])
+        return self.total / np.maximum(self.norm, 1e-12)
