@@ -184,3 +184,33 @@ def test_freeze_bn_keeps_the_loaded_batchnorm_statistics(dataset, tmp_path):
         train(tuned, report=lambda _msg: None)
         after = load_model(str(tmp_path / out)).network.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in stats) is freeze
+
+
+def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resume(dataset, tmp_path):
+    """--average-from: the checkpoint carries the running mean, a resumed run keeps adding to it, and the
+    card says which epochs were averaged and whether the mean was shipped (it is when it validates better)."""
+    out = tmp_path / "swa"
+    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=2, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test", average_from=2)
+    train(cfg, report=lambda _msg: None)
+    epoch2 = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    messages: list[str] = []
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), report=messages.append)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    epoch3, mean = state["model"], state["averaged"]
+    for name, value in epoch3.items():
+        if value.is_floating_point():
+            assert torch.allclose(mean[f"module.{name}"], (epoch2[name] + value) / 2, atol=1e-6), name
+    average = json.loads((out / "model_card.json").read_text())["training"]["weight_average"]
+    assert average["epochs"] == [2, 3] and average["count"] == 2
+    assert any("mean of the weights of epochs 2-3" in m for m in messages)
+    shipped = load_model(str(out)).network.state_dict()
+    best = torch.load(out / "checkpoint.pt", weights_only=True)["best_epoch"]
+    # the shipped weights are the mean (BatchNorm statistics re-measured) or else the best epoch's, as the card says
+    weight = next(k for k in shipped if k.endswith("weight") and "bn" not in k)
+    if average["shipped"]:
+        assert torch.allclose(shipped[weight], mean[f"module.{weight}"].to(shipped[weight].dtype), atol=1e-3)
+    else:
+        assert best >= 1 and not torch.allclose(shipped[weight], mean[f"module.{weight}"], atol=1e-6)
+    with pytest.raises(InputError, match="average-from"):
+        train(TrainConfig(**{**cfg.__dict__, "average_from": 0}), report=lambda _msg: None)

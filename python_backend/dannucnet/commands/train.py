@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train only the distance branch; the rest keeps the --init-from model's weights")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep the BatchNorm statistics of --init-from (small fine-tuning batches would shift them)")
+    p.add_argument("--average-from", type=int, metavar="EPOCH",
+                   help="from this epoch on, also average the epoch-end weights; the mean is shipped when its "
+                        "validation loss beats the best epoch's")
     p.add_argument("--distance-weight", type=float, default=0.25, help="distance loss weight beside Eq. 5")
     p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
 
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         instance_gaps=not args.no_instance_gaps, init_from=args.init_from,
         colour_normalise=not args.no_colour_normalise, architecture=architecture,
         resume=not args.no_resume, distance_weight=args.distance_weight,
-        distance_only=args.distance_only, freeze_bn=args.freeze_bn, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        distance_only=args.distance_only, freeze_bn=args.freeze_bn,
+        average_from=args.average_from, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)
     return 0

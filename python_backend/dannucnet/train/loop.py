@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from dannucnet import __version__
 from dannucnet.engine.device import autocast, choose_device
@@ -32,6 +33,7 @@ from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+BN_REFRESH_BATCHES = 32  # training batches that re-measure BatchNorm statistics for averaged weights
 COLOUR_NORMALISATION = "Reinhard L*a*b* onto colour_reference (per chunk, tissue pixels), then rgb / 255"
 
 
@@ -68,6 +70,7 @@ class TrainConfig:
     distance_weight: float = 0.25  # weight of the distance head's loss beside Eq. 5 (only with that head)
     distance_only: bool = False  # train only the distance branch; the rest stays frozen as loaded
     freeze_bn: bool = False  # keep BatchNorm statistics as loaded (fine-tuning with small batches)
+    average_from: int | None = None  # from this epoch on, also keep the running mean of the epoch-end weights
     resume: bool = True
     command: str = ""
 
@@ -187,6 +190,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     """Train and write ``<out>/weights.safetensors`` + ``model_card.json`` (the best epoch)."""
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
+    if cfg.average_from is not None and cfg.average_from < 1:
+        raise InputError(f"--average-from {cfg.average_from}: epochs count from 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -218,6 +223,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     loss_fn = LOSSES[cfg.loss]
     history: list[EpochLog] = []
     best_loss, best_epoch, start_epoch, elapsed_before = float("inf"), -1, 0, 0.0
+    averaged: AveragedModel | None = None
+    average_first = 0
     checkpoint = out / CHECKPOINT
     if cfg.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -225,6 +232,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
         history = [EpochLog(**h) for h in json.loads(state["history"])]
+        averaged, average_first = _resume_average(cfg, network, state, int(state["epoch"]) + 1, report)
         best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
         start_epoch, elapsed_before = int(state["epoch"]) + 1, float(state["elapsed"])
         sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
@@ -266,6 +274,10 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             best_loss, best_epoch = val_loss, epoch + 1
             _save_best(out, network, cfg, name, history, best_epoch, data_info, time.monotonic() - started, device,
                        colour_reference)
+        if cfg.average_from and epoch + 1 >= cfg.average_from:
+            if averaged is None:
+                averaged, average_first = AveragedModel(network, use_buffers=True), epoch + 1
+            averaged.update_parameters(network)
         report(
             f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  val loss {val_loss:.4f}  "
             f"val pixel F1 {val_f1:.4f}  lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved else ''}"
@@ -276,6 +288,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best_loss": best_loss,
                 "best_epoch": best_epoch, "elapsed": time.monotonic() - started,
                 "history": json.dumps([asdict(h) for h in history]),
+                **({"averaged": averaged.state_dict(), "average_first": average_first} if averaged else {}),
             },
             checkpoint,
         )
@@ -286,10 +299,58 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             stop_reason = f"time budget of {cfg.time_budget_min:g} min reached"
             break
     report(f"{stop_reason}; best epoch {best_epoch} (val loss {best_loss:.4f}) saved in {out}")
+    average = None
+    if averaged is not None:
+        average = _finish_average(averaged, average_first, len(history), cfg, sampler, val_patches, device, loss_fn)
+        report(
+            f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: val loss "
+            f"{average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
+            + ("shipped instead of the best epoch" if average["val_loss"] < best_loss else "not better: best epoch kept")
+        )
+        if average["val_loss"] < best_loss:
+            average["shipped"] = True
+            _save_best(out, averaged.module, cfg, name, history, best_epoch, data_info, time.monotonic() - started,
+                       device, colour_reference, average)
     card = json.loads((out / "model_card.json").read_text())
     card["training"]["stop_reason"] = stop_reason
+    if average is not None:
+        card["training"]["weight_average"] = average
     (out / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def _resume_average(
+    cfg: TrainConfig, network: DANNucNet, state: dict[str, Any], resumed_epoch: int, report: Callable[[str], None]
+) -> tuple[AveragedModel | None, int]:
+    """The running weight mean saved in the checkpoint; or, when averaging is asked for only now, one that
+    starts from the checkpoint's weights (the end of the epoch the run resumes after)."""
+    if not cfg.average_from or resumed_epoch < cfg.average_from:
+        return None, 0
+    averaged = AveragedModel(network, use_buffers=True)
+    if "averaged" in state:
+        averaged.load_state_dict(state["averaged"])
+        return averaged, int(state["average_first"])
+    averaged.update_parameters(network)
+    report(f"weight averaging starts from the checkpoint's weights (epoch {resumed_epoch})")
+    return averaged, resumed_epoch
+
+
+def _finish_average(
+    averaged: AveragedModel, first: int, last: int, cfg: TrainConfig, sampler: PatchSampler,
+    val_patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable,
+) -> dict[str, Any]:
+    """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
+
+    Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
+    generalises better than any one of them. Averaged BatchNorm statistics belong to no single set
+    of weights, so unless the run kept them frozen they are measured again on training batches.
+    """
+    if not (cfg.freeze_bn or cfg.distance_only):
+        batches = (_to_tensors(sampler.batch(cfg.batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
+        update_bn(batches, averaged.module)
+    val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
+    return {"epochs": [first, last], "count": int(averaged.n_averaged), "val_loss": val_loss, "val_f1": val_f1,
+            "shipped": False}
 
 
 def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
@@ -347,6 +408,7 @@ def freeze_all_but_distance(network: DANNucNet) -> list[torch.nn.Parameter]:
 def _save_best(
     out: Path, network: DANNucNet, cfg: TrainConfig, name: str, history: list[EpochLog], best_epoch: int,
     data_info: dict[str, Any], seconds: float, device: torch.device, colour: ColourReference | None = None,
+    average: dict[str, Any] | None = None,
 ) -> None:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     card = ModelCard(
@@ -369,8 +431,10 @@ def _save_best(
             "hardware": f"{hardware} ({device.type}, {torch.get_num_threads()} threads)",
             "history": [asdict(h) for h in history],
         },
-        metrics={"validation": {"loss": history[best_epoch - 1].val_loss,
-                                "pixel_f1": history[best_epoch - 1].val_f1}},
+        metrics={"validation": (
+            {"loss": average["val_loss"], "pixel_f1": average["val_f1"]} if average
+            else {"loss": history[best_epoch - 1].val_loss, "pixel_f1": history[best_epoch - 1].val_f1}
+        )},
     )
     save_model(out, network, card)
 
