@@ -119,6 +119,46 @@ def test_card_and_weights_round_trip(tmp_path):
         assert torch.equal(net(x), loaded.network(x))
 
 
+def test_fp16_files_keep_values_beyond_fp16_range_in_fp32(tmp_path):
+    """A bottleneck BatchNorm variance of 10⁵ overflows fp16 (max 65504); stored as inf it would
+    silence its channel, so such tensors stay fp32 while the rest is halved."""
+    net = DANNucNet(ModelConfig()).eval()
+    with torch.no_grad():
+        net.bottleneck[-1].running_var[:3] = torch.tensor([1e5, 7e4, 2.0])
+    save_model(tmp_path, net, ModelCard(name="big", version="1", trained=True))
+    loaded = load_model(str(tmp_path)).network.state_dict()
+    assert torch.equal(loaded["bottleneck.4.running_var"][:3], torch.tensor([1e5, 7e4, 2.0]))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "weights.safetensors"), "pt") as f:
+        assert f.get_tensor("bottleneck.4.running_var").dtype == torch.float32
+        assert f.get_tensor("bottleneck.0.weight").dtype == torch.float16
+
+
+def test_reviving_overflowed_batchnorm_channels_keeps_the_network_output():
+    """Channels whose variance is inf output their bias; revived, they get measured statistics and a
+    zero scale, so the output is unchanged and the scale can learn again."""
+    from dannucnet.train.revive import overflowed_channels, revive_overflowed_channels
+
+    torch.manual_seed(0)
+    net = DANNucNet(ModelConfig()).eval()
+    bn = net.bottleneck[-1]
+    with torch.no_grad():
+        bn.running_var[::3] = float("inf")
+        bn.weight.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before = net(x)
+    assert set(overflowed_channels(net)) == {"bottleneck.4"}
+    revived = revive_overflowed_channels(net, [torch.rand(2, 3, 64, 64) for _ in range(3)])
+    assert revived == len(range(0, bn.num_features, 3))
+    assert torch.isfinite(bn.running_var).all() and bn.running_var[::3].ge(0).all() and bn.running_var[::3].gt(0).any()
+    assert bn.weight[::3].eq(0).all() and bn.weight[1::3].ne(0).all()
+    with torch.no_grad():
+        assert torch.allclose(net(x), before, atol=1e-6)
+    assert not overflowed_channels(net) and revive_overflowed_channels(net, [x]) == 0
+
+
 def test_loading_refuses_a_card_that_does_not_match_the_weights(tmp_path):
     save_model(tmp_path, DANNucNet(), ModelCard(name="m", version="1"))
     card = json.loads((tmp_path / "model_card.json").read_text())

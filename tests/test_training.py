@@ -199,7 +199,7 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resum
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     epoch3, mean = state["model"], state["averaged"]
     for name, value in epoch3.items():
-        if value.is_floating_point():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):  # parameters are averaged
             assert torch.allclose(mean[f"module.{name}"], (epoch2[name] + value) / 2, atol=1e-6), name
     average = json.loads((out / "model_card.json").read_text())["training"]["weight_average"]
     assert average["epochs"] == [2, 3] and average["count"] == 2

@@ -28,10 +28,7 @@ def save_model(directory: str | os.PathLike[str], network: DANNucNet, card: Mode
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     card.architecture = network.config.to_dict()
-    state = {
-        k: (v.detach().to("cpu").half() if half and v.is_floating_point() else v.detach().to("cpu")).contiguous()
-        for k, v in network.state_dict().items()
-    }
+    state = {k: _stored(v.detach().to("cpu"), half).contiguous() for k, v in network.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)
     try:
@@ -42,6 +39,17 @@ def save_model(directory: str | os.PathLike[str], network: DANNucNet, card: Mode
             os.unlink(tmp)
     card.save(directory)
     return directory
+
+
+def _stored(tensor: torch.Tensor, half: bool) -> torch.Tensor:
+    """fp16 where it loses nothing that matters, fp32 where a value would overflow fp16 (±65504):
+    BatchNorm variances at the bottleneck reach 10⁵, and as inf they would silence their channels."""
+    if not (half and tensor.is_floating_point()):
+        return tensor
+    halved = tensor.half()
+    if torch.isfinite(halved).all() or not torch.isfinite(tensor[~torch.isfinite(halved)]).any():
+        return halved
+    return tensor.float()
 
 
 def load_weights(directory: Path, card: ModelCard) -> DANNucNet:

@@ -29,6 +29,7 @@ from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.model.registry import load_model
+from dannucnet.train.revive import overflowed_channels, revive_overflowed_channels
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,12 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         network = _initial_weights(cfg.init_from, config)
         report(f"starting from the weights of {cfg.init_from}")
     network = network.to(device).to(memory_format=torch.channels_last)
+    checkpoint = out / CHECKPOINT
+    if cfg.init_from and not (cfg.resume and checkpoint.exists()) and overflowed_channels(network):
+        batches = (_to_tensors(sampler.batch(cfg.batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
+        revived = revive_overflowed_channels(network, batches)
+        report(f"{revived} BatchNorm channels of {cfg.init_from} had an overflowed (infinite) variance: "
+               "statistics re-measured, scale set to 0 so the network computes what it did, and free to learn")
     trainable = freeze_all_but_distance(network) if cfg.distance_only else list(network.parameters())
     optimiser = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-7)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -225,7 +232,6 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     best_loss, best_epoch, start_epoch, elapsed_before = float("inf"), -1, 0, 0.0
     averaged: AveragedModel | None = None
     average_first = 0
-    checkpoint = out / CHECKPOINT
     if cfg.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         network.load_state_dict(state["model"])
@@ -276,7 +282,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
                        colour_reference)
         if cfg.average_from and epoch + 1 >= cfg.average_from:
             if averaged is None:
-                averaged, average_first = AveragedModel(network, use_buffers=True), epoch + 1
+                averaged, average_first = AveragedModel(network), epoch + 1
             averaged.update_parameters(network)
         report(
             f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  val loss {val_loss:.4f}  "
@@ -301,7 +307,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     report(f"{stop_reason}; best epoch {best_epoch} (val loss {best_loss:.4f}) saved in {out}")
     average = None
     if averaged is not None:
-        average = _finish_average(averaged, average_first, len(history), cfg, sampler, val_patches, device, loss_fn)
+        average = _finish_average(averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn)
         report(
             f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: val loss "
             f"{average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
@@ -326,7 +332,7 @@ def _resume_average(
     starts from the checkpoint's weights (the end of the epoch the run resumes after)."""
     if not cfg.average_from or resumed_epoch < cfg.average_from:
         return None, 0
-    averaged = AveragedModel(network, use_buffers=True)
+    averaged = AveragedModel(network)
     if "averaged" in state:
         averaged.load_state_dict(state["averaged"])
         return averaged, int(state["average_first"])
@@ -336,16 +342,21 @@ def _resume_average(
 
 
 def _finish_average(
-    averaged: AveragedModel, first: int, last: int, cfg: TrainConfig, sampler: PatchSampler,
+    averaged: AveragedModel, network: DANNucNet, first: int, last: int, cfg: TrainConfig, sampler: PatchSampler,
     val_patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable,
 ) -> dict[str, Any]:
     """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
 
     Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
     generalises better than any one of them. Averaged BatchNorm statistics belong to no single set
-    of weights, so unless the run kept them frozen they are measured again on training batches.
+    of weights, so unless the run kept them frozen (then they are the network's own) they are
+    measured again on training batches. Only parameters are averaged: buffers such as a variance
+    that overflowed to inf would turn the mean into NaN.
     """
-    if not (cfg.freeze_bn or cfg.distance_only):
+    if cfg.freeze_bn or cfg.distance_only:
+        for mine, frozen in zip(averaged.module.buffers(), network.buffers()):
+            mine.copy_(frozen)
+    else:
         batches = (_to_tensors(sampler.batch(cfg.batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
         update_bn(batches, averaged.module)
     val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
