@@ -138,7 +138,8 @@ def test_fp16_files_keep_values_beyond_fp16_range_in_fp32(tmp_path):
 def test_reviving_overflowed_batchnorm_channels_keeps_the_network_output():
     """Channels whose variance is inf output their bias; revived, they get measured statistics and a
     zero scale, so the output is unchanged and the scale can learn again."""
-    from dannucnet.train.revive import overflowed_channels, revive_overflowed_channels
+    from dannucnet.model.weights import overflowed_channels
+    from dannucnet.train.revive import revive_overflowed_channels
 
     torch.manual_seed(0)
     net = DANNucNet(ModelConfig()).eval()

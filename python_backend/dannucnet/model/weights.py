@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from safetensors.torch import load_file, save_file
 from dannucnet.errors import ModelError
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from dannucnet.model.network import DANNucNet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,24 @@ def load_weights(directory: Path, card: ModelCard) -> DANNucNet:
             f"e.g. {(missing + unexpected + mismatched)[:3]})"
         )
     network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    silent = overflowed_channels(network)
+    if silent:
+        log.warning(
+            "%s: %d BatchNorm channels have an infinite variance (an older fp16 file overflowed) and output a "
+            "constant; the model works as measured, and fine-tuning it (dannucnet train --init-from) revives them",
+            path, sum(int(mask.sum()) for mask in silent.values()),
+        )
     return network.eval()
+
+
+def overflowed_channels(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm module name → boolean mask of its channels with a non-finite running variance."""
+    return {
+        name: ~torch.isfinite(module.running_var)
+        for name, module in network.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d) and module.running_var is not None
+        and not torch.isfinite(module.running_var).all()
+    }
 
 
 def untrained_model(seed: int = 0) -> LoadedModel:

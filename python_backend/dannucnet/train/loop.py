@@ -29,7 +29,8 @@ from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.model.registry import load_model
-from dannucnet.train.revive import overflowed_channels, revive_overflowed_channels
+from dannucnet.model.weights import overflowed_channels
+from dannucnet.train.revive import revive_overflowed_channels
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
-def overflowed_channels(network: nn.Module) -> dict[str, torch.Tensor]:
-    """BatchNorm module name → boolean mask of its channels with a non-finite running variance."""
-    return {
-        name: ~torch.isfinite(module.running_var)
-        for name, module in network.named_modules()
-        if isinstance(module, nn.BatchNorm2d) and module.running_var is not None
-        and not torch.isfinite(module.running_var).all()
-    }
+from dannucnet.model.weights import overflowed_channels
 
 
 @torch.no_grad()
