@@ -308,13 +308,16 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     report(f"{stop_reason}; best epoch {best_epoch} (val loss {best_loss:.4f}) saved in {out}")
     average = None
     if averaged is not None:
-        average = _finish_average(averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn)
+        average = _finish_average(
+            averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn
+        )
+        better = average["val_loss"] < best_loss
         report(
             f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: val loss "
             f"{average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
-            + ("shipped instead of the best epoch" if average["val_loss"] < best_loss else "not better: best epoch kept")
+            + ("shipped instead of the best epoch" if better else "not better: best epoch kept")
         )
-        if average["val_loss"] < best_loss:
+        if better:
             average["shipped"] = True
             _save_best(out, averaged.module, cfg, name, history, best_epoch, data_info, time.monotonic() - started,
                        device, colour_reference, average)
