@@ -352,7 +352,7 @@ def _finish_average(
     """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
 
     Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
-    generalises better than any one of them. Averaged BatchNorm statistics belong to no single set
+    often generalises better than any one of them; the validation loss decides. Averaged BatchNorm statistics belong to no single set
     of weights, so unless the run kept them frozen (then they are the network's own) they are
     measured again on training batches. Only parameters are averaged: buffers such as a variance
     that overflowed to inf would turn the mean into NaN.
