@@ -35,7 +35,7 @@ from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-BN_REFRESH_BATCHES = 32  # training batches that re-measure BatchNorm statistics for averaged weights
+BN_REFRESH_BATCHES = 32  # training batches that re-measure BatchNorm statistics (averaged weights, revival)
 COLOUR_NORMALISATION = "Reinhard L*a*b* onto colour_reference (per chunk, tissue pixels), then rgb / 255"
 
 

@@ -29,14 +29,14 @@ def revive_overflowed_channels(network: nn.Module, batches: Iterable[torch.Tenso
     if not dead:
         return 0
     modules = dict(network.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in dead}  # per channel: Σx, Σx², values per channel
 
     def recorder(name: str):
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().double()
-            dims = (0, 2, 3)
-            total = sums.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)] * 2 + [0])
-            sums[name] = [total[0] + x.sum(dims), total[1] + (x * x).sum(dims), total[2] + x.numel() // x.shape[1]]
+            x, acc = inputs[0].double(), sums[name]
+            acc[0] = acc[0] + x.sum((0, 2, 3))
+            acc[1] = acc[1] + (x * x).sum((0, 2, 3))
+            acc[2] += x.numel() // x.shape[1]
         return record
 
     handles = [modules[name].register_forward_pre_hook(recorder(name)) for name in dead]
@@ -51,9 +51,9 @@ def revive_overflowed_channels(network: nn.Module, batches: Iterable[torch.Tenso
         network.train(was_training)
     revived = 0
     for name, mask in dead.items():
-        if name not in sums:
-            continue
         total, squares, count = sums[name]
+        if not count:  # the module never ran on these batches
+            continue
         mean = total / count
         var = (squares / count - mean * mean).clamp_min(0.0) * count / max(count - 1, 1)
         bn = modules[name]
