@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -218,8 +218,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     network = network.to(device).to(memory_format=torch.channels_last)
     checkpoint = out / CHECKPOINT
     if cfg.init_from and not (cfg.resume and checkpoint.exists()) and overflowed_channels(network):
-        batches = (_to_tensors(sampler.batch(cfg.batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
-        revived = revive_overflowed_channels(network, batches)
+        revived = revive_overflowed_channels(network, _input_batches(sampler, cfg.batch_size, device))
         report(f"{revived} BatchNorm channels of {cfg.init_from} had an overflowed (infinite) variance: "
                "statistics re-measured, scale set to 0 so the network computes what it did, and free to learn")
     trainable = freeze_all_but_distance(network) if cfg.distance_only else list(network.parameters())
@@ -329,6 +328,11 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     return out
 
 
+def _input_batches(sampler: PatchSampler, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """``BN_REFRESH_BATCHES`` fresh training inputs, for measuring BatchNorm statistics."""
+    return (_to_tensors(sampler.batch(batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
+
+
 def _resume_average(
     cfg: TrainConfig, network: DANNucNet, state: dict[str, Any], resumed_epoch: int, report: Callable[[str], None]
 ) -> tuple[AveragedModel | None, int]:
@@ -352,17 +356,17 @@ def _finish_average(
     """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
 
     Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
-    often generalises better than any one of them; the validation loss decides. Averaged BatchNorm statistics belong to no single set
-    of weights, so unless the run kept them frozen (then they are the network's own) they are
-    measured again on training batches. Only parameters are averaged: buffers such as a variance
-    that overflowed to inf would turn the mean into NaN.
+    often generalises better than any one of them; the validation loss decides. Averaged
+    BatchNorm statistics belong to no single set of weights, so unless the run kept them frozen
+    (then they are the network's own) they are measured again on training batches. Only
+    parameters are averaged: buffers such as a variance that overflowed to inf would turn the
+    mean into NaN.
     """
     if cfg.freeze_bn or cfg.distance_only:
         for mine, frozen in zip(averaged.module.buffers(), network.buffers()):
             mine.copy_(frozen)
     else:
-        batches = (_to_tensors(sampler.batch(cfg.batch_size), device)[0] for _ in range(BN_REFRESH_BATCHES))
-        update_bn(batches, averaged.module)
+        update_bn(_input_batches(sampler, cfg.batch_size, device), averaged.module)
     val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
     return {"epochs": [first, last], "count": int(averaged.n_averaged), "val_loss": val_loss, "val_f1": val_f1,
             "shipped": False}
