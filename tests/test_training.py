@@ -74,6 +74,18 @@ def test_train_loop_writes_card_and_resumes(dataset, tmp_path):
     assert len(json.loads((out / "model_card.json").read_text())["training"]["history"]) >= 2
 
 
+def test_card_records_the_epochs_after_the_kept_one(dataset, tmp_path):
+    # min_delta so large that only the first epoch counts as an improvement: epoch 1 is kept, epoch 2 still ran
+    out = tmp_path / "model"
+    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test", min_delta=10.0)
+    train(cfg, report=lambda _msg: None)
+    training = json.loads((out / "model_card.json").read_text())["training"]
+    assert training["best_epoch"] == 1 and training["epochs_run"] == 2
+    assert [h["epoch"] for h in training["history"]] == [1, 2]
+    assert training["run_wall_time_s"] >= training["wall_time_s"] > 0
+
+
 def test_dataset_folder_round_trip(dataset):
     ds = load_dataset(dataset)
     assert [s.stem for s in ds.select("train")] == ["img0", "img1"]

@@ -320,8 +320,13 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             average["shipped"] = True
             _save_best(out, averaged.module, cfg, name, history, best_epoch, data_info, time.monotonic() - started,
                        device, colour_reference, average)
+    # The card was written when the kept epoch was saved; the epochs after it belong in the record too, so a
+    # reader sees how long the run went on without beating it ("wall_time_s" stays the time to the kept epoch).
     card = json.loads((out / "model_card.json").read_text())
     card["training"]["stop_reason"] = stop_reason
+    card["training"]["epochs_run"] = len(history)
+    card["training"]["history"] = [asdict(h) for h in history]
+    card["training"]["run_wall_time_s"] = round(time.monotonic() - started, 1)
     if average is not None:
         card["training"]["weight_average"] = average
     (out / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
