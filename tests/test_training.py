@@ -226,3 +226,27 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resum
         assert best >= 1 and not torch.allclose(shipped[weight], mean[f"module.{weight}"], atol=1e-6)
     with pytest.raises(InputError, match="average-from"):
         train(TrainConfig(**{**cfg.__dict__, "average_from": 0}), report=lambda _msg: None)
+
+
+def test_training_without_validation_uses_every_row_and_keeps_the_weight_mean(dataset, tmp_path):
+    """--val-fraction 0: the final run on all the data. Nothing is held out, every epoch is logged without
+    validation scores, nothing stops early, and the weight mean asked for is what ships."""
+    out = tmp_path / "all-rows"
+    messages: list[str] = []
+    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=3, steps_per_epoch=2, batch_size=2,
+                      patch_size=64, val_fraction=0.0, seed=1, device="cpu", command="test", average_from=2,
+                      stop_patience=1)
+    train(cfg, report=messages.append)
+    full_card = json.loads((out / "model_card.json").read_text())
+    card = full_card["training"]
+    assert card["epochs_run"] == 3 and card["stop_reason"] == "max epochs reached"  # patience 1 did not stop it
+    assert [h["val_loss"] for h in card["history"]] == [None, None, None]
+    assert full_card["provenance"]["validation"].startswith("none")
+    assert card["weight_average"]["epochs"] == [2, 3] and card["weight_average"]["shipped"]
+    mean = torch.load(out / "checkpoint.pt", weights_only=True)["averaged"]
+    shipped = load_model(str(out)).network.state_dict()
+    weight = next(k for k in shipped if k.endswith("weight") and "bn" not in k)
+    assert torch.allclose(shipped[weight], mean[f"module.{weight}"].to(shipped[weight].dtype), atol=1e-3)
+    assert any("last epoch 3" in m for m in messages)
+    with pytest.raises(InputError, match="val-fraction"):
+        train(TrainConfig(**{**cfg.__dict__, "val_fraction": 1.0}), report=lambda _msg: None)

@@ -15,7 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model folder to write, e.g. models/my-model")
     p.add_argument("--split", help="training split name (default: kumar-train, train, or all images)")
     p.add_argument("--val-split", help="validation split (default: hold out the bottom rows of each image)")
-    p.add_argument("--val-fraction", type=float, default=0.3, help="rows held out per image (default 0.3)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.3,
+        help="rows held out per image (default 0.3); 0 trains on every row, without validation, and keeps the last epoch",
+    )
     p.add_argument("--name", help="model name in the card (default: the folder name)")
     p.add_argument("--version", default="1")
     p.add_argument("--epochs", type=int, default=100)

@@ -81,8 +81,8 @@ class TrainConfig:
 class EpochLog:
     epoch: int
     train_loss: float
-    val_loss: float
-    val_f1: float
+    val_loss: float | None  # None in a run without validation (--val-fraction 0)
+    val_f1: float | None
     lr: float
     seconds: float
 
@@ -137,6 +137,11 @@ def _prepare_images(
         train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
         val = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in val_samples]
         how = f"images of split {cfg.val_split!r}"
+    elif cfg.val_fraction == 0:
+        train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
+        val = []
+        how = ("none (--val-fraction 0): every row of every training image is trained on; the last epoch is kept, "
+               "or the weight mean with --average-from")
     else:
         cut = 1.0 - cfg.val_fraction
         train = [load_train_image(s, cfg.mpp, (0.0, cut), cfg.instance_gaps, distance) for s in train_samples]
@@ -189,11 +194,19 @@ def validate(
 
 
 def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
-    """Train and write ``<out>/weights.safetensors`` + ``model_card.json`` (the best epoch)."""
+    """Train and write ``<out>/weights.safetensors`` + ``model_card.json`` (the best epoch).
+
+    With ``val_fraction`` 0 (and no ``val_split``) nothing is held out: the final run on all the
+    data once a recipe has been chosen with validation. Then the learning-rate schedule follows
+    the training loss, there is no early stopping, and the last epoch (or, with ``average_from``,
+    the weight mean) is kept, since there is nothing to choose a better one by.
+    """
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     if cfg.average_from is not None and cfg.average_from < 1:
         raise InputError(f"--average-from {cfg.average_from}: epochs count from 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise InputError(f"--val-fraction {cfg.val_fraction}: must be at least 0 and below 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -201,11 +214,12 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour_reference = _prepare_images(cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment)
+    validating = bool(val_images)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
         keep = np.linspace(0, len(val_patches) - 1, cfg.max_val_patches).round().astype(int)
         val_patches = [val_patches[i] for i in keep]
-    if not val_patches:
+    if validating and not val_patches:
         raise InputError("no validation patch could be cut: use larger images or --val-split")
     train_pixels = sum((im.rows[1] - im.rows[0]) * im.rgb.shape[1] for im in sampler.images)
     steps = cfg.steps_per_epoch or max(1, round(train_pixels / (cfg.patch_size**2 * cfg.batch_size)))
@@ -269,24 +283,29 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
                       end="", file=sys.stderr)
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
-        training_mode(network, cfg)
-        scheduler.step(val_loss)
+        val_loss = val_f1 = None
+        if validating:
+            val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
+            training_mode(network, cfg)
+        monitored = total / steps if val_loss is None else val_loss
+        scheduler.step(monitored)
         entry = EpochLog(epoch + 1, total / steps, val_loss, val_f1, optimiser.param_groups[0]["lr"],
                          time.monotonic() - t0)
         history.append(entry)
-        improved = val_loss < best_loss - cfg.min_delta
+        # without validation every epoch is "the best": the last one is kept and nothing stops early
+        improved = not validating or monitored < best_loss - cfg.min_delta
         if improved:
-            best_loss, best_epoch = val_loss, epoch + 1
+            best_loss, best_epoch = monitored, epoch + 1
             _save_best(out, network, cfg, name, history, best_epoch, data_info, time.monotonic() - started, device,
                        colour_reference)
         if cfg.average_from and epoch + 1 >= cfg.average_from:
             if averaged is None:
                 averaged, average_first = AveragedModel(network), epoch + 1
             averaged.update_parameters(network)
+        scores = f"val loss {val_loss:.4f}  val pixel F1 {val_f1:.4f}  " if validating else ""
         report(
-            f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val pixel F1 {val_f1:.4f}  lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved else ''}"
+            f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  {scores}"
+            f"lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved and validating else ''}"
         )
         torch.save(
             {
@@ -304,16 +323,18 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         if cfg.time_budget_min and (time.monotonic() - started) / 60 >= cfg.time_budget_min:
             stop_reason = f"time budget of {cfg.time_budget_min:g} min reached"
             break
-    report(f"{stop_reason}; best epoch {best_epoch} (val loss {best_loss:.4f}) saved in {out}")
+    kept = f"best epoch {best_epoch} (val loss {best_loss:.4f})" if validating else f"last epoch {best_epoch}"
+    report(f"{stop_reason}; {kept} saved in {out}")
     average = None
     if averaged is not None:
         average = _finish_average(
             averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn
         )
-        better = average["val_loss"] < best_loss
+        better = average["val_loss"] is None or average["val_loss"] < best_loss
+        scores = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
+                  if validating else "no validation, so ")
         report(
-            f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: val loss "
-            f"{average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
+            f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {scores}"
             + ("shipped instead of the best epoch" if better else "not better: best epoch kept")
         )
         if better:
@@ -361,7 +382,8 @@ def _finish_average(
     """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
 
     Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
-    often generalises better than any one of them; the validation loss decides. Averaged
+    often generalises better than any one of them; the validation loss decides (a run without
+    validation keeps the mean: asking for it was the decision). Averaged
     BatchNorm statistics belong to no single set of weights, so unless the run kept them frozen
     (then they are the network's own) they are measured again on training batches. Only
     parameters are averaged: buffers such as a variance that overflowed to inf would turn the
@@ -372,7 +394,9 @@ def _finish_average(
             mine.copy_(frozen)
     else:
         update_bn(_input_batches(sampler, cfg.batch_size, device), averaged.module)
-    val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
+    val_loss = val_f1 = None
+    if val_patches:
+        val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
     return {"epochs": [first, last], "count": int(averaged.n_averaged), "val_loss": val_loss, "val_f1": val_f1,
             "shipped": False}
 
