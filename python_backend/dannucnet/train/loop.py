@@ -214,11 +214,11 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour_reference = _prepare_images(cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment)
-    validating = bool(val_images)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
         keep = np.linspace(0, len(val_patches) - 1, cfg.max_val_patches).round().astype(int)
         val_patches = [val_patches[i] for i in keep]
+    validating = bool(cfg.val_split) or cfg.val_fraction > 0
     if validating and not val_patches:
         raise InputError("no validation patch could be cut: use larger images or --val-split")
     train_pixels = sum((im.rows[1] - im.rows[0]) * im.rgb.shape[1] for im in sampler.images)
@@ -331,12 +331,12 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn
         )
         better = average["val_loss"] is None or average["val_loss"] < best_loss
-        scores = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
-                  if validating else "no validation, so ")
-        report(
-            f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {scores}"
-            + ("shipped instead of the best epoch" if better else "not better: best epoch kept")
-        )
+        if validating:
+            verdict = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
+                       + ("shipped instead of the best epoch" if better else "not better: best epoch kept"))
+        else:
+            verdict = "no validation to compare it by, so the mean is shipped, as asked"
+        report(f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {verdict}")
         if better:
             average["shipped"] = True
             _save_best(out, averaged.module, cfg, name, history, best_epoch, data_info, time.monotonic() - started,
