@@ -242,6 +242,7 @@ def test_training_without_validation_uses_every_row_and_keeps_the_weight_mean(da
     assert card["epochs_run"] == 3 and card["stop_reason"] == "max epochs reached"  # patience 1 did not stop it
     assert [h["val_loss"] for h in card["history"]] == [None, None, None]
     assert full_card["provenance"]["validation"].startswith("none")
+    assert "validation" not in full_card["metrics"]  # no validation scores to record
     assert card["weight_average"]["epochs"] == [2, 3] and card["weight_average"]["shipped"]
     mean = torch.load(out / "checkpoint.pt", weights_only=True)["averaged"]
     shipped = load_model(str(out)).network.state_dict()

@@ -459,6 +459,10 @@ def _save_best(
     average: dict[str, Any] | None = None,
 ) -> None:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    validation = (
+        {"loss": average["val_loss"], "pixel_f1": average["val_f1"]} if average
+        else {"loss": history[best_epoch - 1].val_loss, "pixel_f1": history[best_epoch - 1].val_f1}
+    )
     card = ModelCard(
         name=name,
         version=cfg.version,
@@ -479,10 +483,7 @@ def _save_best(
             "hardware": f"{hardware} ({device.type}, {torch.get_num_threads()} threads)",
             "history": [asdict(h) for h in history],
         },
-        metrics={"validation": (
-            {"loss": average["val_loss"], "pixel_f1": average["val_f1"]} if average
-            else {"loss": history[best_epoch - 1].val_loss, "pixel_f1": history[best_epoch - 1].val_f1}
-        )},
+        metrics={"validation": validation} if validation["loss"] is not None else {},  # none without validation
     )
     save_model(out, network, card)
 
