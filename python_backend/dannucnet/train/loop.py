@@ -137,16 +137,16 @@ def _prepare_images(
         train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
         val = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in val_samples]
         how = f"images of split {cfg.val_split!r}"
-    elif cfg.val_fraction == 0:
-        train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
-        val = []
-        how = ("none (--val-fraction 0): every row of every training image is trained on; the last epoch is kept, "
-               "or the weight mean with --average-from")
     else:
         cut = 1.0 - cfg.val_fraction
         train = [load_train_image(s, cfg.mpp, (0.0, cut), cfg.instance_gaps, distance) for s in train_samples]
-        val = [replace(t, rows=(t.rows[1], t.rgb.shape[0])) for t in train]
-        how = f"bottom {cfg.val_fraction:.0%} of the rows of every training image (never sampled for training)"
+        if cfg.val_fraction > 0:
+            val = [replace(t, rows=(t.rows[1], t.rgb.shape[0])) for t in train]
+            how = f"bottom {cfg.val_fraction:.0%} of the rows of every training image (never sampled for training)"
+        else:
+            val = []
+            how = ("none (--val-fraction 0): every row of every training image is trained on; the last epoch is "
+                   "kept, or the weight mean with --average-from")
     reference = None
     if cfg.colour_normalise:
         # One reference for the run (the training images' average L*a*b* statistics); every image,
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         average = _finish_average(
             averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn
         )
-        better = average["val_loss"] is None or average["val_loss"] < best_loss
+        better = not validating or average["val_loss"] < best_loss
         if validating:
             verdict = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
                        + ("shipped instead of the best epoch" if better else "not better: best epoch kept"))
