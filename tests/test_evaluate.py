@@ -162,7 +162,7 @@ def test_cli_evaluate_writes_json_and_report(dataset_dir: Path, tmp_path: Path, 
     data = json.loads(out.read_text())
     assert [r["stem"] for r in data["images"]] == ["img0", "img2"]
     assert data["threshold"] == 0.4 and data["split"] == "test"
-    assert data["model"]["name"] == "tiny-test" and data["model"]["min_area_um2"] == 8.0
+    assert data["model"]["name"] == "tiny-test" and data["model"]["min_area_um2"] == 3.0
     assert (tmp_path / "rep" / "report.md").exists()
 
 

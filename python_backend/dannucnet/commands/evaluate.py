@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dannucnet.commands._common import add_model_arguments, load_predictor
+from dannucnet.pipeline import SegmentOptions
 
 NAME = "evaluate"
 HELP = "score a model on an instance dataset folder (pixel F1/Jaccard, AJI, PQ, detection F1)"
@@ -30,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write per-image and mean scores as JSON")
     p.add_argument("--report", metavar="DIR", help="write report.md, evaluation.json and PNG plots into DIR")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
-    p.add_argument("--min-area", type=float, default=8.0, metavar="UM2", help="drop nuclei smaller than this (µm², default 8, as segment)")
+    p.add_argument("--min-area", type=float, default=SegmentOptions.min_area_um2, metavar="UM2",
+                   help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g}, as segment)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
                    help="record the mean and per-organ scores under metrics.<split> in the model folder's card")
@@ -60,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.errors import InputError, OutputError
     from dannucnet.evaluate.runner import evaluate_model
     from dannucnet.formats.dataset import load_dataset
-    from dannucnet.pipeline import SegmentOptions
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold must lie between 0 and 1, not {args.threshold}")
