@@ -66,6 +66,16 @@ def test_same_pools_match_tf_semantics():
     assert max_pool_same(x).flatten().tolist() == [4.0, 4.0, 4.0, 4.0]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_same_equals_the_pooling_kernel(channels_last):
+    # the shifted-maxima form must be bit-identical to the kernel it replaces, ties and odd sides included
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (2, 5, 9, 14)).float()
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    reference = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (0, 1, 0, 1), mode="replicate"), 2, 1)
+    assert torch.equal(max_pool_same(x), reference)
+
+
 def test_loss_against_hand_computed_values():
     # t = [1, 0], p = [0.8, 0.2], as logits.
     p = torch.tensor([0.8, 0.2])

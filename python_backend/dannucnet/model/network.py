@@ -81,7 +81,15 @@ def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
 
 
 def max_pool_same(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(_pad_br(x), kernel_size=2, stride=1)
+    """Exactly ``F.max_pool2d(_pad_br(x), 2, stride=1)``, computed as two elementwise maxima of shifted views.
+
+    PyTorch's CPU max-pool kernel is slow on channels-last tensors with few channels:
+    at 32×256×256 it took 29 ms where the two maxima take 4.5 ms, and the attention
+    gates run eight of these per window at full resolution (benchmarks/bench_model.py).
+    """
+    padded = _pad_br(x)
+    across = torch.maximum(padded[..., :, :-1], padded[..., :, 1:])
+    return torch.maximum(across[..., :-1, :], across[..., 1:, :])
 
 
 def _bn(channels: int, momentum: float) -> nn.BatchNorm2d:
@@ -131,8 +139,9 @@ class SpatialStream(nn.Module):
         self.squeeze = nn.Conv2d(filters, 1, 1)
         self.spread = nn.Conv2d(1, 1, 7, padding=3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spread(self.squeeze(max_pool_same(avg_pool_same(x))))
+    def forward(self, averaged: torch.Tensor) -> torch.Tensor:
+        """``averaged`` is ``avg_pool_same`` of the stream's input, shared with the channel stream."""
+        return self.spread(self.squeeze(max_pool_same(averaged)))
 
 
 class ChannelStream(nn.Module):
@@ -144,8 +153,9 @@ class ChannelStream(nn.Module):
         self.from_max = nn.Conv2d(filters, reduced, 1)
         self.mix = nn.Conv2d(reduced, reduced, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.from_avg(avg_pool_same(x)) + self.from_max(max_pool_same(x)))
+    def forward(self, averaged: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
+        """The stream's input after ``avg_pool_same`` and after ``max_pool_same``."""
+        return self.mix(self.from_avg(averaged) + self.from_max(maximum))
 
 
 class AttentionDecoder(nn.Module):
@@ -167,10 +177,14 @@ class AttentionDecoder(nn.Module):
 
     def forward(self, e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         refined = e
+        if self.spatial or self.channel:
+            # both streams read the same local averages of e and d: pool once, not twice
+            e_avg, d_avg = avg_pool_same(e), avg_pool_same(d)
         if self.spatial:
-            refined = refined * torch.sigmoid(self.spatial_e(e) + self.spatial_d(d))
+            refined = refined * torch.sigmoid(self.spatial_e(e_avg) + self.spatial_d(d_avg))
         if self.channel:
-            refined = refined * torch.sigmoid(self.channel_out(self.channel_e(e) + self.channel_d(d)))
+            mixed = self.channel_e(e_avg, max_pool_same(e)) + self.channel_d(d_avg, max_pool_same(d))
+            refined = refined * torch.sigmoid(self.channel_out(mixed))
         return self.fuse(torch.cat([refined, d], dim=1))
 
 
