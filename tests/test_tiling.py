@@ -18,6 +18,16 @@ def test_window_starts_cover_everything(length, tile, stride):
     assert starts[-1] + tile >= length
 
 
+@pytest.mark.parametrize("length", [257, 480, 1000, 2304, 4097])
+def test_window_starts_are_even_and_no_more_than_a_grid_needs(length):
+    tile, stride = 256, 224
+    starts = window_starts(length, tile, stride)
+    gaps = np.diff(starts)
+    assert starts[0] == 0 and starts[-1] == length - tile  # flush with both ends
+    assert gaps.max() <= stride and gaps.max() - gaps.min() <= 1  # overlap >= 32 px everywhere, spread evenly
+    assert len(starts) == len(range(0, length - tile, stride)) + 1  # as many windows as the stride grid
+
+
 def test_blend_weights_positive_and_peak_inside():
     w = blend_weights(256, 32)
     assert w.min() > 0 and w.max() == 1.0 and w[128, 128] == 1.0
