@@ -57,7 +57,9 @@ def forward_map(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 class Predictor:
     """Runs a loaded DAN-NucNet on one device.
 
-    ``overlap`` defaults to 32 px (MODEL_SPEC §4 planning); batch size defaults
+    ``overlap`` is the least overlap between neighbouring windows, 32 px by default
+    (MODEL_SPEC §4 planning); windows are spread evenly, so most overlap more
+    (``tiling.window_starts``). Batch size defaults
     to 2 on the CPU, where larger batches fall out of cache and get slower per
     tile, and 32 on a GPU.
     """
