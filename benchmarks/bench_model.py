@@ -36,6 +36,7 @@ def kernel_max_pool_same(x: torch.Tensor) -> torch.Tensor:
 
 
 def seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call; on a GPU, of the work it queued too (asynchronous kernels)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="two repeats, batch 2 only")
+    parser.add_argument("--quick", action="store_true", help="two repeats, the pooling comparison only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +111,7 @@ def main() -> None:
             print(f"batch {n}:                            {t:7.1f} ms/window   {t / shipped:.2f}x batch 2's time")
     if "tta" in ms:
         print(f"batch 2 with --tta (four flips):     {ms['tta']:7.1f} ms/window   {ms['tta'] / shipped:.2f}x without")
+
 
 if __name__ == "__main__":
     main()
