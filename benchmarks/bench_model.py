@@ -32,7 +32,7 @@ from dannucnet.model.registry import load_model
 
 def kernel_max_pool_same(x: torch.Tensor) -> torch.Tensor:
     """The implementation before the shifted maxima: PyTorch's max-pool kernel on the padded tensor."""
-    return F.max_pool2d(F.pad(x, (0, 1, 0, 1), mode="replicate"), kernel_size=2, stride=1)
+    return F.max_pool2d(network._pad_br(x), kernel_size=2, stride=1)
 
 
 def seconds(run: Callable[[], object], device: torch.device) -> float:
