@@ -21,7 +21,7 @@ OPEN_GRPC_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
-    """The token from --token or --token-file (first line, stripped)."""
+    """The token from --token or --token-file (first line), stripped; at least 16 characters, none blank."""
     if token and token_file:
         raise InputError("give either --token or --token-file, not both")
     if token_file:
@@ -32,6 +32,12 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
         token = text[0].strip() if text else ""
         if not token:
             raise InputError(f"--token-file {token_file} is empty: put the token on its first line")
+    if token is not None:
+        # Clients' header values are stripped before the constant-time compare (HTTP trims
+        # them anyway), so the server's token is too: padding must not count towards its length.
+        token = token.strip()
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise InputError("the token contains spaces or control characters: use e.g. `openssl rand -hex 32`")
     if token is not None and len(token) < 16:
         raise InputError("the token is shorter than 16 characters: use a long random one (e.g. `openssl rand -hex 32`)")
     return token

@@ -25,6 +25,7 @@ class Call:
         self.deadline = deadline  # time.monotonic() value, or None
         self._is_active = is_active
         self._cancelled = threading.Event()
+        self.admitted = False  # holds a pending-request slot (the gateway takes it before reading the body)
 
     def cancel(self) -> None:
         self._cancelled.set()

@@ -16,7 +16,9 @@ from shapely.geometry.base import BaseGeometry
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
+from dannucnet.service.limits import MAX_COORDINATE, coordinate
 from dannucnet.service.status import invalid
+from dannucnet.service.wkb import check_area_wkb
 
 
 def nuclei_to_proto(nuclei: Sequence[Nucleus]) -> list[pb.Nucleus]:
@@ -56,11 +58,17 @@ def rect_from_proto(msg: pb.Rect, name: str) -> Rect:
             raise invalid(f"{name}.{key} is {value}: it must be a finite number")
     if msg.width <= 0 or msg.height <= 0:
         raise invalid(f"{name} is {msg.width}×{msg.height}: width and height must be positive")
+    for key, value in values.items():
+        coordinate(value, f"{name}.{key}", lo=-MAX_COORDINATE)
     return Rect(msg.x, msg.y, msg.width, msg.height)
 
 
 def geometry_from_wkb(data: bytes, name: str) -> BaseGeometry:
-    """An area geometry (polygon or multipolygon) from WKB, valid and non-empty."""
+    """An area geometry (polygon or multipolygon) from WKB, valid and non-empty.
+
+    The bytes are walked (:func:`~dannucnet.service.wkb.check_area_wkb`) before shapely parses them.
+    """
+    check_area_wkb(data, name)
     try:
         geom = shapely.from_wkb(data)
     except Exception as exc:  # shapely.errors.GEOSException and friends

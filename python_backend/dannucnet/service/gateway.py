@@ -13,6 +13,7 @@ JSON message per line (NDJSON). See docs/http-api.md.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import select
@@ -35,6 +36,7 @@ from dannucnet import __version__
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.auth import TokenChecker
 from dannucnet.service.calls import Call
+from dannucnet.service.limits import MAX_TIMEOUT_SECONDS
 from dannucnet.service.servicer import RegionOutcome, SegmentationService
 from dannucnet.service.status import ServiceError, from_exception, invalid
 
@@ -136,6 +138,27 @@ def _peer_alive(sock: socket.socket) -> bool:
         return False
 
 
+class _DeadlineIO(socket.SocketIO):
+    """Socket reads that end at a deadline for the whole request, not per read.
+
+    Each ``recv`` waits at most until ``deadline`` (and at most ``idle`` s), so a
+    client trickling one byte every 20 s cannot keep a request open beyond it.
+    """
+
+    def __init__(self, sock: socket.socket, idle: float) -> None:
+        super().__init__(sock, "rb")
+        self.idle = idle
+        self.deadline: float | None = None
+
+    def readinto(self, b) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request was not received in time")
+            self._sock.settimeout(min(left, self.idle))
+        return super().readinto(b)
+
+
 class GatewayServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -146,6 +169,8 @@ class GatewayServer(ThreadingHTTPServer):
         self.checker = checker
         self.geojson_metadata = geojson_metadata or {}
         self.in_flight = 0
+        self.open_connections = 0  # one handler thread each; capped at limits.max_connections
+        self.refused_connections = 0
         self._lock = threading.Lock()
         self.draining = False
         if ":" in address[0]:
@@ -156,12 +181,98 @@ class GatewayServer(ThreadingHTTPServer):
         with self._lock:
             self.in_flight += delta
 
+    def process_request(self, request, client_address) -> None:
+        """Start a handler thread, unless ``max_connections`` are open: then answer 503 and close."""
+        with self._lock:
+            full = self.open_connections >= self.service.limits.max_connections
+            if full:
+                self.refused_connections += 1
+            else:
+                self.open_connections += 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed_one()
+
+    def _closed_one(self) -> None:
+        with self._lock:
+            self.open_connections -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer from the accept loop without reading (no thread, never blocks: 1 s send timeout)."""
+        limit = self.service.limits.max_connections
+        if not isinstance(request, ssl.SSLSocket):  # no handshake on the accept loop
+            body = json.dumps({"error": {"code": 503, "status": "UNAVAILABLE", "message": (
+                f"the server has {limit} open connections, its limit: close idle ones or retry in a moment")}}).encode()
+            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(head + body)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+
 
 class GatewayHandler(BaseHTTPRequestHandler):
     server: GatewayServer
     protocol_version = "HTTP/1.1"
     server_version = f"dannucnet/{__version__}"
-    timeout = 120  # seconds a client may idle mid-request (slow-loris guard)
+    timeout = 120  # seconds one read or write may wait; limits.request_read_seconds bounds a whole request
+    disable_nagle_algorithm = True  # TCP_NODELAY: keep-alive replies must not wait for a delayed ACK (40 ms)
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineIO(self.connection, float(self.timeout))
+        self.rfile = io.BufferedReader(self._reader)
+        self._body_read = True
+
+    def handle_one_request(self) -> None:
+        """One request: from waiting for its first line to its last body byte within ``request_read_seconds``."""
+        self._reader.deadline = time.monotonic() + self.server.service.limits.request_read_seconds
+        self._body_read = False
+        try:
+            super().handle_one_request()
+        finally:
+            self._done_reading()
+
+    def _done_reading(self) -> None:
+        """The request is in: stop the read deadline and give writes the normal per-call timeout."""
+        self._reader.deadline = None
+        try:
+            self.connection.settimeout(self.timeout)
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        """Any other method (PATCH, OPTIONS, HEAD, FOO...) gets the JSON error shape, not stdlib's HTML."""
+        if name.startswith("do_"):
+            return lambda: self._handle(name[3:])
+        raise AttributeError(name)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """stdlib's own refusals (malformed request line, headers too long, ...) as JSON too."""
+        self.close_connection = True
+        status = {400: grpc.StatusCode.INVALID_ARGUMENT, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+                  501: grpc.StatusCode.UNIMPLEMENTED, 505: grpc.StatusCode.UNIMPLEMENTED}.get(
+            code, grpc.StatusCode.INVALID_ARGUMENT)
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._body_read = True  # nothing of this request can be trusted: the connection closes
+        self._send_error(ServiceError(status, f"{message or phrase}: {explain or 'malformed HTTP request'}",
+                                      http_status=code))
 
     # ---- plumbing -------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -191,6 +302,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         self.server.track(+1)
         try:
+            self.connection.settimeout(self.timeout)  # body reads still end at the request deadline
             self._dispatch(method)
         except ServiceError as exc:
             self._send_error(exc)
@@ -200,6 +312,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
             log.exception("HTTP %s %s failed", method, self.path)
             self._send_error(from_exception(exc))
         finally:
+            if not self._body_read:
+                self._drain_body()  # a GET with a body: keep the keep-alive connection in step
             self.server.track(-1)
 
     def _send_json(self, status: int, payload: Any, extra_headers: dict[str, str] | None = None) -> None:
@@ -211,10 +325,17 @@ class GatewayHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        # Head and body in one send (plus TCP_NODELAY): two small writes per keep-alive reply met
+        # the client's delayed ACK, 40 ms each (keep-alive was 9× slower than new connections).
+        self._headers_buffer.append(b"\r\n")
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _send_error(self, exc: ServiceError, extra_headers: dict[str, str] | None = None) -> None:
+        if not self._body_read:
+            self._drain_body()  # keep a keep-alive connection in step (or close it)
+        self._done_reading()
         payload = {"error": {"code": exc.http_status, "status": exc.status_name, "message": exc.message}}
         headers = dict(extra_headers or {})
         if exc.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -261,12 +382,18 @@ class GatewayHandler(BaseHTTPRequestHandler):
         alt = params.get("alt", ["geojson" if route.render == "geojson" else "json"])[-1]
         if alt not in ("json", "geojson") or (alt == "geojson" and route.render != "geojson"):
             raise invalid(f"alt={alt!r} is not supported here; use alt=json" + (" or alt=geojson" if route.render == "geojson" else ""))
-        request = self._read_request(route, params)
         call = Call(deadline=self._deadline(), is_active=lambda: _peer_alive(self.connection))
         service = self.server.service
         if route.rpc == "GetModelInfo":
-            self._send_json(200, _to_json(service.model_info(request)))
-        elif route.rpc == "SegmentRegion":
+            self._send_json(200, _to_json(service.model_info(self._read_request(route, params))))
+            return
+        self._content_length()  # refuse a bad or oversized announcement before taking a slot
+        with service.admit(call):  # before the body is read: refused uploads are never buffered
+            self._run(route, alt, self._read_request(route, params), call)
+
+    def _run(self, route: Route, alt: str, request: Message, call: Call) -> None:
+        service = self.server.service
+        if route.rpc == "SegmentRegion":
             outcome = service.segment_region(request, call)
             if alt == "geojson":
                 self._send_json(200, self._geojson(outcome))
@@ -279,7 +406,18 @@ class GatewayHandler(BaseHTTPRequestHandler):
 
     # ---- requests -------------------------------------------------------
     def _content_length(self) -> int:
-        raw = self.headers.get("Content-Length")
+        """The body's length, from exactly one Content-Length of ASCII digits and no Transfer-Encoding.
+
+        Anything else is refused and the connection closed: a proxy in front may read the
+        framing differently (request smuggling).
+        """
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and self.headers.get("Transfer-Encoding") is not None):
+            self.close_connection = True
+            self._body_read = True  # its framing is ambiguous: never read it
+            raise invalid("the request has more than one Content-Length, or Content-Length with "
+                          "Transfer-Encoding: send exactly one Content-Length")
+        raw = lengths[0] if lengths else None
         if raw is None:
             if self.headers.get("Transfer-Encoding"):
                 self.close_connection = True
@@ -289,13 +427,12 @@ class GatewayHandler(BaseHTTPRequestHandler):
                     http_status=HTTPStatus.LENGTH_REQUIRED,
                 )
             return 0
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
+        digits = raw.strip()
+        length = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 18 else -1
         if length < 0:
             self.close_connection = True
-            raise invalid(f"Content-Length {raw!r} is not a byte count")
+            self._body_read = True
+            raise invalid(f"Content-Length {raw[:40]!r} is not a byte count")
         limit = self.server.service.limits.max_message_bytes
         if length > limit:
             self.close_connection = True  # do not read a body we refuse
@@ -309,6 +446,9 @@ class GatewayHandler(BaseHTTPRequestHandler):
 
     def _drain_body(self) -> None:
         """Read a small refused body so keep-alive connections stay in sync; drop big ones."""
+        if self._body_read:
+            return
+        self._body_read = True
         try:
             length = self._content_length()
         except ServiceError:
@@ -316,11 +456,27 @@ class GatewayHandler(BaseHTTPRequestHandler):
         if length > 1024 * 1024:
             self.close_connection = True
         elif length:
-            self.rfile.read(length)
+            try:
+                if len(self.rfile.read(length)) != length:
+                    self.close_connection = True
+            except OSError:  # includes the request deadline
+                self.close_connection = True
 
     def _read_body(self) -> bytes:
         length = self._content_length()
-        data = self.rfile.read(length) if length else b""
+        self._body_read = True
+        try:
+            data = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self.close_connection = True
+            limit = self.server.service.limits.request_read_seconds
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request body did not arrive within {limit:g} s (this server's limit for receiving a request)",
+                http_status=HTTPStatus.REQUEST_TIMEOUT,
+            ) from None
+        finally:
+            self._done_reading()
         if len(data) != length:
             self.close_connection = True
             raise invalid(f"request body ended after {len(data):,} of {length:,} bytes")
@@ -363,8 +519,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
             seconds = float(raw)
         except ValueError:
             seconds = float("nan")
-        if not seconds > 0 or seconds == float("inf"):
-            raise invalid(f"X-Timeout-Seconds {raw!r} must be a positive number of seconds")
+        if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+            raise invalid(f"X-Timeout-Seconds {raw[:40]!r} must be a number of seconds between 0 and {MAX_TIMEOUT_SECONDS:g}")
         return time.monotonic() + seconds
 
     # ---- responses ------------------------------------------------------

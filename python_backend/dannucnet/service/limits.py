@@ -23,6 +23,24 @@ MIN_SIDE = 16  # px; a nucleus is ~20-40 px at 0.25 µm/px, anything smaller hol
 MPP_RANGE = (0.05, 10.0)  # µm/px; outside: a dpi tag, not a microscope calibration
 _FORMATS = ("PNG", "JPEG", "TIFF")
 
+# ---- bounds on every number a request carries (all refused with INVALID_ARGUMENT / 400) ----
+# Level-0 coordinates: QuPath's ImageServer sizes are Java ints, so no slide pixel lies beyond
+# 2^31; there a float64 still resolves 2^-22 px, while at 1e17 one ulp is 16 px (wrong polygons).
+MAX_COORDINATE = float(2**31)
+# QuPath pyramids reach downsample 32-256; below 1/64 a 4096-px image covers < 64 level-0 px.
+DOWNSAMPLE_RANGE = (1.0 / 64.0, 4096.0)
+# A nucleus is 20-200 µm²; a minimum of 10,000 µm² (a 100 µm square) already keeps none.
+MAX_MIN_AREA_UM2 = 10_000.0
+# Linux PATH_MAX and NAME_MAX (bytes): longer paths cannot name a file (ENAMETOOLONG).
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+MAX_TIMEOUT_SECONDS = 24 * 3600.0  # X-Timeout-Seconds: a day is longer than any slide takes
+MAX_ROIS = 10_000  # roiWkb entries per SegmentSlide (QuPath projects hold hundreds per slide)
+# WKB geometries (clipWkb, roiWkb) are walked before any geometry library parses them: GEOS
+# recurses once per nesting level and crashes the process at ~20,000 (a 180 kB message).
+# Only Polygon / MultiPolygon pass, so nesting is at most 2 by construction.
+MAX_WKB_VERTICES = 1_000_000  # 16 MB of coordinates; a detailed hand-drawn annotation has ~10^4
+MAX_WKB_PARTS = 100_000  # polygons in a MultiPolygon, rings in a Polygon
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -32,6 +50,18 @@ class Limits:
     max_pixels: int = 4096 * 4096
     max_polygons: int = 200_000
     max_pending: int = 64  # requests admitted (running or queued) before RESOURCE_EXHAUSTED
+    # Model work: windows (tiles) one request may need. None: as many as a max_pixels square
+    # (4096² with 256-px tiles overlapping 32 px: 19 × 19 = 361), so a 16 × 1,000,000 strip
+    # (4,464 windows, ~40 min on a CPU) is refused although its pixels are within max_pixels.
+    max_windows: int | None = None
+    # Longest side / shortest side of a region. Chunks from QuPath and the Python client are
+    # square (2048 px) plus margins; 64:1 still admits a 64 × 4096 strip.
+    max_aspect: float = 64.0
+    # HTTP: open connections (one thread each; QuPath keeps ~4 per user), and seconds a client
+    # has to send one whole request (line, headers and body) — a per-read timeout alone lets a
+    # body trickled one byte every 20 s hold a connection forever. 120 s moves 64 MB at 4 Mbit/s.
+    max_connections: int = 100
+    request_read_seconds: float = 120.0
 
 
 def check_size(width: int, height: int, limits: Limits, what: str = "image") -> None:
@@ -142,3 +172,48 @@ def too_many_polygons(count: int, limits: Limits) -> ServiceError:
         f"the region holds {count:,} nuclei, more than this server returns in one response "
         f"({limits.max_polygons:,}): split the region into smaller chunks",
     )
+
+
+def in_range(value: float, name: str, lo: float, hi: float, *, what: str = "") -> float:
+    """A finite number within [lo, hi], or INVALID_ARGUMENT naming the field and the range."""
+    finite(value, name)
+    if not lo <= value <= hi:
+        raise invalid(f"{name} is {value:g}: it must lie between {lo:g} and {hi:g}{what}")
+    return float(value)
+
+
+def coordinate(value: float, name: str, *, lo: float = 0.0) -> float:
+    return in_range(value, name, lo, MAX_COORDINATE, what=" (level-0 pixels; QuPath image sizes are < 2^31)")
+
+
+def windows_for(width: int, height: int, tile: int, overlap: int) -> int:
+    """Model windows (tiles) the engine runs for a width × height image at the model's pixel size."""
+    from dannucnet.engine.tiling import window_starts
+
+    stride = tile - overlap
+    return len(window_starts(max(height, tile), tile, stride)) * len(window_starts(max(width, tile), tile, stride))
+
+
+def window_budget(limits: Limits, tile: int, overlap: int) -> int:
+    """``limits.max_windows``, or the windows a square of ``max_pixels`` needs."""
+    if limits.max_windows is not None:
+        return limits.max_windows
+    side = math.isqrt(limits.max_pixels)
+    return windows_for(side, side, tile, overlap)
+
+
+def check_work(width: int, height: int, resampled: tuple[float, float], tile: int, overlap: int, limits: Limits) -> None:
+    """Bound the model work of one request (windows), and its aspect ratio, not only its pixels."""
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect:
+        raise invalid(
+            f"the image is {width}×{height} px, an aspect ratio of {aspect:,.0f}:1, more than this server's "
+            f"{limits.max_aspect:g}:1: send square-ish chunks (split long strips)"
+        )
+    rw, rh = (max(1, round(v)) for v in resampled)
+    needed, budget = windows_for(rw, rh, tile, overlap), window_budget(limits, tile, overlap)
+    if needed > budget:
+        raise invalid(
+            f"the region needs {needed:,} model windows of {tile} px ({rw}×{rh} px at the model's pixel size), "
+            f"more than this server's limit of {budget:,} per request: split the region into chunks"
+        )

@@ -30,7 +30,19 @@ from dannucnet.service import API_VERSION
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.calls import Call, bind
 from dannucnet.service.convert import geometry_from_wkb, nuclei_to_proto, rect_from_proto
-from dannucnet.service.limits import Limits, check_mpp, decode_image, finite, too_many_polygons
+from dannucnet.service.limits import (
+    DOWNSAMPLE_RANGE,
+    MAX_MIN_AREA_UM2,
+    MAX_ROIS,
+    Limits,
+    check_mpp,
+    check_work,
+    coordinate,
+    decode_image,
+    finite,
+    in_range,
+    too_many_polygons,
+)
 from dannucnet.service.slide_roots import resolve_slide
 from dannucnet.service.status import ServiceError, from_exception, invalid
 
@@ -73,7 +85,14 @@ class SegmentationService:
     # ---- admission ----------------------------------------------------
     @contextlib.contextmanager
     def admit(self, call: Call) -> Iterator[None]:
-        """Bounded admission: over ``max_pending`` requests answers RESOURCE_EXHAUSTED at once."""
+        """Bounded admission: over ``max_pending`` requests answers RESOURCE_EXHAUSTED at once.
+
+        Re-entrant per call: the HTTP gateway admits before it reads the body, the RPC again inside.
+        """
+        if call.admitted:
+            with bind(call):
+                yield
+            return
         if not self._pending.acquire(blocking=False):
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -81,10 +100,12 @@ class SegmentationService:
             )
         with self._lock:
             self.active += 1
+        call.admitted = True
         try:
             with bind(call):
                 yield
         finally:
+            call.admitted = False
             with self._lock:
                 self.active -= 1
                 self.served += 1
@@ -128,7 +149,12 @@ class SegmentationService:
         t0 = time.perf_counter()
         origin_x = finite(request.origin_x, "originX", non_negative=True)
         origin_y = finite(request.origin_y, "originY", non_negative=True)
-        downsample = finite(request.downsample, "downsample", positive=True) if request.HasField("downsample") else 1.0
+        coordinate(origin_x, "originX")
+        coordinate(origin_y, "originY")
+        downsample = 1.0
+        if request.HasField("downsample"):
+            downsample = finite(request.downsample, "downsample", positive=True)
+            in_range(downsample, "downsample", *DOWNSAMPLE_RANGE, what=" (level-0 pixels per image pixel)")
         if not request.HasField("pixel_size_microns"):
             raise invalid(
                 "pixelSizeMicrons is missing: send the level-0 pixel size of the slide in µm/px "
@@ -144,6 +170,9 @@ class SegmentationService:
         height, width = rgb.shape[:2]
         self._check_resampled(width, height, downsample * mpp)
         region = Rect(origin_x, origin_y, width * downsample, height * downsample)
+        for end, name in ((region.x + region.width, "originX + width × downsample"),
+                          (region.y + region.height, "originY + height × downsample")):
+            coordinate(end, name)
         if core is not None and core.intersection(region).is_empty:
             raise invalid(
                 f"core {core.bounds()} does not overlap the region {region.bounds()} "
@@ -194,6 +223,8 @@ class SegmentationService:
         mpp = check_mpp(request.pixel_size_microns) if request.HasField("pixel_size_microns") else None
         options = self._options(request.options if request.HasField("options") else None)
         region = rect_from_proto(request.region, "region") if request.HasField("region") else None
+        if len(request.roi_wkb) > MAX_ROIS:
+            raise invalid(f"roiWkb holds {len(request.roi_wkb):,} geometries, more than {MAX_ROIS:,}: merge them")
         rois = [geometry_from_wkb(w, f"roiWkb[{i}]") for i, w in enumerate(request.roi_wkb)] or None
         try:
             source = open_image(path, mpp=mpp)
@@ -245,7 +276,8 @@ class SegmentationService:
 
     # ---- helpers --------------------------------------------------------
     def _check_resampled(self, width: int, height: int, region_mpp: float) -> None:
-        """The engine rescales to the model's pixel size: coarse pixels grow, so check that size too."""
+        """The engine rescales to the model's pixel size: coarse pixels grow, so check that size too,
+        and the windows (model work) that size needs."""
         scale = region_mpp / float(self.predictor.card.mpp)
         pixels = width * height * scale * scale
         if pixels > self.limits.max_pixels:
@@ -254,6 +286,9 @@ class SegmentationService:
                 f"{self.predictor.card.mpp} µm/px they become {pixels:,.0f} px, more than this server's limit "
                 f"of {self.limits.max_pixels:,}: send a smaller region or a smaller downsample"
             )
+        tile = int(getattr(self.predictor, "tile", None) or self.predictor.card.tile_size)
+        overlap = int(getattr(self.predictor, "overlap", 0))
+        check_work(width, height, (width * scale, height * scale), tile, overlap, self.limits)
 
     def _options(self, msg: pb.SegmentOptions | None):
         from dannucnet.pipeline import SegmentOptions
@@ -268,7 +303,9 @@ class SegmentationService:
                 raise invalid(f"options.threshold is {t}: it must lie strictly between 0 and 1")
             changes["threshold"] = t
         if msg.HasField("min_area_microns2"):
-            changes["min_area_um2"] = finite(msg.min_area_microns2, "options.minAreaMicrons2", non_negative=True)
+            changes["min_area_um2"] = in_range(
+                msg.min_area_microns2, "options.minAreaMicrons2", 0.0, MAX_MIN_AREA_UM2, what=" µm² (a nucleus is 20-200)"
+            )
         return dataclasses.replace(options, **changes) if changes else options
 
     def _status(self, exc: BaseException, rpc: str) -> ServiceError:

@@ -14,6 +14,7 @@ from typing import Sequence
 import grpc
 
 from dannucnet.errors import InputError
+from dannucnet.service.limits import MAX_NAME_BYTES, MAX_PATH_BYTES
 from dannucnet.service.status import ServiceError, invalid
 
 
@@ -39,6 +40,7 @@ def resolve_slide(path: str, roots: Sequence[Path]) -> Path:
         raise invalid("path is empty: give the slide's path relative to a slide root")
     if "\x00" in path:
         raise invalid("path contains a NUL character")
+    _check_length(path)
     requested = Path(path)
     if ".." in requested.parts:
         raise _outside(path)
@@ -50,8 +52,11 @@ def resolve_slide(path: str, roots: Sequence[Path]) -> Path:
             continue
         if not any(real.is_relative_to(root) for root in roots):
             continue
-        if real.is_file():
-            return real
+        try:
+            if real.is_file():
+                return real
+        except OSError:  # ENAMETOOLONG after symlinks, EACCES, ...
+            continue
     if requested.is_absolute() and not any(
         _safe_resolve(requested).is_relative_to(root) for root in roots
     ):
@@ -61,6 +66,15 @@ def resolve_slide(path: str, roots: Sequence[Path]) -> Path:
     ):
         raise _outside(path)
     raise ServiceError(grpc.StatusCode.NOT_FOUND, f"slide {path!r} not found under the server's slide roots")
+
+
+def _check_length(path: str) -> None:
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise invalid(f"path is {len(encoded):,} bytes long, more than {MAX_PATH_BYTES:,} (the system's limit)")
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in path.split("/")), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise invalid(f"path has a {longest:,}-byte file or folder name, more than {MAX_NAME_BYTES} (the system's limit)")
 
 
 def _safe_resolve(path: Path) -> Path:
