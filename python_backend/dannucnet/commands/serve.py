@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -38,10 +39,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-polygons", type=int, default=None, help="most nuclei per response (default 200000)")
     p.add_argument("--max-pending", type=int, default=None,
                    help="requests admitted at once before answering RESOURCE_EXHAUSTED / 429 (default 64)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open HTTP connections before new ones get 503 (default 100)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to let running requests finish on shutdown")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Handlers first, then everything else: a SIGTERM at any moment of start-up ends in exit 0.
+
+    Before serving it stops start-up ("stopped before serving"); once serving it drains. The
+    handlers are in place before the first line is printed and before /healthz can say SERVING,
+    so a supervisor that signals as soon as it sees either never kills the process undrained.
+    """
+    stop = _StopSignal(args.grace)
+    previous = stop.install()
+    try:
+        print(f"dannucnet serve: starting (pid {os.getpid()})", flush=True)
+        server = _start(args, stop)
+        if server is None:
+            print(f"dannucnet serve: {stop.name}: stopped before serving", flush=True)
+            return 0
+        if not stop.is_set():
+            print("dannucnet serve: ready", flush=True)
+            print(server.summary(), flush=True)
+        while not stop.wait(0.5):
+            pass
+        print(f"dannucnet serve: {stop.name}: draining (up to {args.grace:g} s)...", flush=True)
+        server.stop(grace=args.grace)
+        print("dannucnet serve: stopped", flush=True)
+        return 0
+    finally:
+        _restore(previous)
+
+
+def _start(args: argparse.Namespace, stop: _StopSignal):
+    """Load the model and bind the ports; None when a signal came before the server started."""
     import dataclasses
 
     from dannucnet.engine import Predictor
@@ -52,16 +84,20 @@ def run(args: argparse.Namespace) -> int:
 
     token = read_token(args.token, args.token_file)
     check_bind_policy(args.host, token, args.insecure)  # before the (slow) model load
-    limits = Limits()
     overrides = {
         "max_pixels": args.max_pixels,
         "max_message_bytes": int(args.max_message_mb * 1024 * 1024) if args.max_message_mb else None,
         "max_polygons": args.max_polygons,
         "max_pending": args.max_pending,
+        "max_connections": args.max_connections,
     }
-    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    limits = dataclasses.replace(Limits(), **{k: v for k, v in overrides.items() if v is not None})
+    if stop.is_set():
+        return None
     loaded = load_model(args.model)
     predictor = Predictor(loaded, device=args.device, batch_size=args.max_batch)
+    if stop.is_set():
+        return None
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -74,28 +110,40 @@ def run(args: argparse.Namespace) -> int:
         limits=limits,
         max_batch=args.max_batch,
     )
-    server = Server(predictor, config, model_source=getattr(loaded, "source", "")).start()
-    print("dannucnet serve: ready", flush=True)
-    print(server.summary(), flush=True)
+    return Server(predictor, config, model_source=getattr(loaded, "source", "")).start()
 
-    stop = threading.Event()
-    first_signal: list[float] = []
 
-    def on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            # A second Ctrl-C stops at once; a duplicate of the first (process managers and
-            # `timeout` signal the whole group) arriving within a second does not.
-            if time.monotonic() - first_signal[0] > 1.0:
+class _StopSignal:
+    """SIGTERM / SIGINT set one event; a second Ctrl-C more than 1 s later stops at once."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._event = threading.Event()
+        self._first = 0.0
+        self.name = ""
+
+    def install(self) -> dict[int, object]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal.signal only works there (run() called from a worker thread)
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self._event.is_set():
+            # Process managers and `timeout` signal the whole group: a duplicate within a second is ignored.
+            if time.monotonic() - self._first > 1.0:
                 raise KeyboardInterrupt
             return
-        first_signal.append(time.monotonic())
-        print(f"dannucnet serve: {signal.Signals(signum).name}: draining (up to {args.grace:g} s)...", flush=True)
-        stop.set()
+        self._first = time.monotonic()
+        self.name = signal.Signals(signum).name  # printed by the main flow: print() is not re-entrant
+        self._event.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(0.5):
-        pass
-    server.stop(grace=args.grace)
-    print("dannucnet serve: stopped", flush=True)
-    return 0
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
+def _restore(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

@@ -263,6 +263,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """stdlib's own refusals (malformed request line, headers too long, ...) as JSON too."""
         self.close_connection = True
+        self.request_version = self.protocol_version  # never answer in HTTP/0.9 (no status line, no headers)
         status = {400: grpc.StatusCode.INVALID_ARGUMENT, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
                   501: grpc.StatusCode.UNIMPLEMENTED, 505: grpc.StatusCode.UNIMPLEMENTED}.get(
             code, grpc.StatusCode.INVALID_ARGUMENT)
@@ -327,8 +328,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         # Head and body in one send (plus TCP_NODELAY): two small writes per keep-alive reply met
         # the client's delayed ACK, 40 ms each (keep-alive was 9× slower than new connections).
-        self._headers_buffer.append(b"\r\n")
-        head = b"".join(self._headers_buffer)
+        head = b"".join(getattr(self, "_headers_buffer", [])) + b"\r\n"
         self._headers_buffer = []
         self.wfile.write(head if self.command == "HEAD" else head + body)
 

@@ -64,13 +64,16 @@ class Server:
     def start(self) -> Server:
         cfg = self.config
         address = _join(cfg.host, cfg.port)
-        if cfg.tls_cert or cfg.tls_key:
-            cert, key = _read_tls(cfg.tls_cert, cfg.tls_key)
-            self.grpc_port = self.grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.grpc_port = self.grpc_server.add_insecure_port(address)
+        try:
+            if cfg.tls_cert or cfg.tls_key:
+                cert, key = _read_tls(cfg.tls_cert, cfg.tls_key)
+                self.grpc_port = self.grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.grpc_port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError:  # grpcio ≥ 1.55 raises instead of returning port 0
+            self.grpc_port = 0
         if not self.grpc_port:
-            raise OSError(f"cannot listen for gRPC on {address} (port in use?)")
+            raise _cannot_listen("gRPC", address, "--port")
         self.grpc_server.start()
         if cfg.http_port is not None:
             ctx = None
@@ -79,9 +82,9 @@ class Server:
                 ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
             try:
                 self.gateway = build_gateway(cfg.host, cfg.http_port, self.service, self.checker, ssl_context=ctx)
-            except OSError:
+            except OSError as exc:
                 self.grpc_server.stop(0)
-                raise
+                raise _cannot_listen("HTTP", _join(cfg.host, cfg.http_port), "--http-port", exc) from None
             self.http_port = self.gateway.server_address[1]
             self._http_thread = threading.Thread(
                 target=self.gateway.serve_forever, kwargs={"poll_interval": 0.2}, name="dannucnet-http", daemon=True
@@ -150,6 +153,13 @@ def _join(host: str, port: int) -> str:
 
 def _connect_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _cannot_listen(what: str, address: str, flag: str, exc: OSError | None = None) -> Exception:
+    from dannucnet.errors import InputError
+
+    why = exc.strerror if exc is not None and exc.strerror else "the port is in use or the address is not this machine's"
+    return InputError(f"cannot listen for {what} on {address}: {why}; choose another {flag} (0 picks a free one)")
 
 
 def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes]:
