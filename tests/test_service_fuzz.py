@@ -12,6 +12,7 @@ import base64
 import json
 import math
 import struct
+from collections import Counter
 
 import grpc
 import pytest
@@ -110,7 +111,8 @@ numbers = st.one_of(
     st.sampled_from([0.0, -0.0, 1e-300, 1e17, 1e308, -1e308, 2.0**31, 2.0**31 + 1, 0.25, 1.0, 0.5, 2.0]),
     st.integers(-(2**63), 2**63).map(float),
 )
-maybe = lambda s: st.none() | s  # noqa: E731
+plausible = st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, 100.0])  # also in range, so some requests reach the model
+maybe = lambda s: st.one_of(st.none(), plausible, s)  # noqa: E731
 
 
 @st.composite
@@ -119,11 +121,11 @@ def region_fields(draw):
         "originX": draw(maybe(numbers)),
         "originY": draw(maybe(numbers)),
         "downsample": draw(maybe(numbers)),
-        "pixelSizeMicrons": draw(maybe(numbers | st.just(MPP))),
+        "pixelSizeMicrons": draw(st.one_of(st.just(MPP), numbers)),
         "threshold": draw(maybe(numbers)),
         "minAreaMicrons2": draw(maybe(numbers)),
-        "core": draw(maybe(st.tuples(numbers, numbers, numbers, numbers))),
-        "clip": draw(maybe(st.one_of(valid_wkb, mutated(), wkb_trees))),
+        "core": draw(st.none() | st.tuples(*[plausible | numbers] * 4)),
+        "clip": draw(st.none() | st.one_of(valid_wkb, mutated(), wkb_trees)),
         "image": draw(st.sampled_from(sorted(IMAGES))),
     }
     return fields
@@ -182,6 +184,7 @@ def test_any_segment_request_is_answered_or_refused_with_400(server, stub, field
                               grpc.StatusCode.FAILED_PRECONDITION), (exc.code(), exc.details())
         grpc_ok = False
     assert grpc_ok == (status == 200)  # both transports agree
+    ANSWERED[status] += 1
 
 
 @settings(CI, max_examples=40)
@@ -198,6 +201,11 @@ def test_any_query_parameter_is_answered_or_refused_with_400(server, name, value
     assert isinstance(payload, dict) and ("error" in payload) == (status == 400), payload
 
 
+ANSWERED: Counter = Counter()
+
+
 def test_server_still_answers_after_the_fuzzing(server):
+    if ANSWERED:  # the request property ran before this test (file order): some examples reached the model
+        assert ANSWERED[200] >= 3 and ANSWERED[400] >= 3, ANSWERED
     assert request(server, "GET", "/v1/model")[0] == 200
     assert json.loads(json.dumps(request(server, "GET", "/healthz")[1]))["status"] == "SERVING"
