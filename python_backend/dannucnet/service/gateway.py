@@ -233,6 +233,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()  # stdlib's reader, replaced by one that honours the request deadline
         self._reader = _DeadlineIO(self.connection, float(self.timeout))
         self.rfile = io.BufferedReader(self._reader)
         self._body_read = True
