@@ -142,7 +142,8 @@ class Server:
             f"auth    {'bearer token required' if self.checker.enabled else 'none (loopback or --insecure)'}",
             "slides  " + (", ".join(str(r) for r in self.service.slide_roots) or "SegmentSlide disabled (no --slide-root)"),
             f"limits  {self.config.limits.max_pixels:,} px/request, {self.config.limits.max_message_bytes:,} bytes/message, "
-            f"{self.config.limits.max_polygons:,} nuclei/response, {self.config.limits.max_pending} pending requests",
+            f"{self.config.limits.max_polygons:,} nuclei/response, {self.config.limits.max_pending} pending requests, "
+            f"{self.config.limits.max_connections} HTTP connections, {self.config.limits.request_read_seconds:g} s/request upload",
         ]
         return "\n".join(lines)
 
