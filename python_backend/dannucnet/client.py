@@ -254,6 +254,15 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     area = values.get("min_area_um2", values.get("min_area_microns2"))
     if area is not None:
         msg.min_area_microns2 = float(area)
+    expansion = values.get("cell_expansion_um", values.get("cell_expansion_microns"))
+    if expansion:
+        msg.cell_expansion_microns = float(expansion)
+    stains = options.stains if dataclasses.is_dataclass(options) else values.get("stains")
+    if stains is not None:
+        from dannucnet.geometry.qupath_stains import Stains, parse_stains
+        from dannucnet.service.convert import stains_to_proto
+
+        msg.stains.CopyFrom(stains_to_proto(stains if isinstance(stains, Stains) else parse_stains(stains)))
     return msg
 
 

@@ -17,10 +17,12 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
+from dannucnet.geometry.cells import expand_labels
 from dannucnet.geometry.instances import label_nuclei, split_map
-from dannucnet.geometry.measurements import measure_nuclei
 from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
-from dannucnet.geometry.polygons import labels_to_polygons
+from dannucnet.geometry.polygons import labels_to_polygons, largest_polygon
+from dannucnet.geometry.qupath_measurements import PROBABILITY, measure_cells
+from dannucnet.geometry.rasterize import rasterize_mask
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 
@@ -48,7 +50,11 @@ def chunk_nuclei(
     t0 = time.perf_counter()
     labels = label_nuclei(prob, threshold=where.threshold, min_area_px=where.min_area_px)
     t1 = time.perf_counter()
-    polygons = labels_to_polygons(labels, origin=where.origin, scale=where.to_level0)
+    # with cells, nuclei keep their exact pixel edges (no simplification) so that nucleus, cell and the
+    # neighbouring cells share edges exactly: a simplified nucleus corner would cut into a neighbour's cell
+    cells_wanted = options.cell_expansion_um > 0
+    polygons = labels_to_polygons(labels, origin=where.origin, scale=where.to_level0,
+                                  **({"simplify_px": 0} if cells_wanted else {}))
     ids = np.array(sorted(polygons), dtype=np.int64)
     geoms = [polygons[i] for i in ids]
     keep = np.ones(len(ids), dtype=bool)
@@ -65,11 +71,45 @@ def chunk_nuclei(
             f"the region holds {len(kept)} nuclei, more than the limit of {options.max_nuclei}: send smaller regions"
         )
     t2 = time.perf_counter()
-    measurements = measure_nuclei(kept, labels, split_map(prob)[0], model_rgb, where.mpp)
+    cells, cell_labels = (None, None)
+    if cells_wanted and kept:
+        cells, cell_labels = chunk_cells(labels, kept, where, clip, options.cell_expansion_um)
+    t3 = time.perf_counter()
+    measurements = measure_cells(
+        kept, labels, model_rgb, where.mpp, cells=cells, cell_labels=cell_labels,
+        stains=options.stain_vectors, prob=split_map(prob)[0],
+    )
     nuclei = [
-        Nucleus(polygon=poly, probability=float(measurements[i].get("Detection probability", 0.0)),
-                measurements=measurements[i])
+        Nucleus(polygon=poly, probability=float(measurements[i].get(PROBABILITY, 0.0)),
+                measurements=measurements[i], cell=None if cells is None else cells[i])
         for i, poly in kept.items()
     ]
-    t3 = time.perf_counter()
-    return nuclei, {"instances": t1 - t0, "polygons": t2 - t1, "measurements": t3 - t2}
+    t4 = time.perf_counter()
+    return nuclei, {"instances": t1 - t0, "polygons": t2 - t1, "cells": t3 - t2, "measurements": t4 - t3}
+
+
+def chunk_cells(
+    labels: np.ndarray, kept: dict[int, BaseGeometry], where: ChunkGeometry, clip: BaseGeometry | None,
+    expansion_um: float,
+) -> tuple[dict[int, BaseGeometry], np.ndarray]:
+    """Cells of the kept nuclei: every nucleus of the chunk competes for pixels (so a seam changes nothing),
+    cells stop at ``clip`` (pixel centres) and always contain their nucleus polygon.
+
+    Cell outlines are not simplified, so neighbouring cells share their pixel edges exactly.
+    """
+    array_mpp = where.mpp * where.to_level0
+    allowed = None
+    if clip is not None:
+        allowed = rasterize_mask(clip, labels.shape, origin=where.origin, scale=where.to_level0)
+    cell_labels = expand_labels(labels, expansion_um / array_mpp, allowed)
+    traced = labels_to_polygons(cell_labels, origin=where.origin, scale=where.to_level0, simplify_px=0,
+                                ids=list(kept))
+    ids = list(kept)
+    cells_arr = np.empty(len(ids), dtype=object)
+    cells_arr[:] = [traced.get(i, kept[i]) for i in ids]
+    nuc_arr = np.empty(len(ids), dtype=object)
+    nuc_arr[:] = [kept[i] for i in ids]
+    inside = shapely.covers(cells_arr, nuc_arr)
+    for j in np.flatnonzero(~inside):  # a piece of the cell was dropped (rare): take the nucleus in
+        cells_arr[j] = largest_polygon(shapely.union(cells_arr[j], nuc_arr[j])) or nuc_arr[j]
+    return dict(zip(ids, cells_arr.tolist())), cell_labels

@@ -64,7 +64,7 @@ def plan_slide(
         raise InputError(
             f"the region {region} lies outside the image ({source.width} x {source.height} px)"
         )
-    chunks = plan_chunks(target, options.chunk_size * downsample, options.margin * downsample, image)
+    chunks = plan_chunks(target, options.chunk_size * downsample, options.chunk_margin(model_mpp) * downsample, image)
     if clip is not None:
         shapely.prepare(clip)
         chunks = [c for c in chunks if clip.intersects(c.core.to_polygon())]

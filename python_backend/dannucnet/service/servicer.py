@@ -257,6 +257,8 @@ class SegmentationService:
 
     def _options(self, msg: pb.SegmentOptions | None):
         from dannucnet.pipeline import SegmentOptions
+        from dannucnet.pipeline.options import MAX_CELL_EXPANSION_UM
+        from dannucnet.service.convert import stains_from_proto
 
         options = SegmentOptions()
         if msg is None:
@@ -269,6 +271,13 @@ class SegmentationService:
             changes["threshold"] = t
         if msg.HasField("min_area_microns2"):
             changes["min_area_um2"] = finite(msg.min_area_microns2, "options.minAreaMicrons2", non_negative=True)
+        if msg.HasField("cell_expansion_microns"):
+            e = finite(msg.cell_expansion_microns, "options.cellExpansionMicrons", non_negative=True)
+            if e > MAX_CELL_EXPANSION_UM:
+                raise invalid(f"options.cellExpansionMicrons is {e}: at most {MAX_CELL_EXPANSION_UM:g} µm")
+            changes["cell_expansion_um"] = e
+        if msg.HasField("stains"):
+            changes["stains"] = stains_from_proto(msg.stains)
         return dataclasses.replace(options, **changes) if changes else options
 
     def _status(self, exc: BaseException, rpc: str) -> ServiceError:
