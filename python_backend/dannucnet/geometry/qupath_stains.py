@@ -73,7 +73,7 @@ class Stains:
             raise InputError(f"stain background must be three positive numbers, got {list(background)}")
         if abs(np.linalg.det(np.stack(rows))) < 1e-9:
             raise InputError("the stain vectors are linearly dependent; give clearly different stain colours")
-        return cls(name=str(name), names=tuple(names), vectors=tuple(tuple(r) for r in rows),
+        return cls(name=str(name), names=tuple(names), vectors=tuple(tuple(float(x) for x in r) for r in rows),
                    background=bg, residual=residual)  # type: ignore[arg-type]
 
     @property
