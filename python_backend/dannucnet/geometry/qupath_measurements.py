@@ -99,19 +99,21 @@ class _Grouped:
     """Pixels of some labels sorted by label once, for any number of per-label statistics."""
 
     def __init__(self, labels: np.ndarray, ids: np.ndarray) -> None:
-        fg = labels > 0
-        lab = labels[fg].astype(np.int64)
-        self.order = np.argsort(lab, kind="stable")
-        ls = lab[self.order]
-        self.uniq, self.starts, counts = np.unique(ls, return_index=True, return_counts=True)
-        self.fg = fg
-        pos = np.searchsorted(self.uniq, ids)
-        pos = np.minimum(pos, max(len(self.uniq) - 1, 0))
-        self.found = (len(self.uniq) > 0) & (self.uniq[pos] == ids) if len(self.uniq) else np.zeros(len(ids), bool)
+        flat = labels.ravel()
+        fg = np.flatnonzero(flat)
+        lab = flat[fg]
+        # a stable sort of ≤ 16-bit keys is a radix sort: ~3× faster than sorting int64 labels
+        key = lab.astype(np.uint16) if lab.size and int(lab.max()) < 65536 else lab.astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        self.idx = fg[order]  # flat pixel indices, grouped by label
+        self.width = labels.shape[1]
+        ls = lab[order]
+        self.uniq, self.starts, counts = np.unique(ls, return_index=True, return_counts=True) if ls.size else (
+            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        pos = np.minimum(np.searchsorted(self.uniq, ids), max(len(self.uniq) - 1, 0))
+        self.found = (self.uniq[pos] == ids) if len(self.uniq) else np.zeros(len(ids), bool)
         self.pos = pos
         self.counts = counts.astype(np.float64)
-        ys, xs = np.nonzero(fg)
-        self.xy = (xs[self.order].astype(np.float64), ys[self.order].astype(np.float64))
 
     def _per_id(self, per_label: np.ndarray) -> np.ndarray:
         out = np.full((len(self.pos),) + per_label.shape[1:], np.nan)
@@ -127,7 +129,7 @@ class _Grouped:
         if not len(self.uniq):
             nan = np.full((len(self.pos), values.shape[-1]), np.nan)
             return {k: nan for k in NUCLEUS_STATS}
-        v = values[self.fg][self.order].astype(np.float64)
+        v = values.reshape(-1, values.shape[-1])[self.idx].astype(np.float64)
         n = self.counts[:, None]
         s = np.add.reduceat(v, self.starts, axis=0)
         sq = np.add.reduceat(v * v, self.starts, axis=0)
@@ -142,7 +144,8 @@ class _Grouped:
         """ImageJ's ellipse eccentricity from second moments (+1/12 per pixel for its extent)."""
         if not len(self.uniq):
             return np.full(len(self.pos), np.nan)
-        x, y = self.xy
+        y, x = np.divmod(self.idx, self.width)
+        x, y = x.astype(np.float64), y.astype(np.float64)
         n = self.counts
         sx, sy = np.add.reduceat(x, self.starts), np.add.reduceat(y, self.starts)
         mx, my = sx / n, sy / n
