@@ -51,6 +51,7 @@ QUERY_ALIASES = {
     "coreHeight": "core.height",
     "threshold": "options.threshold",
     "minAreaMicrons2": "options.minAreaMicrons2",
+    "cellExpansionMicrons": "options.cellExpansionMicrons",
 }
 RESERVED_QUERY = ("alt",)
 
