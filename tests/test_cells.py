@@ -305,3 +305,20 @@ def test_proto_carries_cells_and_stains():
     assert stains_from_proto(stains_to_proto(s)) == Stains.make(s.name, [("Hematoxylin", np.array([0.6, 0.7, 0.3])),
                                                                          ("Eosin", np.array([0.1, 0.9, 0.3]))],
                                                                 (250.0, 250.0, 250.0))
+
+
+def test_auto_stains_are_estimated_per_image(tmp_path):
+    from dannucnet.pipeline.slide import resolve_stains
+    from dannucnet.slides import open_image
+    from dannucnet.slides.synthetic import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "s.tif", (512, 384), seed=3, mpp=0.25).path
+    options = SegmentOptions(auto_stains=True, cell_expansion_um=2.0)
+    with open_image(path) as source:
+        resolved = resolve_stains(source, options)
+    assert not resolved.auto_stains and resolved.cell_expansion_um == 2.0
+    assert resolved.stains is not None and resolved.stains.names[:2] == ("Hematoxylin", "Eosin")
+    h = np.array(resolved.stains.vectors[0])
+    assert h[0] > resolved.stains.vectors[1][0]  # haematoxylin has more red OD than eosin
+    assert resolve_stains(source, SegmentOptions()) == SegmentOptions()  # nothing asked, nothing read
+

@@ -54,7 +54,6 @@ def test_segment_gives_qupath_cells_with_cell_detection_names(slide, tmp_path, c
     code = main(["segment", str(slide), "-o", str(out), "--region", "0,0,400,300", "-q", "--model", "untrained",
                  "--threshold", "0.45", "--cell-expansion", "5", "--stains", "auto"])
     assert code == 0
-    assert "estimated stain vectors" in capsys.readouterr().err
     features = json.loads(out.read_text())["features"]
     assert len(features) > 3
     for f in features:

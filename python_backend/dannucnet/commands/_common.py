@@ -36,7 +36,7 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
                    help="stain vectors for the OD measurements, as QuPath writes them (e.g. "
                         "'{\"Name\": \"H&E\", \"Stain 1\": \"Hematoxylin\", \"Values 1\": \"0.65 0.70 0.29\", "
                         "\"Stain 2\": \"Eosin\", \"Values 2\": \"0.2159 0.8012 0.5581\", \"Background\": \"255 255 255\"}'), "
-                        "a file holding that JSON, or 'auto' to estimate them from the image (segment only); "
+                        "a file holding that JSON, or 'auto' to estimate them from each image as QuPath's Estimate stain vectors does; "
                         "default: QuPath's H&E default")
 
 
@@ -58,13 +58,11 @@ def parse_stains_argument(text: str | None):  # -> Stains | None ("auto" is reso
 
 def segment_options(args: argparse.Namespace) -> SegmentOptions:
     stains_arg = getattr(args, "stains", None)
-    if stains_arg is not None and stains_arg.strip().lower() == "auto" and not getattr(args, "stains_auto_ok", False):
-        raise InputError("--stains auto estimates the vectors from one image: use it with 'dannucnet segment', "
-                         "or give the vectors as JSON")
     return SegmentOptions(
         threshold=args.threshold, min_area_um2=args.min_area, chunk_size=args.chunk_size,
         skip_background=not args.no_tissue_detection, cell_expansion_um=getattr(args, "cell_expansion", 0.0),
         stains=parse_stains_argument(stains_arg),
+        auto_stains=stains_arg is not None and stains_arg.strip().lower() == "auto",
     )
 
 

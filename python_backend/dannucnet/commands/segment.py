@@ -25,25 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def estimate_stains_argument(path: str, mpp: float | None) -> str:
-    """``--stains auto``: QuPath's *Estimate stain vectors* on the whole image (read at most ~2048 px wide)."""
-    from dannucnet.geometry.qupath_stains import estimate_stains, stains_to_json
-    from dannucnet.slides import open_image
-
-    with open_image(path, mpp=mpp) as source:
-        downsample = max(1.0, max(source.width, source.height) / 2048)
-        rgb = source.read_region(0, 0, source.width, source.height, downsample=downsample)
-    stains = estimate_stains(rgb)
-    print(f"estimated stain vectors: {stains_to_json(stains)}", file=sys.stderr)
-    return stains_to_json(stains)
-
-
 def run(args: argparse.Namespace) -> int:
     from dannucnet.jobs.segment_file import parse_region, segment_to_geojson
 
     region = parse_region(args.region) if args.region else None
-    if args.stains is not None and args.stains.strip().lower() == "auto":
-        args.stains = estimate_stains_argument(args.input, args.mpp)
     segmenter = make_segmenter(args)
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
     try:

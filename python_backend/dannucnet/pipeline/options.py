@@ -34,6 +34,7 @@ class SegmentOptions:
     # > 0: grow each nucleus into a cell by this many µm (QuPath's Cell detection default is 5); 0: nuclei only
     cell_expansion_um: float = 0.0
     stains: Stains | None = None  # colour deconvolution for the OD measurements; None: QuPath's "H&E default"
+    auto_stains: bool = False  # estimate the stains from each image (QuPath's Estimate stain vectors) before segmenting
 
     @property
     def stain_vectors(self) -> Stains:

@@ -79,6 +79,26 @@ def plan_slide(
     return SlidePlan(chunks=chunks, downsample=downsample, mpp=mpp, clip=clip, skipped_background=skipped)
 
 
+#: ``auto_stains`` reads the whole image at most this many pixels wide (QuPath estimates on a region or a
+#: downsampled image too); 2048 px keeps the read to ~12 MB and still holds ~10^6 stained pixels.
+STAIN_ESTIMATE_SIDE = 2048
+
+
+def resolve_stains(source: ImageSource, options: SegmentOptions) -> SegmentOptions:
+    """``options`` with ``auto_stains`` replaced by the stains estimated from this image."""
+    if not options.auto_stains:
+        return options
+    import dataclasses
+
+    from dannucnet.geometry.qupath_stains import estimate_stains, stains_to_json
+
+    downsample = max(1.0, max(source.width, source.height) / STAIN_ESTIMATE_SIDE)
+    rgb = source.read_region(0, 0, source.width, source.height, downsample=downsample)
+    stains = estimate_stains(rgb)
+    log.info("estimated stain vectors: %s", stains_to_json(stains))
+    return dataclasses.replace(options, stains=stains, auto_stains=False)
+
+
 def _read(source: ImageSource, chunk: Chunk, downsample: float) -> tuple[np.ndarray, Rect]:
     read = chunk.read.to_int()
     rgb = source.read_region(int(read.x), int(read.y), int(read.width), int(read.height), downsample=downsample)
