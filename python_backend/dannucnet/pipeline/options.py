@@ -28,7 +28,7 @@ class SegmentOptions:
     # split from cutting off any fragment that small, so small nuclei stayed merged with their neighbours).
     min_area_um2: float = 3.0
     chunk_size: int = 2048  # core side of a slide chunk, model px
-    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm)
+    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm); see chunk_margin
     skip_background: bool = True  # skip slide chunks without tissue
     max_nuclei: int | None = None  # refuse to return more than this (the server's response limit)
     # > 0: grow each nucleus into a cell by this many µm (QuPath's Cell detection default is 5); 0: nuclei only
