@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
+import shapely.geometry
 import tifffile
 from PIL import Image
 
@@ -43,6 +45,25 @@ def test_segment_writes_qupath_geojson_and_overlay(slide, tmp_path):
     with Image.open(overlay) as im:
         assert im.size == (600, 512)
     assert not list(tmp_path.glob(".*part"))
+
+
+def test_segment_gives_qupath_cells_with_cell_detection_names(slide, tmp_path, capsys):
+    from dannucnet.geometry.qupath_measurements import measurement_names
+
+    out = tmp_path / "cells.geojson"
+    code = main(["segment", str(slide), "-o", str(out), "--region", "0,0,400,300", "-q", "--model", "untrained",
+                 "--threshold", "0.45", "--cell-expansion", "5", "--stains", "auto"])
+    assert code == 0
+    features = json.loads(out.read_text())["features"]
+    assert len(features) > 3
+    for f in features:
+        props = f["properties"]
+        assert props["objectType"] == "cell" and props["name"].startswith("dannucnet:untrained@")
+        cell, nucleus = shapely.geometry.shape(f["geometry"]), shapely.geometry.shape(f["nucleusGeometry"])
+        assert cell.is_valid and cell.covers(nucleus) and cell.area > nucleus.area
+        assert set(measurement_names()) <= set(props["measurements"])  # QuPath's 41, plus our extras
+    ratios = [f["properties"]["measurements"]["Nucleus/Cell area ratio"] for f in features]
+    assert all(0 < r < 1 for r in ratios)
 
 
 @requires_monuseg
@@ -85,6 +106,12 @@ BAD_INPUTS = {
     "unknown model": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--model", "no-such-model"], "unknown model"),
     "unavailable device": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--device", "cuda"], "cuda|device"),
     "bad threshold": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--threshold", "2"], "threshold"),
+    "cell expansion too large": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--cell-expansion", "30"],
+                                 "cell expansion"),
+    "malformed stains": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--stains",
+                                    '{"Values 1": "0.65 0.70", "Values 2": "0.2 0.8 0.5"}'], "three numbers"),
+    "stains neither json nor file": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--stains", "h&e"],
+                                     "--stains"),
     "tta with a server": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--tta", "--server",
                                      "127.0.0.1:9"], "--tta.*--server"),
 }

@@ -39,8 +39,9 @@ def test_feature_fields_exactly_as_qupath_reads_them() -> None:
     assert f["type"] == "Feature"
     assert str(uuid.UUID(f["id"])) == f["id"] == n.id
     props = f["properties"]
-    assert set(props) == {"objectType", "classification", "measurements", "metadata"}
+    assert set(props) == {"objectType", "name", "classification", "measurements", "metadata"}
     assert props["objectType"] == "detection"
+    assert props["name"] == "dannucnet:dan-nucnet"  # our tag (no model_version in this metadata)
     assert props["classification"]["name"] == "Nucleus"
     color = props["classification"]["color"]
     assert len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)

@@ -114,11 +114,53 @@ def test_core_and_clip_select_by_centroid_without_cutting(untrained_predictor, i
 def test_measurements_are_present_and_sane(untrained_predictor, image):
     result = segment_region(untrained_predictor, image.rgb, mpp=0.25, tile_fn=haematoxylin_network)
     m = result.nuclei[0].measurements
-    for key in ("Area px^2", "Area µm^2", "Perimeter µm", "Circularity", "Solidity", "Detection probability",
-                "Hematoxylin OD mean"):
+    for key in ("Nucleus: Area", "Nucleus: Perimeter", "Nucleus: Circularity", "Nucleus: Solidity",
+                "Detection probability", "Nucleus: Hematoxylin OD mean", "Nucleus: Eosin OD max"):
         assert key in m and np.isfinite(m[key])
-    assert m["Area µm^2"] == pytest.approx(m["Area px^2"] * 0.0625)
+    assert m["Nucleus: Area"] == pytest.approx(result.nuclei[0].polygon.area * 0.0625)  # calibrated µm²
+    assert not any(k.startswith(("Cell:", "Cytoplasm:")) for k in m)  # no expansion: nuclei only
+    assert result.nuclei[0].cell is None
     assert set(result.timings) >= {"model", "instances", "polygons", "measurements"}
+
+
+def _cells_by_nucleus(batches) -> dict:
+    out = {}
+    for batch in batches:
+        for n in batch:
+            c = n.polygon.centroid
+            key = (round(c.x, 3), round(c.y, 3))
+            assert key not in out, "a nucleus came back twice"
+            out[key] = n
+    return out
+
+
+def test_cells_are_seam_exact(untrained_predictor, slide_path):
+    """A cell near a chunk seam is the same, whole and once, as in a single-chunk run (3 µm = 12 px expansion)."""
+    base = dict(skip_background=False, cell_expansion_um=3.0)
+    with open_image(slide_path) as source:
+        single = _cells_by_nucleus(segment_slide(untrained_predictor, source, tile_fn=haematoxylin_network,
+                                                 options=SegmentOptions(chunk_size=2048, **base)))
+        chunked = _cells_by_nucleus(segment_slide(untrained_predictor, source, tile_fn=haematoxylin_network,
+                                                  options=SegmentOptions(chunk_size=256, margin=128, **base)))
+    assert len(single) > 60 and set(chunked) == set(single)
+    seams = (256, 512, 768)
+    crossing = [k for k, n in single.items()
+                if any(n.cell.bounds[0] < s < n.cell.bounds[2] or n.cell.bounds[1] < s < n.cell.bounds[3] for s in seams)]
+    assert len(crossing) > 10, "the test needs cells cut by the 256-px cores"
+    for key, n in single.items():
+        other = chunked[key]
+        assert other.cell.equals(n.cell), f"cell at {key} differs between chunked and single runs"
+        for name in ("Cell: Area", "Cytoplasm: Eosin OD mean", "Nucleus/Cell area ratio"):
+            assert other.measurements.get(name) == pytest.approx(n.measurements.get(name), rel=1e-6)
+    cells = [n.cell for n in chunked.values()]
+    tree = shapely.STRtree(cells)
+    for i, c in enumerate(cells):
+        for j in tree.query(c):
+            if j > i:
+                assert c.intersection(cells[j]).area < 1e-6, "neighbouring cells overlap"
+    for n in chunked.values():
+        assert n.cell.covers(n.polygon), "a nucleus sticks out of its cell"
+        assert n.cell.area > n.polygon.area
 
 
 @pytest.mark.parametrize(

@@ -429,7 +429,7 @@ def test_one_request_maps_nuclei_to_level0(served):
     for n in nuclei:
         s = shape(n)
         assert s.is_valid and s.area > 0 and image.buffer(1e-6).contains(s)
-        assert n["className"] == "Nucleus" and "Area µm^2" in n["measurements"]
+        assert n["className"] == "Nucleus" and "Nucleus: Area" in n["measurements"]  # QuPath Cell detection names (issue 17)
 
 
 def test_chunked_run_owns_each_nucleus_once(served):

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import shapely
+import shapely.geometry
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -244,6 +245,44 @@ def test_round_trip_grpc_http_in_process_agree(server, client, predictor, image)
     assert status == 200 and proto_json["nucleusCount"] == len(local)
     polys = [shapely.from_wkb(base64.b64decode(n["polygonWkb"])) for n in proto_json["nuclei"]]
     assert sorted((round(p.centroid.x, 1), round(p.centroid.y, 1), round(p.area, 0)) for p in polys) == expected
+
+
+def test_cells_and_stains_on_both_transports(server, client, predictor, image):
+    from dannucnet.geometry.qupath_stains import parse_stains
+
+    stains = parse_stains('{"Hematoxylin": [0.6, 0.7, 0.3], "Eosin": [0.1, 0.9, 0.3], "Background": [250, 250, 250]}')
+    options = SegmentOptions(cell_expansion_um=3.0, stains=stains)
+    local = segment_region(predictor, image, mpp=MPP, options=options).nuclei
+    assert len(local) >= 5 and all(n.cell is not None and n.cell.covers(n.polygon) for n in local)
+
+    def cells(nuclei):
+        return sorted((round(n.polygon.centroid.x, 2), round(n.polygon.centroid.y, 2), round(n.cell.area, 2),
+                       round(n.measurements["Cytoplasm: Eosin OD mean"], 5)) for n in nuclei)
+
+    assert cells(client.segment_region(image, mpp=MPP, options=options)) == cells(local)
+    body = {"image": {"encoded": b64(png(image))}, "pixelSizeMicrons": MPP,
+            "options": {"cellExpansionMicrons": 3,
+                        "stains": {"name": "mine", "stains": [{"name": "Hematoxylin", "r": 0.6, "g": 0.7, "b": 0.3},
+                                                              {"name": "Eosin", "r": 0.1, "g": 0.9, "b": 0.3}],
+                                   "maxRed": 250, "maxGreen": 250, "maxBlue": 250}}}
+    status, fc, _ = request(server, "POST", "/v1/segment", body)
+    assert status == 200, fc
+    assert len(fc["features"]) == len(local)
+    for f in fc["features"]:
+        assert f["properties"]["objectType"] == "cell" and f["properties"]["name"] == "dannucnet:darkness@test"
+        assert shapely.geometry.shape(f["geometry"]).covers(shapely.geometry.shape(f["nucleusGeometry"]))
+    by_centroid = {(round(n.polygon.centroid.x, 2), round(n.polygon.centroid.y, 2)): n for n in local}
+    for f in fc["features"]:
+        c = shapely.geometry.shape(f["nucleusGeometry"]).centroid
+        n = by_centroid[(round(c.x, 2), round(c.y, 2))]
+        assert f["properties"]["measurements"]["Cell: Hematoxylin OD mean"] == pytest.approx(
+            n.measurements["Cell: Hematoxylin OD mean"])
+    status, plain, _ = request(server, "POST", "/v1/segment", {k: v for k, v in body.items() if k != "options"})
+    assert status == 200 and all(f["properties"]["objectType"] == "detection" for f in plain["features"])
+    for bad, word in (({"cellExpansionMicrons": 30}, "cellExpansionMicrons"),
+                      ({"stains": {"stains": [{"name": "H", "r": 1}]}}, "stains")):
+        status, err, _ = request(server, "POST", "/v1/segment", {**body, "options": bad})
+        assert status == 400 and word in json.dumps(err), err
 
 
 def test_core_and_clip_select_by_centroid(client, image):

@@ -254,6 +254,15 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     area = values.get("min_area_um2", values.get("min_area_microns2"))
     if area is not None:
         msg.min_area_microns2 = float(area)
+    expansion = values.get("cell_expansion_um", values.get("cell_expansion_microns"))
+    if expansion:
+        msg.cell_expansion_microns = float(expansion)
+    stains = options.stains if dataclasses.is_dataclass(options) else values.get("stains")
+    if stains is not None:
+        from dannucnet.geometry.qupath_stains import Stains, parse_stains
+        from dannucnet.service.convert import stains_to_proto
+
+        msg.stains.CopyFrom(stains_to_proto(stains if isinstance(stains, Stains) else parse_stains(stains)))
     return msg
 
 
@@ -331,9 +340,17 @@ def segment_large_region(
 
     ``chunk_size`` and ``margin`` are in pixels of ``rgb``; the margin must
     exceed the largest nucleus. Each nucleus is returned exactly once, by the
-    chunk whose core holds its centroid.
+    chunk whose core holds its centroid. With cells in ``options`` the margin
+    grows by twice the cell expansion, so cells at seams stay exact too.
     """
     height, width = rgb.shape[:2]
+    expansion = getattr(options, "cell_expansion_um", None)
+    if expansion is None and isinstance(options, Mapping):
+        expansion = options.get("cell_expansion_um", options.get("cell_expansion_microns"))
+    if expansion and mpp:
+        from dannucnet.geometry.cells import cell_margin_px
+
+        margin += cell_margin_px(float(expansion) / (mpp * downsample))
     whole = Rect(0, 0, width, height)
     chunks = plan_chunks(whole, chunk_size, margin, bounds=whole)
     ox, oy = origin

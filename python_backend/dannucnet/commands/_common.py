@@ -29,12 +29,40 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g})")
     p.add_argument("--chunk-size", type=int, default=2048, help="chunk core side in model pixels (default 2048)")
     p.add_argument("--no-tissue-detection", action="store_true", help="segment background chunks too")
+    p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
+                   help="grow each nucleus into a QuPath cell by this many µm (0-25; QuPath's Cell detection "
+                        "uses 5); default 0: nucleus detections only")
+    p.add_argument("--stains", metavar="JSON|auto",
+                   help="stain vectors for the OD measurements, as QuPath writes them (e.g. "
+                        "'{\"Name\": \"H&E\", \"Stain 1\": \"Hematoxylin\", \"Values 1\": \"0.65 0.70 0.29\", "
+                        "\"Stain 2\": \"Eosin\", \"Values 2\": \"0.2159 0.8012 0.5581\", \"Background\": \"255 255 255\"}'), "
+                        "a file holding that JSON, or 'auto' to estimate them from each image as QuPath's Estimate stain vectors does; "
+                        "default: QuPath's H&E default")
+
+
+def parse_stains_argument(text: str | None):  # -> Stains | None ("auto" is resolved per image by the caller)
+    from pathlib import Path
+
+    from dannucnet.geometry.qupath_stains import parse_stains
+
+    if text is None or text.strip().lower() == "auto":
+        return None
+    t = text.strip()
+    if not t.startswith("{"):
+        path = Path(t)
+        if not path.is_file():
+            raise InputError(f"--stains must be QuPath stain JSON, a file holding it, or 'auto'; got {text!r}")
+        t = path.read_text(encoding="utf-8")
+    return parse_stains(t)
 
 
 def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    stains_arg = getattr(args, "stains", None)
     return SegmentOptions(
         threshold=args.threshold, min_area_um2=args.min_area, chunk_size=args.chunk_size,
-        skip_background=not args.no_tissue_detection,
+        skip_background=not args.no_tissue_detection, cell_expansion_um=getattr(args, "cell_expansion", 0.0),
+        stains=parse_stains_argument(stains_arg),
+        auto_stains=stains_arg is not None and stains_arg.strip().lower() == "auto",
     )
 
 

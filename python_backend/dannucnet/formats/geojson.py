@@ -12,6 +12,11 @@ Checked against qupath/qupath ``qupath-core/src/main/java/qupath/lib/io/QuPathTy
   pre-0.4 array of ``{name, value}``); we write the object form. Gson is lenient
   but ``NaN`` is not JSON, so non-finite values are dropped.
 * ``properties.metadata`` is a string map; only primitive values are kept.
+* ``properties.name`` is the object's name: ours carry ``dannucnet:<model>@<version>``
+  (:func:`object_name`) so that a rerun replaces only what we made, never a person's objects.
+* Cells (a nucleus with ``Nucleus.cell``): ``objectType: "cell"``, the cell as ``geometry``
+  and the nucleus as ``nucleusGeometry`` at the Feature's top level — how
+  ``PathObjectTypeAdapter`` writes and reads ``PathCellObject`` at both 0.5.1 and 0.6.0.
 * Anything else under ``properties`` is ignored, so nothing else is written there.
 
 The writer streams feature by feature into a temporary file in the output
@@ -42,6 +47,16 @@ if TYPE_CHECKING:  # imported lazily: formats must not pull in the whole pipelin
 NUCLEUS_CLASS = "Nucleus"
 NUCLEUS_COLOR = (160, 60, 200)
 PROBABILITY_KEY = "Detection probability"
+#: Name prefix of every object we write (the same as ``dannucnet.qupath.regions.OWN_TAG_PREFIX``).
+OBJECT_NAME_PREFIX = "dannucnet:"
+
+
+def object_name(metadata: Mapping[str, Any] | None) -> str | None:
+    """``dannucnet:<model>@<version>`` from output metadata holding ``model`` and ``model_version``."""
+    if not metadata or not metadata.get("model"):
+        return None
+    version = metadata.get("model_version")
+    return f"{OBJECT_NAME_PREFIX}{metadata['model']}" + (f"@{version}" if version else "")
 
 _json_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
@@ -115,15 +130,18 @@ def nucleus_feature(nucleus: Nucleus, metadata: Mapping[str, Any] | None = None)
     (the name StarDist uses in QuPath) unless the measurements already have it.
     """
     meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
-    return {
-        "type": "Feature",
-        "id": _uuid_str(nucleus.id),
-        "geometry": geometry_json(nucleus.polygon),
-        "properties": _properties(nucleus, meta),
-    }
+    feature: dict[str, Any] = {"type": "Feature", "id": _uuid_str(nucleus.id)}
+    cell = getattr(nucleus, "cell", None)
+    if cell is not None:
+        feature["geometry"] = geometry_json(cell)
+        feature["nucleusGeometry"] = geometry_json(nucleus.polygon)
+    else:
+        feature["geometry"] = geometry_json(nucleus.polygon)
+    feature["properties"] = _properties(nucleus, meta, object_name(meta))
+    return feature
 
 
-def _properties(nucleus: Nucleus, metadata: dict[str, str] | None) -> dict[str, Any]:
+def _properties(nucleus: Nucleus, metadata: dict[str, str] | None, name: str | None = None) -> dict[str, Any]:
     measurements = _clean_measurements(nucleus.measurements)
     try:
         p = float(nucleus.probability)
@@ -131,14 +149,53 @@ def _properties(nucleus: Nucleus, metadata: dict[str, str] | None) -> dict[str, 
         p = float("nan")
     if PROBABILITY_KEY not in measurements and math.isfinite(p):
         measurements[PROBABILITY_KEY] = p
-    props: dict[str, Any] = {
-        "objectType": "detection",
+    props: dict[str, Any] = {"objectType": "cell" if getattr(nucleus, "cell", None) is not None else "detection"}
+    if name:
+        props["name"] = name
+    props.update({
         "classification": {"name": NUCLEUS_CLASS, "color": list(NUCLEUS_COLOR)},
         "measurements": measurements,
-    }
+    })
     if metadata:
         props["metadata"] = metadata
     return props
+
+
+def _fast_rings(geoms: list[Any]) -> dict[int, Any]:
+    """Exterior rings (rounded to 0.01 px, counter-clockwise, no repeated points) of the simple polygons."""
+    polys = np.empty(len(geoms), dtype=object)
+    polys[:] = geoms
+    simple = (shapely.get_type_id(polys) == 3) & (shapely.get_num_interior_rings(polys) == 0)
+    simple &= ~shapely.is_empty(polys)
+    rings_of: dict[int, Any] = {}
+    if not simple.any():
+        return rings_of
+    which = np.nonzero(simple)[0]
+    ext = shapely.get_exterior_ring(polys[which])
+    coords, idx = shapely.get_coordinates(ext, return_index=True)
+    coords = np.round(coords, 2)
+    ccw = shapely.is_ccw(ext)
+    ends = np.cumsum(np.bincount(idx, minlength=which.size))
+    starts = ends - np.bincount(idx, minlength=which.size)
+    dup = np.zeros(coords.shape[0], dtype=bool)
+    dup[1:] = (coords[1:, 0] == coords[:-1, 0]) & (coords[1:, 1] == coords[:-1, 1]) & (idx[1:] == idx[:-1])
+    has_dup = np.bincount(idx[dup], minlength=which.size) > 0 if dup.any() else np.zeros(which.size, bool)
+    for k, i in enumerate(which.tolist()):
+        a = coords[starts[k] : ends[k]]
+        if has_dup[k]:
+            a = a[~dup[starts[k] : ends[k]]]
+        if not ccw[k]:
+            a = a[::-1]
+        rings_of[i] = np.ascontiguousarray(a) if _orjson is not None else a.tolist()
+    return rings_of
+
+
+def _geometry_from(ring: Any, geom: Any) -> dict[str, Any] | None:
+    """GeoJSON geometry from a fast ring, else from the shapely geometry; None when degenerate."""
+    if ring is not None:
+        return {"type": "Polygon", "coordinates": [ring]} if len(ring) >= 4 else None
+    out = geometry_json(geom)
+    return out if out["coordinates"] else None
 
 
 def _uuid_str(value: Any) -> str:
@@ -226,44 +283,30 @@ class GeoJSONWriter:
         return n
 
     def _batch_features(self, batch: list[Nucleus]) -> Iterator[dict[str, Any]]:
-        polys = np.empty(len(batch), dtype=object)
-        polys[:] = [b.polygon for b in batch]
-        simple = (shapely.get_type_id(polys) == 3) & (shapely.get_num_interior_rings(polys) == 0)
-        simple &= ~shapely.is_empty(polys)
-        rings_of: dict[int, list[list[float]] | np.ndarray] = {}
-        if simple.any():
-            which = np.nonzero(simple)[0]
-            ext = shapely.get_exterior_ring(polys[which])
-            coords, idx = shapely.get_coordinates(ext, return_index=True)
-            coords = np.round(coords, 2)
-            ccw = shapely.is_ccw(ext)
-            ends = np.cumsum(np.bincount(idx, minlength=which.size))
-            starts = ends - np.bincount(idx, minlength=which.size)
-            dup = np.zeros(coords.shape[0], dtype=bool)
-            dup[1:] = (coords[1:, 0] == coords[:-1, 0]) & (coords[1:, 1] == coords[:-1, 1]) & (idx[1:] == idx[:-1])
-            has_dup = np.bincount(idx[dup], minlength=which.size) > 0 if dup.any() else np.zeros(which.size, bool)
-            for k, i in enumerate(which.tolist()):
-                a = coords[starts[k] : ends[k]]
-                if has_dup[k]:
-                    a = a[~dup[starts[k] : ends[k]]]
-                if not ccw[k]:
-                    a = a[::-1]
-                rings_of[i] = np.ascontiguousarray(a) if _orjson is not None else a.tolist()
+        rings_of = _fast_rings([b.polygon for b in batch])
+        cells = [getattr(b, "cell", None) for b in batch]
+        has_cell = [i for i, c in enumerate(cells) if c is not None]
+        cell_rings = _fast_rings([cells[i] for i in has_cell]) if has_cell else {}
+        cell_ring_of = {i: cell_rings.get(k) for k, i in enumerate(has_cell)}
         meta = self.metadata or None
+        name = object_name(meta)
         for i, nucleus in enumerate(batch):
-            ring = rings_of.get(i)
-            if ring is not None:
-                if len(ring) < 4:
+            geom = _geometry_from(rings_of.get(i), nucleus.polygon)
+            if geom is None:
+                self.skipped += 1
+                continue
+            feature: dict[str, Any] = {"type": "Feature", "id": _uuid_str(nucleus.id)}
+            if cells[i] is not None:
+                cell_geom = _geometry_from(cell_ring_of.get(i), cells[i])
+                if cell_geom is None:
                     self.skipped += 1
                     continue
-                geom: dict[str, Any] = {"type": "Polygon", "coordinates": [ring]}
+                feature["geometry"] = cell_geom
+                feature["nucleusGeometry"] = geom
             else:
-                geom = geometry_json(nucleus.polygon)
-                if not geom["coordinates"]:
-                    self.skipped += 1
-                    continue
-            yield {"type": "Feature", "id": _uuid_str(nucleus.id), "geometry": geom,
-                   "properties": _properties(nucleus, meta)}
+                feature["geometry"] = geom
+            feature["properties"] = _properties(nucleus, meta, name)
+            yield feature
 
     def write_features(self, features: Iterable[Mapping[str, Any]]) -> int:
         """Append already-built Feature dicts."""
@@ -347,25 +390,37 @@ def read_features(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def features_to_nuclei(features: Iterable[Mapping[str, Any]]) -> list[Nucleus]:
-    """Polygon features back to :class:`Nucleus` objects (other geometry types are skipped)."""
+    """Polygon features back to :class:`Nucleus` objects (other geometry types are skipped).
+
+    Cells (a ``nucleusGeometry`` beside the ``geometry``) come back with ``polygon`` the
+    nucleus and ``cell`` the cell, so a written file reads back as it was written.
+    """
     from shapely.geometry import shape
 
     from dannucnet.pipeline.types import Nucleus
 
-    out: list[Nucleus] = []
-    for f in features:
-        geom = f.get("geometry")
-        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
-            continue
+    def area_shape(geom: Any, f: Mapping[str, Any]) -> Any:
+        if not isinstance(geom, Mapping) or geom.get("type") not in ("Polygon", "MultiPolygon"):
+            return None
         try:
-            poly = shape(geom)
+            return shape(geom)
         except (ValueError, TypeError, AttributeError, IndexError) as e:
             raise InputError(f"feature {f.get('id', '?')} has an unreadable geometry: {e}") from None
+
+    out: list[Nucleus] = []
+    for f in features:
+        poly = area_shape(f.get("geometry"), f)
+        if poly is None:
+            continue
+        cell = None
+        nucleus = area_shape(f.get("nucleusGeometry"), f)
+        if nucleus is not None:  # a QuPath cell: geometry is the cell, nucleusGeometry its nucleus
+            poly, cell = nucleus, poly
         props = f.get("properties") or {}
         meas = _clean_measurements(props.get("measurements") or {}) if isinstance(props.get("measurements"), dict) else {}
         prob = meas.get(PROBABILITY_KEY, float("nan"))
         kwargs: dict[str, Any] = {}
         if f.get("id"):
             kwargs["id"] = str(f["id"])
-        out.append(Nucleus(polygon=poly, probability=prob, measurements=meas, **kwargs))
+        out.append(Nucleus(polygon=poly, probability=prob, measurements=meas, cell=cell, **kwargs))
     return out

@@ -8,6 +8,10 @@ so memory stays flat however many nuclei a slide has, and like
 :class:`~dannucnet.formats.geojson.GeoJSONWriter` it is atomic: the file appears
 only when writing finished.
 
+With cells (``Nucleus.cell``), as in QuPath's GeoJSON, ``geometry`` is the cell
+and a second WKB column ``nucleus_geometry`` holds its nucleus; both are declared
+in the ``geo`` metadata. The measurement columns are the GeoJSON's measurements.
+
 Coordinates are level-0 pixels (x right, y down) of the source image, the same
 as the GeoJSON; there is no geographic CRS, so the ``crs`` is null, which
 GeoParquet defines as "undefined".
@@ -39,6 +43,7 @@ PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 #: Nuclei per row group: big enough for good compression, small enough to keep memory flat.
 ROW_GROUP = 65_536
 GEO_VERSION = "1.1.0"
+NUCLEUS_COLUMN = "nucleus_geometry"
 
 
 def require_pyarrow() -> tuple[Any, Any]:
@@ -67,6 +72,7 @@ class GeoParquetWriter:
         self.skipped = 0  # empty or non-polygonal geometries
         self.extra: dict[str, Any] = {}
         self._columns: list[str] | None = None
+        self._cells = False  # fixed with the columns: geometry = cell, nucleus_geometry = nucleus
         self._pending: list[Nucleus] = []
         self._writer: Any = None
         self._tmp: Path | None = None
@@ -107,12 +113,14 @@ class GeoParquetWriter:
 
     def _schema(self, columns: list[str]) -> Any:
         pa = self._pa
-        fields = [pa.field("id", pa.string()), pa.field("geometry", pa.binary()),
-                  pa.field("centroid_x", pa.float64()), pa.field("centroid_y", pa.float64())]
+        fields = [pa.field("id", pa.string()), pa.field("geometry", pa.binary())]
+        if self._cells:
+            fields.append(pa.field(NUCLEUS_COLUMN, pa.binary()))
+        fields += [pa.field("centroid_x", pa.float64()), pa.field("centroid_y", pa.float64())]
         fields += [pa.field(c, pa.float64()) for c in columns]
-        geo = {"version": GEO_VERSION, "primary_column": "geometry",
-               "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None,
-                                        "edges": "planar"}}}
+        wkb = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}
+        geo_columns = {"geometry": wkb, **({NUCLEUS_COLUMN: dict(wkb)} if self._cells else {})}
+        geo = {"version": GEO_VERSION, "primary_column": "geometry", "columns": geo_columns}
         meta = {b"geo": json.dumps(geo).encode(), b"dannucnet": json.dumps(self.metadata).encode()}
         return pa.schema(fields, metadata=meta)
 
@@ -129,6 +137,7 @@ class GeoParquetWriter:
             return 0
         polys = polys[ok]
         if self._columns is None:
+            self._cells = any(b.cell is not None for b in keep)
             names = [PROBABILITY_KEY] if PROBABILITY_KEY not in keep[0].measurements else []
             self._columns = names + list(keep[0].measurements)
             try:
@@ -150,11 +159,17 @@ class GeoParquetWriter:
                     values[c][i] = _number(v)
             if PROBABILITY_KEY not in b.measurements and PROBABILITY_KEY in values:
                 values[PROBABILITY_KEY][i] = _number(b.probability)
-        centroids = shapely.get_coordinates(shapely.centroid(polys))
+        centroids = shapely.get_coordinates(shapely.centroid(polys))  # the nucleus centroid, as ownership uses
         pa = self._pa
-        arrays = [pa.array([str(b.id) for b in keep], pa.string()),
-                  pa.array(shapely.to_wkb(polys), pa.binary()),
-                  pa.array(centroids[:, 0]), pa.array(centroids[:, 1])]
+        arrays = [pa.array([str(b.id) for b in keep], pa.string())]
+        if self._cells:
+            cells = np.empty(len(keep), dtype=object)
+            cells[:] = [b.cell for b in keep]
+            cell_wkb = [None if c is None else w for c, w in zip(cells, shapely.to_wkb(cells))]
+            arrays += [pa.array(cell_wkb, pa.binary()), pa.array(shapely.to_wkb(polys), pa.binary())]
+        else:
+            arrays.append(pa.array(shapely.to_wkb(polys), pa.binary()))
+        arrays += [pa.array(centroids[:, 0]), pa.array(centroids[:, 1])]
         arrays += [pa.array(values[c], mask=np.isnan(values[c])) for c in columns]
         table = pa.Table.from_arrays(arrays, schema=self._writer.schema)
         try:
@@ -217,12 +232,14 @@ def read_geoparquet(path: str | os.PathLike[str]) -> tuple[list[Nucleus], dict[s
     table = pq.read_table(str(path))
     meta = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items() if k in (b"geo", b"dannucnet")}
     cols = table.to_pydict()
-    skip = {"id", "geometry", "centroid_x", "centroid_y"}
+    skip = {"id", "geometry", NUCLEUS_COLUMN, "centroid_x", "centroid_y"}
     names = [c for c in table.column_names if c not in skip]
-    polys = shapely.from_wkb(np.array(cols["geometry"], dtype=object))
+    geoms = shapely.from_wkb(np.array(cols["geometry"], dtype=object))
+    nuclei = shapely.from_wkb(np.array(cols[NUCLEUS_COLUMN], dtype=object)) if NUCLEUS_COLUMN in cols else None
     out = []
-    for i, poly in enumerate(polys):
+    for i, geom in enumerate(geoms):
         m = {c: cols[c][i] for c in names if cols[c][i] is not None}
+        poly, cell = (geom, None) if nuclei is None else (nuclei[i], geom)
         out.append(Nucleus(polygon=poly, probability=float(m.get(PROBABILITY_KEY, math.nan)), measurements=m,
-                           id=cols["id"][i]))
+                           id=cols["id"][i], cell=cell))
     return out, meta

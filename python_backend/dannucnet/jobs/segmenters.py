@@ -68,9 +68,12 @@ class LocalSegmenter(_CollectMixin):
         from dannucnet.pipeline.pipelined import segment_slide_pipelined
         from dannucnet.slides import open_image
 
+        from dannucnet.pipeline.slide import resolve_stains
+
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide
         with open_image(path, mpp=mpp) as source:
+            options = resolve_stains(source, options)  # --stains auto: this image's own
             yield from run(self.predictor, source, region=region, rois=rois, options=options,
                                      progress=progress, cancel=cancel)
 
@@ -99,11 +102,18 @@ class ServerSegmenter(_CollectMixin):
         self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
         mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
+        options = self.options
+        if getattr(options, "auto_stains", False):  # --stains auto: estimated here, sent as vectors
+            from dannucnet.pipeline.slide import resolve_stains
+            from dannucnet.slides import open_image
+
+            with open_image(path, mpp=mpp) as source:
+                options = resolve_stains(source, options)
         if self.by_path and region is None:
             sent = False
             try:
                 for batch in self.client.segment_slide(
-                    str(Path(path).resolve()), rois=rois, options=self.options, mpp=mpp, progress=progress
+                    str(Path(path).resolve()), rois=rois, options=options, mpp=mpp, progress=progress
                 ):
                     sent = True
                     yield batch
@@ -119,5 +129,5 @@ class ServerSegmenter(_CollectMixin):
         from dannucnet.slides import open_image
 
         with open_image(path, mpp=mpp) as source:
-            yield from segment_image_via_server(self.client, source, region=region, options=self.options, rois=rois,
+            yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
                                                 progress=progress, cancel=cancel)

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
+from scipy import ndimage as ndi
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
+from dannucnet.geometry.cells import expand_labels
 from dannucnet.geometry.instances import label_nuclei, split_map
-from dannucnet.geometry.measurements import measure_nuclei
 from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
-from dannucnet.geometry.polygons import labels_to_polygons
+from dannucnet.geometry.polygons import labels_to_polygons, largest_polygon
+from dannucnet.geometry.qupath_measurements import PROBABILITY, measure_cells
+from dannucnet.geometry.rasterize import rasterize_mask
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 
@@ -48,7 +51,11 @@ def chunk_nuclei(
     t0 = time.perf_counter()
     labels = label_nuclei(prob, threshold=where.threshold, min_area_px=where.min_area_px)
     t1 = time.perf_counter()
-    polygons = labels_to_polygons(labels, origin=where.origin, scale=where.to_level0)
+    # with cells, nuclei keep their exact pixel edges (no simplification) so that nucleus, cell and the
+    # neighbouring cells share edges exactly: a simplified nucleus corner would cut into a neighbour's cell
+    cells_wanted = options.cell_expansion_um > 0
+    polygons = labels_to_polygons(labels, origin=where.origin, scale=where.to_level0,
+                                  **({"simplify_px": 0} if cells_wanted else {}))
     ids = np.array(sorted(polygons), dtype=np.int64)
     geoms = [polygons[i] for i in ids]
     keep = np.ones(len(ids), dtype=bool)
@@ -65,11 +72,93 @@ def chunk_nuclei(
             f"the region holds {len(kept)} nuclei, more than the limit of {options.max_nuclei}: send smaller regions"
         )
     t2 = time.perf_counter()
-    measurements = measure_nuclei(kept, labels, split_map(prob)[0], model_rgb, where.mpp)
+    cells, cell_labels = (None, None)
+    if cells_wanted and kept:
+        kept, cells, cell_labels = chunk_cells(labels, kept, where, clip, options.cell_expansion_um)
+    t3 = time.perf_counter()
+    measurements = measure_cells(
+        kept, labels, model_rgb, where.mpp, cells=cells, cell_labels=cell_labels,
+        stains=options.stain_vectors, prob=split_map(prob)[0],
+    )
     nuclei = [
-        Nucleus(polygon=poly, probability=float(measurements[i].get("Detection probability", 0.0)),
-                measurements=measurements[i])
+        Nucleus(polygon=poly, probability=float(measurements[i].get(PROBABILITY, 0.0)),
+                measurements=measurements[i], cell=None if cells is None else cells[i])
         for i, poly in kept.items()
     ]
-    t3 = time.perf_counter()
-    return nuclei, {"instances": t1 - t0, "polygons": t2 - t1, "measurements": t3 - t2}
+    t4 = time.perf_counter()
+    return nuclei, {"instances": t1 - t0, "polygons": t2 - t1, "cells": t3 - t2, "measurements": t4 - t3}
+
+
+def chunk_cells(
+    labels: np.ndarray, kept: dict[int, BaseGeometry], where: ChunkGeometry, clip: BaseGeometry | None,
+    expansion_um: float,
+) -> tuple[dict[int, BaseGeometry], dict[int, BaseGeometry], np.ndarray]:
+    """(nuclei, cells, cell labels) of the kept nuclei: every nucleus of the chunk competes for pixels (so a
+    seam changes nothing), cells stop at ``clip`` (pixel centres) and always contain their nucleus polygon.
+
+    Outlines are not simplified, so nucleus, cell and neighbouring cells share their pixel edges exactly;
+    an outline enclosing pixels not its own (a nucleus ringing another) gets holes instead of swallowing them.
+    """
+    array_mpp = where.mpp * where.to_level0
+    allowed = None
+    if clip is not None:
+        allowed = rasterize_mask(clip, labels.shape, origin=where.origin, scale=where.to_level0)
+    cell_labels = expand_labels(labels, expansion_um / array_mpp, allowed)
+    ids = list(kept)
+    nuc_arr = np.empty(len(ids), dtype=object)
+    nuc_arr[:] = [kept[i] for i in ids]
+    nuc_arr = exact_outlines(labels, ids, nuc_arr, where)
+    traced = labels_to_polygons(cell_labels, origin=where.origin, scale=where.to_level0, simplify_px=0, ids=ids)
+    cells_arr = np.empty(len(ids), dtype=object)
+    cells_arr[:] = [traced.get(i, nuc_arr[k]) for k, i in enumerate(ids)]
+    cells_arr = exact_outlines(cell_labels, ids, cells_arr, where)
+    inside = shapely.covers(cells_arr, nuc_arr)
+    for j in np.flatnonzero(~inside):  # a piece of the cell was dropped (rare): take the nucleus in
+        cells_arr[j] = _largest_piece(shapely.union(cells_arr[j], nuc_arr[j])) or nuc_arr[j]
+    return dict(zip(ids, nuc_arr.tolist())), dict(zip(ids, cells_arr.tolist())), cell_labels
+
+
+def exact_outlines(labels: np.ndarray, ids: list[int], geoms: np.ndarray, where: ChunkGeometry) -> np.ndarray:
+    """Outlines traced along outer pixel edges, redone with holes where they enclose pixels not their own.
+
+    Such an outline (a ring around another object or around unclaimed pixels) covers more area than its
+    pixels; redone, the enclosed pixels become holes, so no two outlines of one label image overlap.
+    """
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=int(max(ids)) + 1)
+    pixel_area = counts[np.asarray(ids)] * where.to_level0**2
+    redo = np.flatnonzero(np.abs(shapely.area(geoms) - pixel_area) > 1e-6 * np.maximum(pixel_area, 1.0))
+    if redo.size:
+        geoms = geoms.copy()
+        slices = ndi.find_objects(labels)
+        for j in redo:
+            exact = _with_holes(labels, ids[j], slices[ids[j] - 1], where)
+            if exact is not None:
+                geoms[j] = exact
+    return geoms
+
+
+def _largest_piece(geom: BaseGeometry) -> BaseGeometry | None:
+    parts = [p for p in shapely.get_parts(geom) if p.geom_type == "Polygon" and not p.is_empty]
+    return max(parts, key=lambda p: p.area) if parts else None
+
+
+def _with_holes(cell_labels: np.ndarray, cell_id: int, box: tuple[slice, slice] | None,
+                where: ChunkGeometry) -> BaseGeometry | None:
+    """The largest piece of one label's pixels as a polygon whose holes are the pixels it encloses but does not own."""
+    if box is None:
+        return None
+    sy, sx = box
+    mask = np.zeros((sy.stop - sy.start + 2, sx.stop - sx.start + 2), bool)
+    mask[1:-1, 1:-1] = cell_labels[sy, sx] == cell_id
+    x0, y0 = sx.start - 1, sy.start - 1
+    origin = (where.origin[0] + x0 * where.to_level0, where.origin[1] + y0 * where.to_level0)
+    outer = labels_to_polygons(mask.astype(np.int32), origin=origin, scale=where.to_level0, simplify_px=0).get(1)
+    if outer is None:
+        return None
+    gaps, _ = ndi.label(~mask)
+    gaps[gaps == gaps[0, 0]] = 0  # the padding frame and everything connected to it is outside, not a hole
+    holes = labels_to_polygons(gaps, origin=origin, scale=where.to_level0, simplify_px=0)
+    if not holes:
+        return outer
+    return _largest_piece(outer.difference(shapely.union_all(list(holes.values()))))
+

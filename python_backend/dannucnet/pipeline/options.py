@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dannucnet.errors import InputError
+from dannucnet.geometry.cells import cell_margin_px
+from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains
+
+#: QuPath's Cell detection allows 0-25 µm of cell expansion; we accept the same range.
+MAX_CELL_EXPANSION_UM = 25.0
 
 
 @dataclass(frozen=True)
@@ -22,9 +28,21 @@ class SegmentOptions:
     # split from cutting off any fragment that small, so small nuclei stayed merged with their neighbours).
     min_area_um2: float = 3.0
     chunk_size: int = 2048  # core side of a slide chunk, model px
-    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm)
+    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm); see chunk_margin
     skip_background: bool = True  # skip slide chunks without tissue
     max_nuclei: int | None = None  # refuse to return more than this (the server's response limit)
+    # > 0: grow each nucleus into a cell by this many µm (QuPath's Cell detection default is 5); 0: nuclei only
+    cell_expansion_um: float = 0.0
+    stains: Stains | None = None  # colour deconvolution for the OD measurements; None: QuPath's "H&E default"
+    auto_stains: bool = False  # estimate the stains from each image (QuPath's Estimate stain vectors) before segmenting
+
+    @property
+    def stain_vectors(self) -> Stains:
+        return HE_DEFAULT if self.stains is None else self.stains
+
+    def chunk_margin(self, model_mpp: float) -> int:
+        """Context around a chunk core in model px: the nucleus margin plus what cells need (2 × expansion)."""
+        return self.margin + cell_margin_px(self.cell_expansion_um / model_mpp)
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
@@ -35,3 +53,8 @@ class SegmentOptions:
             raise InputError(f"chunk size must be at least 256 px, got {self.chunk_size}")
         if self.margin < 0:
             raise InputError(f"margin must be zero or positive, got {self.margin}")
+        e = self.cell_expansion_um
+        if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= MAX_CELL_EXPANSION_UM):
+            raise InputError(f"cell expansion must be 0-{MAX_CELL_EXPANSION_UM:g} µm, got {e}")
+        if self.stains is not None and not isinstance(self.stains, Stains):
+            raise InputError("stains must be QuPath stain vectors (see --stains)")

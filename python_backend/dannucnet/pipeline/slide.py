@@ -1,7 +1,7 @@
 """A whole slide (or parts of it) → nuclei, chunk by chunk, in bounded memory.
 
 The slide is cut into large chunks (2048 model px + a 128 px margin by
-default). Each chunk owns the nuclei whose centroid lies in its core, so a
+default, plus twice the cell expansion when cells are asked for). Each chunk owns the nuclei whose centroid lies in its core, so a
 nucleus on a seam is reported exactly once and never cut. Chunks without
 tissue are skipped; the next chunk is read while the current one is
 segmented, so decoding overlaps with inference. Results are yielded per chunk
@@ -64,7 +64,7 @@ def plan_slide(
         raise InputError(
             f"the region {region} lies outside the image ({source.width} x {source.height} px)"
         )
-    chunks = plan_chunks(target, options.chunk_size * downsample, options.margin * downsample, image)
+    chunks = plan_chunks(target, options.chunk_size * downsample, options.chunk_margin(model_mpp) * downsample, image)
     if clip is not None:
         shapely.prepare(clip)
         chunks = [c for c in chunks if clip.intersects(c.core.to_polygon())]
@@ -77,6 +77,26 @@ def plan_slide(
         skipped = len(chunks) - len(kept)
         chunks = kept
     return SlidePlan(chunks=chunks, downsample=downsample, mpp=mpp, clip=clip, skipped_background=skipped)
+
+
+#: ``auto_stains`` reads the whole image at most this many pixels wide (QuPath estimates on a region or a
+#: downsampled image too); 2048 px keeps the read to ~12 MB and still holds ~10^6 stained pixels.
+STAIN_ESTIMATE_SIDE = 2048
+
+
+def resolve_stains(source: ImageSource, options: SegmentOptions) -> SegmentOptions:
+    """``options`` with ``auto_stains`` replaced by the stains estimated from this image."""
+    if not options.auto_stains:
+        return options
+    import dataclasses
+
+    from dannucnet.geometry.qupath_stains import estimate_stains, stains_to_json
+
+    downsample = max(1.0, max(source.width, source.height) / STAIN_ESTIMATE_SIDE)
+    rgb = source.read_region(0, 0, source.width, source.height, downsample=downsample)
+    stains = estimate_stains(rgb)
+    log.info("estimated stain vectors: %s", stains_to_json(stains))
+    return dataclasses.replace(options, stains=stains, auto_stains=False)
 
 
 def _read(source: ImageSource, chunk: Chunk, downsample: float) -> tuple[np.ndarray, Rect]:

@@ -12,14 +12,16 @@ from shapely.geometry import Polygon
 class Nucleus:
     """A segmented nucleus in level-0 (full-resolution) pixel coordinates of its image.
 
-    ``measurements`` uses QuPath's naming style (units in the name) because the
-    dict goes unchanged into QuPath's measurement list.
+    ``measurements`` uses the names QuPath's Cell detection writes because the
+    dict goes unchanged into QuPath's measurement list. With ``cell`` set the
+    object is a QuPath cell: ``cell`` its ROI, ``polygon`` its nucleus ROI.
     """
 
     polygon: Polygon
     probability: float
     measurements: dict[str, float] = field(default_factory=dict)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    cell: Polygon | None = None  # the cell around the nucleus (QuPath cell object) when cells were asked for
 
     @property
     def centroid(self) -> tuple[float, float]:

@@ -221,8 +221,9 @@ def release(entry: Any) -> None:
 def write_nuclei(entry: Any, nuclei: Sequence[Nucleus], tag: str, class_name: str = NUCLEUS_CLASS) -> tuple[int, int]:
     """Replace this tool's earlier detections of ``entry`` by ``nuclei``; returns (removed, added).
 
-    Only detections whose name carries our tag are removed: whatever a person
-    drew or another tool made stays. Bulk, without hierarchy events per object.
+    Only detections (cells included) whose name carries our tag are removed:
+    whatever a person drew or another tool made stays. Nuclei with a cell are
+    written as QuPath cell objects. Bulk, without hierarchy events per object.
     """
     from paquo.classes import QuPathPathClass
 
@@ -234,7 +235,10 @@ def write_nuclei(entry: Any, nuclei: Sequence[Nucleus], tag: str, class_name: st
             proxy = hierarchy.detections  # property without setter: rebind a local, not the attribute
             proxy -= ours
         for n in nuclei:
-            obj = hierarchy.add_detection(n.polygon, path_class, measurements_for_qupath(n))
+            if n.cell is not None:  # a QuPath cell: cell ROI with the nucleus ROI inside
+                obj = hierarchy.add_cell(n.cell, path_class, measurements_for_qupath(n), nucleus_roi=n.polygon)
+            else:
+                obj = hierarchy.add_detection(n.polygon, path_class, measurements_for_qupath(n))
             obj.name = tag
     return len(ours), len(nuclei)
 

@@ -13,7 +13,9 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from dannucnet.errors import InputError
 from dannucnet.geometry.ownership import Rect
+from dannucnet.geometry.qupath_stains import Stains
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.limits import MAX_COORDINATE, coordinate
@@ -25,14 +27,18 @@ def nuclei_to_proto(nuclei: Sequence[Nucleus]) -> list[pb.Nucleus]:
     if not nuclei:
         return []
     wkbs = shapely.to_wkb(np.asarray([n.polygon for n in nuclei], dtype=object))
+    cells = np.empty(len(nuclei), dtype=object)
+    cells[:] = [n.cell for n in nuclei]
+    cell_wkbs = shapely.to_wkb(cells)  # None stays None: no cell, empty bytes
     return [
         pb.Nucleus(
             id=n.id,
             polygon_wkb=bytes(w),
             probability=float(n.probability),
             measurements={k: float(v) for k, v in n.measurements.items()},
+            cell_wkb=bytes(c) if c is not None else b"",
         )
-        for n, w in zip(nuclei, wkbs)
+        for n, w, c in zip(nuclei, wkbs, cell_wkbs)
     ]
 
 
@@ -41,10 +47,30 @@ def nuclei_from_proto(messages: Iterable[pb.Nucleus]) -> list[Nucleus]:
     if not messages:
         return []
     polygons = shapely.from_wkb([m.polygon_wkb for m in messages])
+    cells = shapely.from_wkb([m.cell_wkb or None for m in messages])
     return [
-        Nucleus(polygon=poly, probability=m.probability, measurements=dict(m.measurements), id=m.id)
-        for m, poly in zip(messages, polygons)
+        Nucleus(polygon=poly, probability=m.probability, measurements=dict(m.measurements), id=m.id, cell=cell)
+        for m, poly, cell in zip(messages, polygons, cells)
     ]
+
+
+def stains_to_proto(stains: Stains) -> pb.StainVectors:
+    rows = [pb.StainVector(name=n, r=v[0], g=v[1], b=v[2]) for n, v in zip(stains.names, stains.vectors)]
+    return pb.StainVectors(name=stains.name, stains=rows[:2] if stains.residual else rows,
+                           max_red=stains.background[0], max_green=stains.background[1],
+                           max_blue=stains.background[2])
+
+
+def stains_from_proto(msg: pb.StainVectors) -> Stains:
+    """QuPath's ColorDeconvolutionStains from a request; a zero background means 255 (8-bit)."""
+    if len(msg.stains) not in (2, 3):
+        raise invalid(f"options.stains has {len(msg.stains)} stain vectors: give 2 or 3")
+    background = tuple(v if v > 0 else 255.0 for v in (msg.max_red, msg.max_green, msg.max_blue))
+    try:
+        return Stains.make(msg.name or "Custom", [(s.name or f"Stain {i + 1}", np.array([s.r, s.g, s.b]))
+                                                  for i, s in enumerate(msg.stains)], background)
+    except InputError as e:
+        raise invalid(f"options.stains: {e}") from None
 
 
 def rect_to_proto(rect: Rect) -> pb.Rect:

@@ -53,6 +53,7 @@ QUERY_ALIASES = {
     "coreHeight": "core.height",
     "threshold": "options.threshold",
     "minAreaMicrons2": "options.minAreaMicrons2",
+    "cellExpansionMicrons": "options.cellExpansionMicrons",
 }
 RESERVED_QUERY = ("alt",)
 

@@ -81,7 +81,9 @@ class Server:
                 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
             try:
-                self.gateway = build_gateway(cfg.host, cfg.http_port, self.service, self.checker, ssl_context=ctx)
+                card = self.batched.card  # tags every GeoJSON object dannucnet:<model>@<version> (what a rerun replaces)
+                self.gateway = build_gateway(cfg.host, cfg.http_port, self.service, self.checker, ssl_context=ctx,
+                                             geojson_metadata={"model": card.name, "model_version": card.version})
             except OSError as exc:
                 self.grpc_server.stop(0)
                 raise _cannot_listen("HTTP", _join(cfg.host, cfg.http_port), "--http-port", exc) from None

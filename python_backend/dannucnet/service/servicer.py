@@ -292,6 +292,8 @@ class SegmentationService:
 
     def _options(self, msg: pb.SegmentOptions | None):
         from dannucnet.pipeline import SegmentOptions
+        from dannucnet.pipeline.options import MAX_CELL_EXPANSION_UM
+        from dannucnet.service.convert import stains_from_proto
 
         options = SegmentOptions()
         if msg is None:
@@ -306,6 +308,12 @@ class SegmentationService:
             changes["min_area_um2"] = in_range(
                 msg.min_area_microns2, "options.minAreaMicrons2", 0.0, MAX_MIN_AREA_UM2, what=" µm² (a nucleus is 20-200)"
             )
+        if msg.HasField("cell_expansion_microns"):
+            changes["cell_expansion_um"] = in_range(
+                msg.cell_expansion_microns, "options.cellExpansionMicrons", 0.0, MAX_CELL_EXPANSION_UM, what=" µm"
+            )
+        if msg.HasField("stains"):
+            changes["stains"] = stains_from_proto(msg.stains)
         return dataclasses.replace(options, **changes) if changes else options
 
     def _status(self, exc: BaseException, rpc: str) -> ServiceError:

@@ -76,12 +76,42 @@ class Rect(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., width: _Optional[float] = ..., height: _Optional[float] = ...) -> None: ...
 
 class SegmentOptions(_message.Message):
-    __slots__ = ("threshold", "min_area_microns2")
+    __slots__ = ("threshold", "min_area_microns2", "cell_expansion_microns", "stains")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_AREA_MICRONS2_FIELD_NUMBER: _ClassVar[int]
+    CELL_EXPANSION_MICRONS_FIELD_NUMBER: _ClassVar[int]
+    STAINS_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     min_area_microns2: float
-    def __init__(self, threshold: _Optional[float] = ..., min_area_microns2: _Optional[float] = ...) -> None: ...
+    cell_expansion_microns: float
+    stains: StainVectors
+    def __init__(self, threshold: _Optional[float] = ..., min_area_microns2: _Optional[float] = ..., cell_expansion_microns: _Optional[float] = ..., stains: _Optional[_Union[StainVectors, _Mapping]] = ...) -> None: ...
+
+class StainVector(_message.Message):
+    __slots__ = ("name", "r", "g", "b")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    R_FIELD_NUMBER: _ClassVar[int]
+    G_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    r: float
+    g: float
+    b: float
+    def __init__(self, name: _Optional[str] = ..., r: _Optional[float] = ..., g: _Optional[float] = ..., b: _Optional[float] = ...) -> None: ...
+
+class StainVectors(_message.Message):
+    __slots__ = ("name", "stains", "max_red", "max_green", "max_blue")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STAINS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RED_FIELD_NUMBER: _ClassVar[int]
+    MAX_GREEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stains: _containers.RepeatedCompositeFieldContainer[StainVector]
+    max_red: float
+    max_green: float
+    max_blue: float
+    def __init__(self, name: _Optional[str] = ..., stains: _Optional[_Iterable[_Union[StainVector, _Mapping]]] = ..., max_red: _Optional[float] = ..., max_green: _Optional[float] = ..., max_blue: _Optional[float] = ...) -> None: ...
 
 class SegmentRegionRequest(_message.Message):
     __slots__ = ("image", "origin_x", "origin_y", "downsample", "pixel_size_microns", "core", "clip_wkb", "options")
@@ -104,7 +134,7 @@ class SegmentRegionRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_microns: _Optional[float] = ..., core: _Optional[_Union[Rect, _Mapping]] = ..., clip_wkb: _Optional[bytes] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ...) -> None: ...
 
 class Nucleus(_message.Message):
-    __slots__ = ("id", "polygon_wkb", "probability", "measurements")
+    __slots__ = ("id", "polygon_wkb", "probability", "measurements", "cell_wkb")
     class MeasurementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,11 +146,13 @@ class Nucleus(_message.Message):
     POLYGON_WKB_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    CELL_WKB_FIELD_NUMBER: _ClassVar[int]
     id: str
     polygon_wkb: bytes
     probability: float
     measurements: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[str] = ..., polygon_wkb: _Optional[bytes] = ..., probability: _Optional[float] = ..., measurements: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    cell_wkb: bytes
+    def __init__(self, id: _Optional[str] = ..., polygon_wkb: _Optional[bytes] = ..., probability: _Optional[float] = ..., measurements: _Optional[_Mapping[str, float]] = ..., cell_wkb: _Optional[bytes] = ...) -> None: ...
 
 class SegmentRegionResponse(_message.Message):
     __slots__ = ("nuclei", "nucleus_count", "timings_ms")
