@@ -282,14 +282,14 @@ def background_server(tmp_path_factory):
     if shutil.which("java") is None or shutil.which("npm") is None:
         yield None  # every test that needs the server skips for want of Groovy
         return
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "dannucnet", "serve", "--port", "0", "--http-port", str(port), "--model", "untrained",
+    # Port 0 for both: the server picks free ports (no race with other processes) and prints them.
+    cmd = [sys.executable, "-m", "dannucnet", "serve", "--port", "0", "--http-port", "0", "--model", "untrained",
            "--device", "cpu", "--token", TOKEN, "--grace", "1"]
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        yield proc, f"http://127.0.0.1:{port}", log
+        yield proc, log
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -300,21 +300,29 @@ def background_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tooling, background_server):
-    proc, url, log = background_server
+def addresses(tooling, background_server) -> dict[str, str]:
+    """The HTTP URL and gRPC address the server printed, once it answers /healthz."""
+    proc, log = background_server
     deadline = time.monotonic() + 180
     while True:
         if proc.poll() is not None:
             pytest.fail(f"dannucnet serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        printed = dict(re.findall(r"^(HTTP|gRPC)\s+(\S+)", log.read_text(encoding="utf-8"), re.M))
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return url
+            if "HTTP" in printed:
+                with urllib.request.urlopen(printed["HTTP"] + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return {"http": printed["HTTP"].rstrip("/"), "grpc": printed["gRPC"]}
         except OSError:
             pass
         if time.monotonic() > deadline:
             pytest.fail(f"dannucnet serve did not answer within 180 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(addresses) -> str:
+    return addresses["http"]
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +398,29 @@ def test_chunked_run_owns_each_nucleus_once(served):
     for i, a in enumerate(small):
         for b in small[i + 1:]:
             assert a.intersection(b).area < 0.5 * min(a.area, b.area)
+
+
+def test_python_door_gives_the_same_nuclei(served, addresses):
+    """`dannucnet batch` through a server (segment_image_via_server) finds what the script finds: same plan,
+    same pixels, same nuclei and measurements."""
+    out, config = served
+    from dannucnet.client import DanNucNetClient, segment_image_via_server
+    from dannucnet.pipeline import SegmentOptions
+    from dannucnet.slides import open_image
+
+    options = SegmentOptions(threshold=THRESHOLD, chunk_size=config["chunkPx"], skip_background=False)
+    with DanNucNetClient(addresses["grpc"], token=TOKEN, retries=0) as client, \
+            open_image(config["image"], mpp=config["mpp"]) as source:
+        python = [n for batch in segment_image_via_server(client, source, options=options,
+                                                          rois=[wkt.loads(config["roiWkt"])]) for n in batch]
+    groovy = out["chunked"]["nuclei"]
+    assert len(python) == len(groovy) > 0
+    by_centroid = {(round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3)): n for n in python}
+    for n in groovy:
+        match = by_centroid[(round(n["centroid"][0], 3), round(n["centroid"][1], 3))]
+        assert shapely.normalize(wkt.loads(n["nucleus"])).equals_exact(shapely.normalize(match.polygon), 1e-6)
+        expected = {**match.measurements, "Detection probability": match.probability}
+        assert n["measurements"] == pytest.approx(expected)
 
 
 def test_interrupt_stops_promptly_and_drops_late_answers(served):
