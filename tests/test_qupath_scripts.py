@@ -483,7 +483,7 @@ def test_whole_script_on_qupath_classes(tooling, server, tmp_path):
         ("threshold           : null", f"threshold           : {THRESHOLD}"),
         ("chunkSizePx         : null", "chunkSizePx         : 256"),
         # the server of this branch may not know cells yet: nucleus detections (cells need options.cellExpansionMicrons)
-        ("cellExpansionMicrons: 5.0", "cellExpansionMicrons: null"),
+        ("cellExpansionMicrons: 5.0,", "cellExpansionMicrons: null,"),
     ]:
         assert old in text
         text = text.replace(old, new)
