@@ -285,7 +285,10 @@ def background_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # Port 0 for both: the server picks free ports (no race with other processes) and prints them.
     cmd = [sys.executable, "-m", "dannucnet", "serve", "--port", "0", "--http-port", "0", "--model", "untrained",
-           "--device", "cpu", "--token", TOKEN, "--grace", "1"]
+           "--device", "cpu", "--token", TOKEN, "--grace", "1",
+           # one tile per forward pass: a tile's probabilities then never depend on which other request's tiles
+           # shared its batch (batch 1 vs 2 differ by ~3e-7 on CPU), so two doors can be compared exactly
+           "--max-batch", "1"]
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     try:
