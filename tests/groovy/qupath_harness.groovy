@@ -78,18 +78,23 @@ Map describe(PathObject o) {
 
 Map out = [:]
 
-// 1. Three annotations: a classified polygon (with an earlier nucleus and a hand-drawn child to keep),
-//    a locked rectangle, and a "Nucleus" annotation that must not be treated as a parent.
+// 1. Three annotations: a classified polygon (with an object of an earlier run, a Nucleus detection another
+//    tool made and a hand-drawn child to keep), a locked rectangle, and a "Nucleus" annotation that must
+//    not be treated as a parent.
 ImageData<BufferedImage> data = newImage(pixels, cfg.mpp as Double)
 def hierarchy = data.getHierarchy()
 PathObject tumor = annotation('POLYGON ((10 10, 120 20, 110 120, 15 100, 10 10))', 'Tumor')
 tumor.setName('tumor')
-PathObject old = PathObjects.createDetectionObject(
-        GeometryTools.geometryToROI(new WKTReader().read('POLYGON ((50 50, 60 50, 60 60, 50 60, 50 50))'), ImagePlane.getDefaultPlane()),
-        PathClass.fromString('Nucleus'))
+PathObject detection(String wkt) {
+    return PathObjects.createDetectionObject(GeometryTools.geometryToROI(new WKTReader().read(wkt), ImagePlane.getDefaultPlane()),
+            PathClass.fromString('Nucleus'))
+}
+PathObject oldOurs = detection('POLYGON ((50 50, 60 50, 60 60, 50 60, 50 50))')
+oldOurs.setName('dannucnet:untrained@0')
+PathObject otherTool = detection('POLYGON ((70 70, 80 70, 80 80, 70 80, 70 70))')
 PathObject keep = annotation('POLYGON ((20 20, 30 20, 30 30, 20 30, 20 20))', 'Keep me')
 keep.setName('keep')
-tumor.addChildObjects([old, keep])
+tumor.addChildObjects([oldOurs, otherTool, keep])
 PathObject box = annotation('POLYGON ((140 140, 250 140, 250 250, 140 250, 140 140))', null)
 box.setName('box')
 box.setLocked(true)
@@ -97,20 +102,21 @@ PathObject drawnNucleus = annotation('POLYGON ((200 20, 210 20, 210 30, 200 30, 
 drawnNucleus.setName('drawn nucleus')
 [tumor, box, drawnNucleus].each { hierarchy.addObject(it) }
 hierarchy.getSelectionModel().setSelectedObject(null)
-out.oldId = old.getID().toString()
+out.oldOursId = oldOurs.getID().toString()
+out.otherToolId = otherTool.getID().toString()
 
 long t0 = System.nanoTime()
 out.firstError = runScript(scriptText, data)
 out.firstMs = (System.nanoTime() - t0) / 1e6
 out.first = describe(hierarchy.getRootObject())
 
-// 2. Again: earlier nuclei are replaced, not doubled.
+// 2. Again: this script's earlier objects are replaced, not doubled.
 out.secondError = runScript(scriptText, data)
 out.second = describe(hierarchy.getRootObject())
 
 // 3. Only the selected annotation when one is selected.
 hierarchy.getSelectionModel().setSelectedObject(box)
-out.selectedError = runScript(scriptText.replace("replaceNuclei   : true", "replaceNuclei   : false"), data)
+out.selectedError = runScript(scriptText.replace('replacePrevious     : true', 'replacePrevious     : false'), data)
 out.selected = describe(hierarchy.getRootObject())
 hierarchy.getSelectionModel().setSelectedObject(null)
 
@@ -131,7 +137,7 @@ PathObject victim = annotation('POLYGON ((0 0, 256 0, 256 256, 0 256, 0 0))', 'T
 victim.setName('victim')
 killed.getHierarchy().addObject(victim)
 String killError = null
-Thread runner = Thread.start { killError = runScript(scriptText.replace('parallelRequests: 2', 'parallelRequests: 1'), killed) }
+Thread runner = Thread.start { killError = runScript(scriptText.replace('parallelRequests    : 2', 'parallelRequests    : 1'), killed) }
 Thread.sleep((cfg.killAfterMs ?: 1500) as long)
 long killAt = System.nanoTime()
 runner.interrupt()

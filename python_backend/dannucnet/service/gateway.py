@@ -76,6 +76,7 @@ ROUTES = (
     Route("GET", "/v1/model", "GetModelInfo"),
     Route("POST", "/v1/segment", "SegmentRegion", render="geojson"),
     Route("POST", "/v1/slide", "SegmentSlide", render="ndjson"),
+    Route("POST", "/v1/plan", "PlanRegion"),
 )
 
 
@@ -403,6 +404,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
                 self._send_json(200, _to_json(outcome.to_proto()))
         elif route.rpc == "SegmentSlide":
             self._stream(service.segment_slide(request, call))
+        elif route.rpc == "PlanRegion":
+            self._send_json(200, _to_json(service.plan_region(request, call)))
         else:  # pragma: no cover - ROUTES and this dispatch are edited together
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, f"{route.rpc} has no HTTP binding")
 

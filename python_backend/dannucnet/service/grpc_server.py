@@ -41,6 +41,12 @@ class GrpcSegmentationServicer(pb_grpc.SegmentationServicer):
         except ServiceError as exc:
             context.abort(exc.code, exc.message)
 
+    def PlanRegion(self, request, context):  # noqa: N802
+        try:
+            return self.service.plan_region(request, call_from_context(context))
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)
+
     def SegmentSlide(self, request, context) -> Iterator[pb.SegmentSlideResponse]:  # noqa: N802
         try:
             yield from self.service.segment_slide(request, call_from_context(context))

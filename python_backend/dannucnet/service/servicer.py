@@ -274,6 +274,17 @@ class SegmentationService:
         finally:
             source.close()
 
+    # ---- PlanRegion ---------------------------------------------------
+    def plan_region(self, request: pb.PlanRegionRequest, call: Call | None = None) -> pb.PlanRegionResponse:
+        """Chunk plan and pixel-size verdict for a client that reads pixels itself (``service.plan``)."""
+        from dannucnet.service.plan import plan_region
+
+        try:
+            options = self._options(request.options if request.HasField("options") else None)
+            return plan_region(request, float(self.predictor.card.mpp), options)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            raise self._status(exc, "PlanRegion") from None
+
     # ---- helpers --------------------------------------------------------
     def _check_resampled(self, width: int, height: int, region_mpp: float) -> None:
         """The engine rescales to the model's pixel size: coarse pixels grow, so check that size too,

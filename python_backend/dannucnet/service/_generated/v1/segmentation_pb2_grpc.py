@@ -50,6 +50,11 @@ class SegmentationStub:
                 request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.SerializeToString,
                 response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.FromString,
                 _registered_method=True)
+        self.PlanRegion = channel.unary_unary(
+                '/dannucnet.v1.Segmentation/PlanRegion',
+                request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.SerializeToString,
+                response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServicer:
@@ -80,6 +85,16 @@ class SegmentationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanRegion(self, request, context):
+        """Plans one parent region for a client that reads the pixels itself (the
+        QuPath script): the pixel size to use (or why there is none), the
+        downsample, and per chunk the level-0 rectangle to read, the core it owns
+        and its clip. The same planner as SegmentSlide, so every door chunks alike.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +112,11 @@ def add_SegmentationServicer_to_server(servicer, server):
                     servicer.SegmentSlide,
                     request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.FromString,
                     response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.SerializeToString,
+            ),
+            'PlanRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRegion,
+                    request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.FromString,
+                    response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +201,33 @@ class Segmentation:
             '/dannucnet.v1.Segmentation/SegmentSlide',
             dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.SerializeToString,
             dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dannucnet.v1.Segmentation/PlanRegion',
+            dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.SerializeToString,
+            dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,
