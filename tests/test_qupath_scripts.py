@@ -403,6 +403,27 @@ def test_chunked_run_owns_each_nucleus_once(served):
             assert a.intersection(b).area < 0.5 * min(a.area, b.area)
 
 
+def test_cells_through_the_real_server(served):
+    """The shipped setting (cellExpansionMicrons 5) with the image's stains: the server answers cells the script turns
+    into cell objects: each cell holds its nucleus, cells never overlap, QuPath's Cell detection names come back."""
+    out, _ = served
+    assert out["cellOptions"]["cellExpansionMicrons"] == 5.0 and len(out["cellOptions"]["stains"]["stains"]) == 2
+    cells = out["cells"]
+    assert len(cells) >= 3
+    shapes = []
+    for n in cells:
+        nucleus, cell = wkt.loads(n["nucleus"]), wkt.loads(n["cell"])
+        assert cell.is_valid and nucleus.is_valid and cell.buffer(1e-6).contains(nucleus) and cell.area > nucleus.area
+        m = n["measurements"]
+        for name in ("Nucleus: Area", "Cell: Area", "Cytoplasm: Hematoxylin OD mean", "Nucleus/Cell area ratio"):
+            assert name in m, name
+        assert m["Nucleus/Cell area ratio"] == pytest.approx(m["Nucleus: Area"] / m["Cell: Area"], rel=1e-3)
+        shapes.append(cell)
+    for i, a in enumerate(shapes):
+        for b in shapes[i + 1:]:
+            assert a.intersection(b).area < 1e-6
+
+
 def test_python_door_gives_the_same_nuclei(served, addresses):
     """`dannucnet batch` through a server (segment_image_via_server) finds what the script finds: same plan,
     same pixels, same nuclei and measurements."""

@@ -123,6 +123,17 @@ if (cfg.mode == 'server') {
         found.addAll(plainNuclei(nuclei).nuclei.collect { it + [chunk: c.index] })
     }
     out.chunked = [nuclei: found, maxRunning: maxRunning.get(), order: order]
+    // Cells, as the shipped settings ask for them (cellExpansionMicrons 5) with the image's stains: first chunk only.
+    Map cellSettings = DnnSettings.parse([threshold: cfg.threshold, cellExpansionMicrons: 5.0, chunkSizePx: cfg.chunkPx], [:])
+    Map cellOptions = DnnWire.options(cellSettings, DnnWire.stains(new FakeStains(name: 'H&E default', maxRed: 255,
+            maxGreen: 255, maxBlue: 255, vectors: [new FakeVector(name: 'Hematoxylin', red: 0.651, green: 0.701, blue: 0.290),
+                                                   new FakeVector(name: 'Eosin', red: 0.216, green: 0.801, blue: 0.558)])))
+    Map first = plan.chunks[0]
+    Map fr = first.read
+    java.awt.image.BufferedImage firstCrop = image.getSubimage(fr.x as int, fr.y as int, fr.width as int, fr.height as int)
+    out.cells = plainNuclei(DnnWire.nuclei(client.post('/v1/segment?alt=json',
+            DnnWire.segment(firstCrop, first, plan.pixelSizeMicrons as double, cellOptions)))).nuclei
+    out.cellOptions = cellOptions
     // "Kill running script": interrupt the waiting thread after the first chunk has come back.
     Thread caller = Thread.currentThread()
     int afterInterrupt = 0
