@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dannucnet.atomic import write_text
 from dannucnet.errors import ModelError
 from dannucnet.model.network import ModelConfig
 
@@ -48,9 +49,7 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
     def save(self, directory: Path) -> Path:
-        path = Path(directory) / CARD_FILE
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
-        return path
+        return write_text(Path(directory) / CARD_FILE, self.to_json() + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> ModelCard:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dannucnet.atomic import atomic_path
 from dannucnet.errors import ModelError
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from dannucnet.model.network import DANNucNet
@@ -32,14 +32,8 @@ def save_model(directory: str | os.PathLike[str], network: DANNucNet, card: Mode
     directory.mkdir(parents=True, exist_ok=True)
     card.architecture = network.config.to_dict()
     state = {k: _stored(v.detach().to("cpu"), half).contiguous() for k, v in network.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"name": card.name, "version": card.version})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"name": card.name, "version": card.version})
     card.save(directory)
     return directory
 
