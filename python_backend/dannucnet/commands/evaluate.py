@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
+    _refuse_clobbering(args, dataset)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
     predictor = load_predictor(args)
 
@@ -131,3 +132,20 @@ def _record_in_card(model_dir: str, result, split: str, data: str) -> None:  # n
     }
     write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     print(f"scores recorded in {card_path}")
+
+
+#: What ``evaluate.report.write_report`` writes into ``--report DIR``.
+REPORT_FILES = ("report.md", "evaluation.json", "organ_bars.png", "per_image_box.png")
+
+
+def _refuse_clobbering(args: argparse.Namespace, dataset) -> None:  # noqa: ANN001 - formats.dataset.Dataset
+    """Neither --json nor the report may replace a file of the dataset or the model, nor each other."""
+    from dannucnet.outputs import model_inputs, refuse_clobbering
+
+    data = [("--data", args.data), ("--data", Path(args.data) / "dataset.json")]
+    for s in dataset.samples:
+        data += [("--data", s.image_path), ("--data", s.label_path), ("--data", s.region_path)]
+    report = [("--report", args.report)]
+    if args.report:
+        report += [("--report", Path(args.report) / name) for name in REPORT_FILES]
+    refuse_clobbering(data + model_inputs(args.model), [("--json", args.json_out), *report])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from dannucnet.atomic import atomic_path
+from dannucnet.atomic import write_bytes
 from dannucnet.errors import ModelError
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from dannucnet.model.network import DANNucNet
@@ -32,8 +32,8 @@ def save_model(directory: str | os.PathLike[str], network: DANNucNet, card: Mode
     directory.mkdir(parents=True, exist_ok=True)
     card.architecture = network.config.to_dict()
     state = {k: _stored(v.detach().to("cpu"), half).contiguous() for k, v in network.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"name": card.name, "version": card.version})
+    # serialised in memory (a few MB): safetensors' save_file writes its own 0600 file over any path it is given
+    write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"name": card.name, "version": card.version}))
     card.save(directory)
     return directory
 
