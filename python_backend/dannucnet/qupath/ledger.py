@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dannucnet.atomic import write_text
+from dannucnet.atomic import atomic_open
 from dannucnet.errors import OutputError
 
 LEDGER_NAME = "dannucnet-batch.json"
@@ -39,7 +39,8 @@ def ledger_path(project_file: Path) -> Path:
 
 def atomic_write_json(path: Path, document: Any) -> None:
     """Write JSON so a crash leaves either the old or the new file, never half of one."""
-    write_text(path, json.dumps(document, indent=2, sort_keys=True))
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=2, sort_keys=True)
 
 
 class Ledger:
