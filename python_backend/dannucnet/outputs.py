@@ -18,8 +18,9 @@ beside an output need no check: :mod:`dannucnet.atomic` creates them with
 
 Each path comes with the label the user typed (``-o``, ``--overlay``,
 ``input``...), so the message says which two arguments collide. Cost: one
-``realpath`` and one ``stat`` per path, and dictionary look-ups, so a
-10,000-slide cohort is checked in well under a second.
+``realpath`` and one ``stat`` per path, and dictionary look-ups: a 10,000-slide
+``batch-slides`` (10,000 inputs, 30,000 outputs and records) took 0.55-0.72 s
+on the 2-core build machine under load.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def _inode(path: PathLike) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if st.st_ino else None  # st_ino is 0 where the platform has none
 
 
+def _identity(path: PathLike) -> tuple[str, tuple[int, int] | None]:
+    return _real(path), _inode(path)
+
+
 class _Known:
     """Paths seen so far, found again by resolved name or by inode."""
 
@@ -58,16 +63,16 @@ class _Known:
         self.by_name: dict[str, Named] = {}
         self.by_inode: dict[tuple[int, int], Named] = {}
 
-    def find(self, path: PathLike) -> Named | None:
-        hit = self.by_name.get(_real(path))
-        inode = _inode(path)
+    def find(self, identity: tuple[str, tuple[int, int] | None]) -> Named | None:
+        name, inode = identity
+        hit = self.by_name.get(name)
         if hit is None and inode is not None:
             hit = self.by_inode.get(inode)
         return hit
 
-    def add(self, label: str, path: PathLike) -> None:
-        self.by_name.setdefault(_real(path), (label, path))
-        inode = _inode(path)
+    def add(self, label: str, path: PathLike, identity: tuple[str, tuple[int, int] | None] | None = None) -> None:
+        name, inode = identity or _identity(path)
+        self.by_name.setdefault(name, (label, path))
         if inode is not None:
             self.by_inode.setdefault(inode, (label, path))
 
@@ -85,19 +90,20 @@ def refuse_clobbering(
         known_inputs.add(label, path)
     known_outputs = _Known()
     for label, path in _given(outputs):
-        hit = known_inputs.find(path)
+        identity = _identity(path)
+        hit = known_inputs.find(identity)
         if hit is not None:
             raise InputError(
                 f"{label} {os.fspath(path)} resolves to {hit[0]} {os.fspath(hit[1])}: writing it would destroy "
                 f"that input; choose another output (nothing was written)"
             )
-        hit = known_outputs.find(path)
+        hit = known_outputs.find(identity)
         if hit is not None:
             raise InputError(
                 f"{label} {os.fspath(path)} resolves to {hit[0]} {os.fspath(hit[1])}: one output would "
                 f"overwrite the other; give them different names (nothing was written)"
             )
-        known_outputs.add(label, path)
+        known_outputs.add(label, path, identity)
     folders = _Known()
     for label, path in _given(replaced):
         folders.add(label, path)
@@ -105,7 +111,7 @@ def refuse_clobbering(
         return
     for label, path in _given(inputs):
         for ancestor in (Path(_real(path)), *Path(_real(path)).parents):
-            hit = folders.find(ancestor)
+            hit = folders.find(_identity(ancestor))
             if hit is not None:
                 raise InputError(
                     f"{hit[0]} {os.fspath(hit[1])} would be replaced, and it holds {label} {os.fspath(path)}; "
