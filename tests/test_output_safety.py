@@ -255,6 +255,19 @@ def test_atomic_writer_never_replaces_a_file_named_like_its_temporary(tmp_path, 
     assert squatter.read_bytes() == b"someone else's"
 
 
+def test_temporary_files_a_signal_orphaned_are_removed(tmp_path):
+    """A signal can land after the temporary file exists but before its writer is assigned; the
+    CLI then calls remove_pending(), which knows every uncommitted temporary file of the process."""
+    from dannucnet.atomic import remove_pending
+
+    orphan = AtomicFile(tmp_path / "a.json")  # as if the exception struck before anyone kept it
+    committed = AtomicFile(tmp_path / "b.json")
+    committed.commit()
+    assert orphan.tmp.exists()
+    assert remove_pending() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
 def test_atomic_writer_follows_a_symlinked_output(tmp_path):
     real = tmp_path / "real.json"
     real.write_text("old")

@@ -21,9 +21,11 @@ PNG, TIFF, safetensors, JSON records) uses it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -36,16 +38,57 @@ _MAX_STEM = 200
 _ATTEMPTS = 100
 
 
+# Temporary files of this process not yet renamed or removed. A signal can strike between any two
+# bytecodes, e.g. after os.open returned but before the writer holding the file was assigned, where
+# no ``finally`` knows the file yet; so every one is registered *before* it is created, and
+# remove_pending() (called by the CLI after an interrupt, and at exit) removes what is left.
+_pending: set[Path] = set()
+_pending_lock = threading.Lock()
+
+
+def _register(tmp: Path) -> None:
+    with _pending_lock:
+        _pending.add(tmp)
+
+
+def _forget(tmp: Path) -> None:
+    with _pending_lock:
+        _pending.discard(tmp)
+
+
+def remove_pending() -> int:
+    """Remove every temporary file this process created and has not committed; returns how many."""
+    with _pending_lock:
+        leftovers = list(_pending)
+        _pending.clear()
+    removed = 0
+    for tmp in leftovers:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+atexit.register(remove_pending)
+if hasattr(os, "register_at_fork"):  # a forked child must never remove its parent's files
+    os.register_at_fork(after_in_child=_pending.clear)
+
+
 def _create_beside(destination: Path) -> tuple[Path, int]:
     """A new, empty temporary file next to ``destination`` and its descriptor."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     stem = destination.name[:_MAX_STEM]
     for _ in range(_ATTEMPTS):
         tmp = destination.with_name(f".{stem}.{secrets.token_hex(4)}{PART_SUFFIX}")
+        _register(tmp)  # before it exists: see _pending
         try:
             return tmp, os.open(tmp, flags, 0o666)  # the kernel applies the umask to 0o666
         except FileExistsError:
+            _forget(tmp)  # someone else's file: never ours to remove
             continue
+        except OSError:
+            _forget(tmp)
+            raise
     raise FileExistsError(f"no free temporary name beside {destination} after {_ATTEMPTS} tries")
 
 
@@ -97,6 +140,7 @@ class AtomicFile:
             os.fsync(self._fd)
             self._close()
             os.replace(self.tmp, self.destination)
+            _forget(self.tmp)
         except OSError as exc:
             self.abort()
             raise _error(self.target, exc) from None
@@ -116,6 +160,7 @@ class AtomicFile:
             self._close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
+        _forget(self.tmp)
 
     def _close(self) -> None:
         handle, self._handle = self._handle, None

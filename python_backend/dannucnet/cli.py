@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 from dannucnet import __version__
+from dannucnet.atomic import remove_pending
 from dannucnet.errors import DanNucNetError
 
 COMMAND_MODULES = (
@@ -109,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dannucnet {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
+        remove_pending()  # a temporary file the signal caught before any ``finally`` knew of it
         print(f"dannucnet {args.command}: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
         return TERMINATED_EXIT
     except KeyboardInterrupt:
+        remove_pending()
         print(f"dannucnet {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -199,10 +199,14 @@ class GeoJSONWriter:
 
     def open(self) -> None:
         self._file = AtomicFile(self.path)
-        raw = self._file.open("wb", buffering=1 << 20)
-        self._raw = raw
-        self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0) if self._gzip else raw
-        self._fh.write(b'{"type":"FeatureCollection","features":[')
+        try:
+            raw = self._file.open("wb", buffering=1 << 20)
+            self._raw = raw
+            self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0) if self._gzip else raw
+            self._fh.write(b'{"type":"FeatureCollection","features":[')
+        except BaseException:  # ``with`` calls __exit__ only once __enter__ has returned
+            self.abort()
+            raise
 
     def write(self, nuclei: Iterable[Nucleus]) -> int:
         """Append nuclei; returns how many were written.
