@@ -8,12 +8,17 @@ the pipeline (segment, serve, batch, ...) grow without touching the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 from dannucnet import __version__
+from dannucnet.atomic import remove_pending
 from dannucnet.errors import DanNucNetError
 
 COMMAND_MODULES = (
@@ -28,6 +33,39 @@ COMMAND_MODULES = (
     "batch_slides",
     "synth",
 )
+
+
+#: Commands that install their own SIGTERM handling (``serve`` drains its requests first).
+OWN_SIGTERM_HANDLING = frozenset({"serve"})
+#: Exit status after SIGTERM: 128 + 15, as a shell reports a process the signal ended.
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a supervisor, ``kill``, a job scheduler), delivered exactly like Ctrl-C.
+
+    Raising it in the main thread unwinds the same ``with``/``finally`` blocks as SIGINT, so the
+    atomic writers remove their ``.part`` files and workers are shut down; without it SIGTERM
+    killed the process on the spot and left them behind.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated`; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load_commands() -> list[ModuleType]:
@@ -64,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    signals = contextlib.nullcontext() if args.command in OWN_SIGTERM_HANDLING else sigterm_as_interrupt()
     try:
-        return int(args._run(args) or 0)
+        with signals:
+            return int(args._run(args) or 0)
     except DanNucNetError as exc:
         print(f"dannucnet {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        remove_pending()  # a temporary file the signal caught before any ``finally`` knew of it
+        print(f"dannucnet {args.command}: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
+        return TERMINATED_EXIT
     except KeyboardInterrupt:
+        remove_pending()
         print(f"dannucnet {args.command}: interrupted", file=sys.stderr)
         return 130
 

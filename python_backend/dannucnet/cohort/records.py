@@ -10,12 +10,12 @@ output itself, so a record never vouches for a file that is not complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from dannucnet.atomic import write_text
 
 DONE_SUFFIX = ".done.json"
 FAILED_SUFFIX = ".failed.json"
@@ -37,14 +37,7 @@ def _sidecar(output: Path, suffix: str) -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.qupath.regions import RegionRules
 
     pfile = project_file(args.project)
+    _refuse_clobbering(args, pfile)
     open_project(pfile, mode="r")  # fail on a missing QuPath before loading a model
     if args.server:
         segmenter = ServerSegmenter(args.server, token=args.token, options=segment_options(args))
@@ -52,3 +53,13 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_summary(rows))
     return 1 if any(r.status.startswith("failed") for r in rows) else 0
+
+
+def _refuse_clobbering(args: argparse.Namespace, pfile) -> None:  # noqa: ANN001 - Path
+    """The ledger beside the project may not be the project, nor the model live in folders QuPath rewrites."""
+    from dannucnet.outputs import model_inputs, refuse_clobbering
+    from dannucnet.qupath.batch import BACKUP_DIR
+    from dannucnet.qupath.ledger import ledger_path
+
+    refuse_clobbering([("project", pfile), *model_inputs(args.model)], [("ledger", ledger_path(pfile))],
+                      replaced=[("project", pfile.parent / "data"), ("project", pfile.parent / BACKUP_DIR)])

@@ -41,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.server and args.tta:
         raise InputError("--tta runs the model on the workers; it cannot be combined with --server")
+    slides = find_slides(args.slides)
+    _refuse_clobbering(args, slides)
     try:
         import distributed  # noqa: F401
     except ImportError:
         raise InputError("batch-slides needs Dask distributed: pip install 'dannucnet[cluster]'") from None
-    slides = find_slides(args.slides)
     bar = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
     failed = 0
@@ -75,3 +76,21 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _refuse_clobbering(args: argparse.Namespace, slides: list) -> None:
+    """No slide, slide list or model file may be one of the outputs or their .done/.failed records."""
+    from pathlib import Path
+
+    from dannucnet.cohort.inputs import output_path_for
+    from dannucnet.cohort.records import DONE_SUFFIX, FAILED_SUFFIX
+    from dannucnet.cohort.runner import OUTPUT_SUFFIX
+    from dannucnet.outputs import model_inputs, refuse_clobbering
+
+    listing = Path(args.slides)
+    inputs = [("slide", s) for s in slides] + [("slide list", listing)] * listing.is_file() + model_inputs(args.model)
+    outputs = []
+    for slide in slides:
+        out = output_path_for(slide, Path(args.output), OUTPUT_SUFFIX[args.format])
+        outputs += [("output", out), ("record", f"{out}{DONE_SUFFIX}"), ("record", f"{out}{FAILED_SUFFIX}")]
+    refuse_clobbering(inputs, outputs)

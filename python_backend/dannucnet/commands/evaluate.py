@@ -59,6 +59,7 @@ def summary_table(result) -> str:  # noqa: ANN001 - evaluate.runner.EvaluationRe
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.atomic import write_text
     from dannucnet.errors import InputError, OutputError
     from dannucnet.evaluate.runner import evaluate_model
     from dannucnet.formats.dataset import load_dataset
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
+    _refuse_clobbering(args, dataset)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
     predictor = load_predictor(args)
 
@@ -96,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.json_out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise OutputError(f"cannot write {out}: {exc}") from exc
+        write_text(out, json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"scores written to {out}")
     if args.report:
         from dannucnet.evaluate.report import write_report
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _record_in_card(model_dir: str, result, split: str, data: str) -> None:  # noqa: ANN001 - EvaluationResult
     """Write the measured scores into the model card so they travel with the weights."""
+    from dannucnet.atomic import write_text
     from dannucnet.errors import InputError
     from dannucnet.model.card import CARD_FILE
 
@@ -127,5 +130,22 @@ def _record_in_card(model_dir: str, result, split: str, data: str) -> None:  # n
         "raw_mask": result.mean("raw"),
         "by_organ_final_polygons": result.by_organ("final"),
     }
-    card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     print(f"scores recorded in {card_path}")
+
+
+#: What ``evaluate.report.write_report`` writes into ``--report DIR``.
+REPORT_FILES = ("report.md", "evaluation.json", "organ_bars.png", "per_image_box.png")
+
+
+def _refuse_clobbering(args: argparse.Namespace, dataset) -> None:  # noqa: ANN001 - formats.dataset.Dataset
+    """Neither --json nor the report may replace a file of the dataset or the model, nor each other."""
+    from dannucnet.outputs import model_inputs, refuse_clobbering
+
+    data = [("--data", args.data), ("--data", Path(args.data) / "dataset.json")]
+    for s in dataset.samples:
+        data += [("--data", s.image_path), ("--data", s.label_path), ("--data", s.region_path)]
+    report = [("--report", args.report)]
+    if args.report:
+        report += [("--report", Path(args.report) / name) for name in REPORT_FILES]
+    refuse_clobbering(data + model_inputs(args.model), [("--json", args.json_out), *report])

@@ -43,12 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dannucnet.outputs import refuse_clobbering
     from dannucnet.qupath.export import ExportOptions, export_training
     from dannucnet.qupath.project import iter_entry_data, open_project, project_file
     from dannucnet.qupath.regions import RegionRules
 
     pfile = project_file(args.project)
+    out = Path(args.output)
+    project = [("project", pfile), ("project", pfile.parent)]
+    # the writer fills OUT.partial, and --overwrite replaces OUT: neither may hold the project
+    refuse_clobbering(project, [("-o", out)], replaced=[("-o", out), ("-o", out.with_name(out.name + ".partial"))])
     qp = open_project(pfile, mode="r")
+    images = [("image", path) for path in _image_files(qp)]
+    refuse_clobbering(images, [("-o", out)], replaced=[("-o", out), ("-o", out.with_name(out.name + ".partial"))])
     rules = RegionRules(
         nucleus_classes=tuple(args.nucleus_class),
         region_classes=tuple(args.region_class) if args.region_class else None,
@@ -66,3 +75,12 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     print(f"wrote {report.output}; train with: dannucnet train --data {report.output}")
     return 0
+
+
+def _image_files(qp) -> list[str]:  # noqa: ANN001 - paquo QuPathProject
+    """Local files behind the project's images (``file:`` URIs)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    uris = (urlparse(str(entry.uri)) for entry in qp.images)
+    return [url2pathname(u.path) for u in uris if u.scheme == "file"]

@@ -25,9 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dannucnet.outputs import refuse_clobbering
+    from dannucnet.qupath.batch import BACKUP_DIR
     from dannucnet.qupath.import_geojson import read_nuclei
-    from dannucnet.qupath.project import import_nuclei
+    from dannucnet.qupath.project import import_nuclei, project_file
 
+    pfile = project_file(args.project)
+    # QuPath rewrites the project file and the image's data folder; backups are rotated
+    refuse_clobbering([("geojson", args.geojson)], [("project", pfile)],
+                      replaced=[("project", pfile.parent / "data"), ("project", pfile.parent / BACKUP_DIR)])
     data = read_nuclei(Path(args.geojson))
     name, removed, added = import_nuclei(args.project, args.image, data, force=args.force, backup=not args.no_backup)
     for rule, n in sorted(data.counts.items()):

@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dannucnet.jobs.segment_file import parse_region, segment_to_geojson
+    from dannucnet.outputs import model_inputs, refuse_clobbering
 
+    refuse_clobbering([("input", args.input), *model_inputs(args.model)],
+                      [("-o", args.output), ("--overlay", args.overlay)])
     region = parse_region(args.region) if args.region else None
     segmenter = make_segmenter(args)
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     height = int(args.height) if args.height is not None else width
     if width <= 0 or height <= 0:
         raise InputError(f"--size/--height must be positive, got {width}x{height}")
+    from dannucnet.outputs import refuse_clobbering
+
+    refuse_clobbering([], [("output", args.output), ("--labels", args.labels)])
     t0 = time.perf_counter()
     slide = write_synthetic_slide(
         args.output,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 NAME = "train"
 HELP = "train DAN-NucNet on an instance dataset folder (images/, labels/, dataset.json)"
@@ -55,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.outputs import MODEL_FILES, model_inputs, refuse_clobbering
+
+    refuse_clobbering(
+        [("--data", args.data), ("--data", Path(args.data) / "dataset.json"), *model_inputs(args.init_from, "--init-from")],
+        [("--out", args.out), *(("--out", Path(args.out) / name) for name in MODEL_FILES)],
+    )
     from dannucnet.train.loop import TrainConfig, train
 
     architecture = {

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dannucnet.atomic import atomic_path, write_text
 from dannucnet.errors import OutputError
 from dannucnet.evaluate.runner import EvaluationResult
 from dannucnet.formats.kumar_split import KUMAR_TEST_DIFF, KUMAR_TEST_SAME
@@ -208,7 +209,8 @@ def plot_organ_bars(result: EvaluationResult, path: Path) -> Path:
     ax.set_title(f"Per-organ pixel scores, split {result.split or 'all'}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -232,7 +234,8 @@ def plot_per_image_box(result: EvaluationResult, path: Path) -> Path:
     ax.set_ylabel("per-image score (%)")
     ax.set_title(f"Per-image scores, {len(result.images)} images (blue: final polygons, grey: raw mask)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -257,9 +260,8 @@ def write_report(result: EvaluationResult, directory: str | os.PathLike[str], pl
         if plots and result.images:
             names.append(plot_organ_bars(result, directory / "organ_bars.png").name)
             names.append(plot_per_image_box(result, directory / "per_image_box.png").name)
-        (directory / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-        report = directory / "report.md"
-        report.write_text(render_markdown(result, names), encoding="utf-8")
+        write_text(directory / "evaluation.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        report = write_text(directory / "report.md", render_markdown(result, names))
     except OSError as exc:
         raise OutputError(f"cannot write the report into {directory}: {exc}") from exc
     return report

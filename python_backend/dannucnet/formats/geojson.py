@@ -30,7 +30,6 @@ import gzip
 import json
 import math
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -39,6 +38,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
+from dannucnet.atomic import AtomicFile
 from dannucnet.errors import InputError, OutputError
 
 if TYPE_CHECKING:  # imported lazily: formats must not pull in the whole pipeline package
@@ -240,7 +240,7 @@ class GeoJSONWriter:
         self.extra: dict[str, Any] = {}
         self._gzip = self.path.name.endswith(".gz")
         self._compresslevel = compresslevel
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None
         self._fh: IO[bytes] | None = None
         self._raw: IO[bytes] | None = None
 
@@ -255,15 +255,15 @@ class GeoJSONWriter:
             self.abort()
 
     def open(self) -> None:
+        self._file = AtomicFile(self.path)
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.resolve().parent)
-        except OSError as e:
-            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
-        self._tmp = Path(name)
-        raw = os.fdopen(fd, "wb", buffering=1 << 20)
-        self._raw = raw
-        self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0) if self._gzip else raw
-        self._fh.write(b'{"type":"FeatureCollection","features":[')
+            raw = self._file.open("wb", buffering=1 << 20)
+            self._raw = raw
+            self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0) if self._gzip else raw
+            self._fh.write(b'{"type":"FeatureCollection","features":[')
+        except BaseException:  # ``with`` calls __exit__ only once __enter__ has returned
+            self.abort()
+            raise
 
     def write(self, nuclei: Iterable[Nucleus]) -> int:
         """Append nuclei; returns how many were written.
@@ -323,7 +323,7 @@ class GeoJSONWriter:
 
     def close(self) -> Path:
         """Finish the collection and move it into place."""
-        if self._fh is None or self._tmp is None:
+        if self._fh is None or self._file is None:
             raise OutputError("GeoJSONWriter is not open")
         try:
             fh = self._fh
@@ -334,36 +334,30 @@ class GeoJSONWriter:
             if fh is not self._raw:
                 fh.close()  # writes the gzip trailer; leaves the underlying file open
             self._fh = None
-            raw = self._raw
-            if raw is not None:
-                raw.flush()
-                os.fsync(raw.fileno())
-                raw.close()
-            os.replace(self._tmp, self.path)
-            self._tmp = None
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
         except BaseException:
             self.abort()
             raise
+        file, self._file, self._raw = self._file, None, None
+        file.commit()  # flush, fsync, rename; removes the temporary file if that fails
         return self.path
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is left untouched."""
         try:
-            if self._fh is not None:
+            if self._fh is not None and self._fh is not self._raw:
                 try:
                     self._fh.close()
                 except Exception:
                     pass
-            if self._raw is not None and not self._raw.closed:
-                self._raw.close()
         finally:
             self._fh = None
-            if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
-                self._tmp = None
+            self._raw = None
+            if self._file is not None:
+                self._file.abort()
+                self._file = None
 
 
 def read_features(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

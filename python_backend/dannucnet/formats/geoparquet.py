@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 import shapely
 
 from dannucnet.errors import OutputError
+from dannucnet.atomic import AtomicFile
 from dannucnet.formats.geojson import PROBABILITY_KEY, ensure_writable
 from dannucnet.pipeline.types import Nucleus
 
@@ -75,7 +75,7 @@ class GeoParquetWriter:
         self._cells = False  # fixed with the columns: geometry = cell, nucleus_geometry = nucleus
         self._pending: list[Nucleus] = []
         self._writer: Any = None
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None
         self._unknown_warned: set[str] = set()
 
     def __enter__(self) -> "GeoParquetWriter":
@@ -89,19 +89,14 @@ class GeoParquetWriter:
             self.abort()
 
     def open(self) -> None:
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.resolve().parent)
-        except OSError as e:
-            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
-        os.close(fd)
-        self._tmp = Path(name)
+        self._file = AtomicFile(self.path)  # pyarrow writes to its name
 
     def write(self, nuclei: Iterable[Nucleus]) -> int:
         """Queue nuclei, writing a row group whenever enough are queued; returns how many were queued.
 
         Degenerate geometries are dropped when their row group is written (counted in ``skipped``).
         """
-        if self._tmp is None:
+        if self._file is None:
             raise OutputError("GeoParquetWriter is not open; use it as a context manager")
         n = 0
         for nucleus in nuclei:
@@ -141,7 +136,7 @@ class GeoParquetWriter:
             names = [PROBABILITY_KEY] if PROBABILITY_KEY not in keep[0].measurements else []
             self._columns = names + list(keep[0].measurements)
             try:
-                self._writer = self._pq.ParquetWriter(str(self._tmp), self._schema(self._columns),
+                self._writer = self._pq.ParquetWriter(str(self._file.tmp), self._schema(self._columns),
                                                       compression="zstd")
             except OSError as e:
                 raise OutputError(f"cannot write {self.path}: {e}") from None
@@ -181,25 +176,25 @@ class GeoParquetWriter:
 
     def close(self) -> Path:
         """Write the last row group and the footer, then move the file into place."""
-        if self._tmp is None:
+        if self._file is None:
             raise OutputError("GeoParquetWriter is not open")
         try:
             self._flush()
             if self._writer is None:  # no nucleus at all: still a valid, empty file
                 self._columns = [PROBABILITY_KEY]
-                self._writer = self._pq.ParquetWriter(str(self._tmp), self._schema(self._columns))
+                self._writer = self._pq.ParquetWriter(str(self._file.tmp), self._schema(self._columns))
             if self.extra:
                 log.debug("GeoParquet has no place for %s; summary stays in the GeoJSON/record", list(self.extra))
             self._writer.close()
             self._writer = None
-            os.replace(self._tmp, self.path)
-            self._tmp = None
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
         except BaseException:
             self.abort()
             raise
+        file, self._file = self._file, None
+        file.commit()  # fsync, rename; removes the temporary file if that fails
         return self.path
 
     def abort(self) -> None:
@@ -213,9 +208,9 @@ class GeoParquetWriter:
         finally:
             self._writer = None
             self._pending = []
-            if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
-                self._tmp = None
+            if self._file is not None:
+                self._file.abort()
+                self._file = None
 
 
 def _number(value: Any) -> float:

@@ -7,13 +7,13 @@ overlay of a whole slide costs a thumbnail's memory, not the slide's.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from dannucnet.atomic import write_bytes
 from dannucnet.errors import OutputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
@@ -47,11 +47,4 @@ class OverlayCanvas:
         ok, encoded = cv2.imencode(".png", self.canvas)
         if not ok:
             raise OutputError(f"could not encode the overlay for {path}")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.resolve().parent)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(encoded.tobytes())
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise OutputError(f"cannot write overlay {path}: {exc.strerror or exc}") from None
-        return path
+        return write_bytes(path, encoded.tobytes())

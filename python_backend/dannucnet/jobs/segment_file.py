@@ -19,6 +19,7 @@ from dannucnet.formats.geoparquet import PARQUET_SUFFIXES, GeoParquetWriter
 from dannucnet.formats.overlay import OverlayCanvas
 from dannucnet.geometry.ownership import Rect
 from dannucnet.jobs.segmenters import Segmenter
+from dannucnet.outputs import refuse_clobbering
 from dannucnet.slides import open_image
 
 Progress = Callable[[int, int, int], None]
@@ -72,6 +73,7 @@ def segment_to_geojson(
 ) -> SegmentSummary:
     """Stream the nuclei of ``input_path`` (optionally one ``region``) into ``output_path``."""
     started = time.perf_counter()
+    refuse_clobbering([("input", input_path)], [("output", output_path), ("overlay", overlay_path)])
     ensure_writable(output_path)
     if overlay_path is not None:
         ensure_writable(overlay_path)

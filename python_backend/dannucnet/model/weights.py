@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from dannucnet.atomic import write_bytes
 from dannucnet.errors import ModelError
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
-from dannucnet.model.network import DANNucNet
+from dannucnet.model.network import DANNucNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,8 @@ def save_model(directory: str | os.PathLike[str], network: DANNucNet, card: Mode
     directory.mkdir(parents=True, exist_ok=True)
     card.architecture = network.config.to_dict()
     state = {k: _stored(v.detach().to("cpu"), half).contiguous() for k, v in network.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"name": card.name, "version": card.version})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # serialised in memory (a few MB): safetensors' save_file writes its own 0600 file over any path it is given
+    write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"name": card.name, "version": card.version}))
     card.save(directory)
     return directory
 
@@ -55,9 +49,59 @@ def _stored(tensor: torch.Tensor, half: bool) -> torch.Tensor:
     return tensor.float()
 
 
+#: Largest network a card may ask for: 10x the shipped model's 9.3 M parameters (37 MB in fp32). The
+#: schema bounds each field; this bounds their product (base_filters 512 at depth 6 would be 9.5 G).
+MAX_PARAMETERS = 100_000_000
+
+
+def _parameter_count(config: ModelConfig) -> int:
+    """Parameters of the network ``config`` describes, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in DANNucNet(config).parameters())
+
+
+def build_network(card: ModelCard, path: Path) -> DANNucNet:
+    """The card's network, after checking that building it costs a sane amount of memory."""
+    config = card.config
+    count = _parameter_count(config)
+    if count > MAX_PARAMETERS:
+        raise ModelError(
+            f"{path}: its architecture has {count / 1e6:,.0f} M parameters, more than the {MAX_PARAMETERS / 1e6:.0f} M "
+            f"any DAN-NucNet needs; the card is wrong"
+        )
+    return DANNucNet(config)
+
+
+def check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights of the wrong kind (a float stored as an integer, or the reverse) or not finite.
+
+    One exception, as before: +inf in a BatchNorm ``running_var``, which older fp16 files hold where a
+    variance overflowed 65504; such a channel outputs a constant, as measured (see load_weights).
+    """
+    for key, want in expected.items():
+        got = state[key]
+        if got.is_floating_point() != want.is_floating_point() or got.is_complex():
+            raise ModelError(
+                f"{path}: tensor {key} is stored as {str(got.dtype).replace('torch.', '')} but the network needs "
+                f"{'floating-point' if want.is_floating_point() else 'integer'} values; the file is not DAN-NucNet weights"
+            )
+        if not got.is_floating_point():
+            continue
+        finite = torch.isfinite(got)
+        if finite.all():
+            continue
+        overflowed = key.endswith("running_var") and bool((got[~finite] == float("inf")).all())
+        if not overflowed:
+            nan = int(torch.isnan(got).sum())
+            raise ModelError(
+                f"{path}: tensor {key} holds {nan} NaN and {int((~finite).sum()) - nan} infinite values; "
+                f"these weights are broken (a diverged training run?)"
+            )
+
+
 def load_weights(directory: Path, card: ModelCard) -> DANNucNet:
-    network = DANNucNet(card.config)
     path = directory / WEIGHTS_FILE
+    network = build_network(card, directory / CARD_FILE)
     try:
         state = load_file(str(path))
     except FileNotFoundError as exc:
@@ -74,6 +118,7 @@ def load_weights(directory: Path, card: ModelCard) -> DANNucNet:
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped tensors, "
             f"e.g. {(missing + unexpected + mismatched)[:3]})"
         )
+    check_tensors(state, expected, path)
     network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     silent = overflowed_channels(network)
     if silent:

@@ -10,18 +10,17 @@ The ledger is one JSON file beside the project (``dannucnet-batch.json`` next to
 A run killed between the two leaves the image in ``writing``; the next run
 restores its data folder from the backup before doing anything else, so a
 half-written ``data.qpdata`` is never left behind. Every write of the ledger
-itself is atomic (temporary file + ``os.replace``).
+itself is atomic (``dannucnet.atomic``: temporary file + rename).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from dannucnet.atomic import atomic_open
 from dannucnet.errors import OutputError
 
 LEDGER_NAME = "dannucnet-batch.json"
@@ -40,20 +39,8 @@ def ledger_path(project_file: Path) -> Path:
 
 def atomic_write_json(path: Path, document: Any) -> None:
     """Write JSON so a crash leaves either the old or the new file, never half of one."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(document, fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=2, sort_keys=True)
 
 
 class Ledger:

@@ -25,6 +25,7 @@ from typing import Iterator, Protocol
 import cv2
 import numpy as np
 
+from dannucnet.atomic import atomic_path
 from dannucnet.errors import InputError, OutputError
 
 RENDER_TILE = 512  # internal render grid; per-tile noise is keyed to this grid
@@ -611,45 +612,36 @@ def write_pyramidal_tiff(
     if mpp is not None:
         res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     big = width * height * 3 > 2**31
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=big, ome=(flavour == "ome")) as tif:
-            if flavour == "svs":
-                desc = (
-                    f"Aperio Image Library v12.0.0 \r\n{width}x{height} [0,0 {width}x{height}] "
-                    f"({tile_size}x{tile_size}) {'JPEG/RGB Q=' + str(quality) if comp == 'jpeg' else 'RGB'}"
-                    f"|AppMag = {round(10 / mpp) if mpp else 40}" + (f"|MPP = {mpp:.6g}" if mpp else "")
-                )
-                tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
-                          description=desc, metadata=None, software=False, **res, **common)
-                thumb = _thumbnail(level1 if level1 is not None else None, src, 768)
-                tif.write(thumb, photometric="rgb", compression=comp, metadata=None, software=False,
-                          description=desc)
-                cur = level1
-                for lvl in range(1, n_levels):
-                    if lvl > 1:
-                        cur = _halve(cur)
-                    tif.write(cur, metadata=None, software=False, description=desc, **res, **common)
-            else:
-                meta: dict | None = None
-                if flavour == "ome":
-                    meta = {"axes": "YXS"}
-                    if mpp is not None:
-                        meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-                tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
-                          subifds=n_levels - 1, metadata=meta, software=False, **res, **common)
-                cur = level1
-                for lvl in range(1, n_levels):
-                    if lvl > 1:
-                        cur = _halve(cur)
-                    tif.write(cur, subfiletype=1, metadata=None, software=False, **res, **common)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=big, ome=(flavour == "ome")) as tif:
+        if flavour == "svs":
+            desc = (
+                f"Aperio Image Library v12.0.0 \r\n{width}x{height} [0,0 {width}x{height}] "
+                f"({tile_size}x{tile_size}) {'JPEG/RGB Q=' + str(quality) if comp == 'jpeg' else 'RGB'}"
+                f"|AppMag = {round(10 / mpp) if mpp else 40}" + (f"|MPP = {mpp:.6g}" if mpp else "")
+            )
+            tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
+                      description=desc, metadata=None, software=False, **res, **common)
+            thumb = _thumbnail(level1 if level1 is not None else None, src, 768)
+            tif.write(thumb, photometric="rgb", compression=comp, metadata=None, software=False,
+                      description=desc)
+            cur = level1
+            for lvl in range(1, n_levels):
+                if lvl > 1:
+                    cur = _halve(cur)
+                tif.write(cur, metadata=None, software=False, description=desc, **res, **common)
+        else:
+            meta: dict | None = None
+            if flavour == "ome":
+                meta = {"axes": "YXS"}
+                if mpp is not None:
+                    meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+            tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
+                      subifds=n_levels - 1, metadata=meta, software=False, **res, **common)
+            cur = level1
+            for lvl in range(1, n_levels):
+                if lvl > 1:
+                    cur = _halve(cur)
+                tif.write(cur, subfiletype=1, metadata=None, software=False, **res, **common)
     return path
 
 
@@ -728,23 +720,17 @@ def write_label_tiff(path: Path, scene: _Scene, tile_size: int = 256) -> Path:
             h = min(tile_size, scene.height - y0)
             yield scene.render_labels(0, y0, scene.width, h)
 
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=scene.width * scene.height * 4 > 2**31) as tif:
-            tif.write(
-                _tiles(rows(), scene.width, tile_size, 0),
-                shape=(scene.height, scene.width),
-                dtype=np.int32,
-                tile=(tile_size, tile_size),
-                compression="zlib",
-                photometric="minisblack",
-                resolution=(1e4 / scene.mpp, 1e4 / scene.mpp),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-                software=False,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=scene.width * scene.height * 4 > 2**31) as tif:
+        tif.write(
+            _tiles(rows(), scene.width, tile_size, 0),
+            shape=(scene.height, scene.width),
+            dtype=np.int32,
+            tile=(tile_size, tile_size),
+            compression="zlib",
+            photometric="minisblack",
+            resolution=(1e4 / scene.mpp, 1e4 / scene.mpp),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+            software=False,
+        )
     return path

@@ -23,6 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from dannucnet import __version__
+from dannucnet.atomic import atomic_path, write_text
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import load_dataset
@@ -307,16 +308,17 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
             f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  {scores}"
             f"lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved and validating else ''}"
         )
-        torch.save(
-            {
-                "model": network.state_dict(), "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                "best_epoch": best_epoch, "elapsed": time.monotonic() - started,
-                "history": json.dumps([asdict(h) for h in history]),
-                **({"averaged": averaged.state_dict(), "average_first": average_first} if averaged else {}),
-            },
-            checkpoint,
-        )
+        with atomic_path(checkpoint) as tmp:  # a run stopped while saving keeps the previous checkpoint
+            torch.save(
+                {
+                    "model": network.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_loss": best_loss,
+                    "best_epoch": best_epoch, "elapsed": time.monotonic() - started,
+                    "history": json.dumps([asdict(h) for h in history]),
+                    **({"averaged": averaged.state_dict(), "average_first": average_first} if averaged else {}),
+                },
+                tmp,
+            )
         if epoch + 1 - best_epoch >= cfg.stop_patience:
             stop_reason = f"early stop: no val-loss improvement for {cfg.stop_patience} epochs"
             break
@@ -350,7 +352,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     card["training"]["run_wall_time_s"] = round(time.monotonic() - started, 1)
     if average is not None:
         card["training"]["weight_average"] = average
-    (out / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "model_card.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
