@@ -73,13 +73,15 @@ def test_auto_picks_openvino_on_the_cpu():
 
 
 @pytest.mark.parametrize("requested, missing", [("auto", "openvino"), ("openvino", "openvino"),
-                                                ("onnxruntime", "onnxruntime")])
+                                                ("onnxruntime", "onnxruntime"), ("auto", "onnx")])
 def test_absent_runtime_falls_back_to_torch_with_one_line(requested, missing, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
     with caplog.at_level(logging.WARNING, logger="dannucnet.engine.runtime"):
         assert resolve_runtime(requested, CPU) == "torch"
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and f"runtime {missing} unavailable" in lines[0] and "PyTorch" in lines[0]
+    wanted = "openvino" if requested == "auto" else requested
+    assert len(lines) == 1 and f"runtime {wanted} unavailable ({missing} is not installed" in lines[0]
+    assert "PyTorch" in lines[0]
 
 
 def test_predictor_without_the_runtime_reports_torch(small, monkeypatch):

@@ -37,8 +37,9 @@ from dannucnet.errors import InputError, ModelError
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-#: Python module each exported runtime needs (``resolve_runtime`` imports it by this name).
-RUNTIME_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+#: Python modules each exported runtime needs (``resolve_runtime`` imports them by these names;
+#: ``onnx`` is what ``torch.onnx.export`` writes the file with).
+RUNTIME_MODULES = {"openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx")}
 #: Opset of the export; 17 is read by OpenVINO ≥ 2023 and ONNX Runtime ≥ 1.13.
 ONNX_OPSET = 17
 CACHE_FOLDER = ".runtime-cache"
@@ -48,14 +49,14 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 def runtime_available(name: str) -> str | None:
     """None when ``name``'s Python package imports and can run on this CPU; else the reason it cannot."""
-    module = RUNTIME_MODULES.get(name)
-    if module is None:
-        return None
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        return f"{module} is not installed ({exc}); pip install 'dannucnet[fast]'"
+    modules = []
+    for module in RUNTIME_MODULES.get(name, ()):
+        try:
+            modules.append(importlib.import_module(module))
+        except ImportError as exc:
+            return f"{module} is not installed ({exc}); pip install 'dannucnet[fast]'"
     if name == "openvino":
+        mod = modules[0]
         try:
             if "CPU" not in mod.Core().available_devices:
                 return "OpenVINO's CPU plugin does not load on this CPU (it needs SSE4.2 at least)"
