@@ -85,19 +85,20 @@ def build_predictors(model: str | None, runtimes: list[str], batch_size: int | N
     return predictors
 
 
-def run_once(predictor, slide: Path, out_dir: Path) -> dict:
+def run_once(predictor, slide: Path, out_dir: Path, pipelined: bool = False) -> dict:
     from dannucnet.jobs.segment_file import segment_to_geojson
     from dannucnet.jobs.segmenters import LocalSegmenter
 
     timed = TimedForward(predictor.forward)
     original, predictor.forward = predictor.forward, timed
     try:
-        summary = segment_to_geojson(LocalSegmenter(predictor), slide, out_dir / f"{slide.stem}.geojson.gz")
+        summary = segment_to_geojson(LocalSegmenter(predictor, pipelined=pipelined), slide, out_dir / f"{slide.stem}.geojson.gz")
     finally:
         predictor.forward = original
     mp = summary.width * summary.height / 1e6
     return {"mp": mp, "seconds": summary.seconds, "mp_s": mp / summary.seconds, "model_seconds": timed.seconds,
-            "forward_calls": timed.calls, "nuclei": summary.nuclei, "description": predictor.description}
+            "forward_calls": timed.calls, "nuclei": summary.nuclei,
+            "description": predictor.description + (" piped" if pipelined else "")}
 
 
 def bare_threads(predictors: dict, batches: int = 3) -> list[dict]:
@@ -153,15 +154,15 @@ def machine() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'slide':6} {'runtime':22} {'MP':>6} {'e2e s':>7} {'MP/s':>6} {'× torch':>8} {'× QuPath':>9} "
+    head = (f"{'slide':6} {'runtime':28} {'MP':>6} {'e2e s':>7} {'MP/s':>6} {'× torch':>8} {'× QuPath':>9} "
             f"{'model s':>8} {'other s':>8} {'nuclei':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['slide']:6} {r['description']:22} {r['mp']:6.2f} {r['seconds']:7.1f} {r['mp_s']:6.3f} "
+        print(f"{r['slide']:6} {r['description']:28} {r['mp']:6.2f} {r['seconds']:7.1f} {r['mp_s']:6.3f} "
               f"{r['vs_torch']:8.2f} {r['mp_s'] / QUPATH_MP_S:9.2f} {r['model_seconds']:8.1f} "
               f"{r['seconds'] - r['model_seconds']:8.1f} {r['nuclei']:7d}")
-    print(f"{'':6} {'QuPath cell detection':22} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}   (reference, issue 18)")
+    print(f"{'':6} {'QuPath cell detection':28} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}   (reference, issue 18)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--model", help="model name or folder (default: the shipped model)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the predictor's, 2 on CPU)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="also run each slide through the pipelined runner (segment --pipelined) on OpenVINO")
     p.add_argument("--profile", action="store_true", help="cProfile one 40× run of the first exported runtime")
     p.add_argument("--threads", action="store_true", help="also time the bare forward pass at 1 and 2 threads")
     p.add_argument("--workdir", type=Path, help="where slides are written and kept (default: a temp folder)")
@@ -198,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_torch"] = row["mp_s"] / base if base else float("nan")
             rows.append(row)
             print(f"  {label} {row['description']}: {row['mp_s']:.3f} MP/s", flush=True)
+            if args.pipelined and name == "openvino":
+                piped = {"slide": label, "mpp": mpp, "runtime": name, **run_once(predictor, slide, work, True)}
+                piped["vs_torch"] = piped["mp_s"] / base if base else float("nan")
+                rows.append(piped)
+                print(f"  {label} {piped['description']}: {piped['mp_s']:.3f} MP/s", flush=True)
     print()
     print_table(rows)
     result = {"machine": machine(), "rows": rows, "qupath_mp_s": QUPATH_MP_S}

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        _record_in_card(predictor, result, split or "all", args.data, result_seconds)
+        _record_in_card(predictor, result, split or "all", args.data)
     return 0
 
 
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 RUNTIME_KEYS = ("f1", "aji", "pq", "det_f1", "precision", "recall", "n_pred")
 
 
-def _record_in_card(predictor, result, split: str, data: str, seconds: float) -> None:  # noqa: ANN001
+def _record_in_card(predictor, result, split: str, data: str) -> None:  # noqa: ANN001
     """Write the measured scores into the model card so they travel with the weights.
 
     ``metrics.<split>`` is the reference record and is written by PyTorch runs only (so an
@@ -136,7 +136,7 @@ def _record_in_card(predictor, result, split: str, data: str, seconds: float) ->
     final, raw = result.mean("final"), result.mean("raw")
     card.setdefault("metrics", {}).setdefault(f"{split}-runtimes", {})[f"{predictor.runtime} {predictor.precision}"] = {
         "data": Path(data).name, "threshold": summary["threshold"], "tta": bool(predictor.tta),
-        "device": str(predictor.device), "seconds": round(seconds, 1),
+        "device": str(predictor.device),  # no seconds: speed is benchmarks/bench_runtime.py's, on a quiet machine
         "final_polygons": {k: final[k] for k in RUNTIME_KEYS if k in final},
         "raw_mask": {k: raw[k] for k in RUNTIME_KEYS if k in raw},
     }
