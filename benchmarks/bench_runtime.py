@@ -8,7 +8,9 @@ same slide. Ratios are against PyTorch fp32 in this process. Beside them: QuPath
 *Cell detection*, about 0.7 MP/s on the same 2-core machine (issue 18's measurement), the
 reference a user has today.
 
-Each row also splits the time: ``model s`` is the time inside the network's forward calls;
+The ``load`` column is the machine's 1-minute load average after the row (2 cores: above 2,
+others were running and absolute MP/s are low; the ratios within a row's slide still hold
+roughly, as every runtime met the same contention in turn). Each row also splits the time: ``model s`` is the time inside the network's forward calls;
 the rest is reading/decoding, resampling, blending and post-processing (instances,
 polygons, writing). ``--profile`` adds a cProfile of one run (the default runtime, 40×)
 to name the largest remaining costs. ``--threads`` measures the bare forward pass per
@@ -96,7 +98,7 @@ def run_once(predictor, slide: Path, out_dir: Path, pipelined: bool = False) -> 
     finally:
         predictor.forward = original
     mp = summary.width * summary.height / 1e6
-    return {"mp": mp, "seconds": summary.seconds, "mp_s": mp / summary.seconds, "model_seconds": timed.seconds,
+    return {"load_1min": os.getloadavg()[0], "mp": mp, "seconds": summary.seconds, "mp_s": mp / summary.seconds, "model_seconds": timed.seconds,
             "forward_calls": timed.calls, "nuclei": summary.nuclei,
             "description": predictor.description + (" piped" if pipelined else "")}
 
@@ -155,13 +157,13 @@ def machine() -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'slide':6} {'runtime':28} {'MP':>6} {'e2e s':>7} {'MP/s':>6} {'× torch':>8} {'× QuPath':>9} "
-            f"{'model s':>8} {'other s':>8} {'nuclei':>7}")
+            f"{'model s':>8} {'other s':>8} {'nuclei':>7} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['slide']:6} {r['description']:28} {r['mp']:6.2f} {r['seconds']:7.1f} {r['mp_s']:6.3f} "
               f"{r['vs_torch']:8.2f} {r['mp_s'] / QUPATH_MP_S:9.2f} {r['model_seconds']:8.1f} "
-              f"{r['seconds'] - r['model_seconds']:8.1f} {r['nuclei']:7d}")
+              f"{r['seconds'] - r['model_seconds']:8.1f} {r['nuclei']:7d} {r['load_1min']:5.1f}")
     print(f"{'':6} {'QuPath cell detection':28} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}   (reference, issue 18)")
 
 
