@@ -184,11 +184,12 @@ def test_shipped_model_agrees_on_onnxruntime():
     assert (forward(x) - _torch_logits(loaded.network, x)).abs().max().item() < 1e-2
 
 
-def test_model_info_names_the_runtime(small):
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime", marks=needs("onnxruntime"))])
+def test_model_info_names_the_runtime(small, runtime):
     from dannucnet.service.servicer import SegmentationService
 
-    info = SegmentationService(Predictor(small, device="cpu", runtime="torch")).model_info()
-    assert info.device == "cpu (torch fp32)"
+    info = SegmentationService(Predictor(small, device="cpu", runtime=runtime)).model_info()
+    assert info.device == f"cpu ({runtime} fp32)"
 
 
 @needs("onnxruntime")
