@@ -10,8 +10,8 @@ reference a user has today.
 
 The ``load`` column is the machine's 1-minute load average after the row (2 cores: above 2,
 others were running and absolute MP/s are low; the ratios within a row's slide still hold
-roughly, as every runtime met the same contention in turn). Each row also splits the time: ``model s`` is the time inside the network's forward calls;
-the rest is reading/decoding, resampling, blending and post-processing (instances,
+roughly, as every runtime met the same contention in turn). Each row also splits the time:
+``model s`` is the time inside the network's forward calls; the rest is reading/decoding, resampling, blending and post-processing (instances,
 polygons, writing). ``--profile`` adds a cProfile of one run (the default runtime, 40×)
 to name the largest remaining costs. ``--threads`` measures the bare forward pass per
 runtime at 1 and 2 threads.
@@ -94,11 +94,13 @@ def run_once(predictor, slide: Path, out_dir: Path, pipelined: bool = False) -> 
     timed = TimedForward(predictor.forward)
     original, predictor.forward = predictor.forward, timed
     try:
-        summary = segment_to_geojson(LocalSegmenter(predictor, pipelined=pipelined), slide, out_dir / f"{slide.stem}.geojson.gz")
+        segmenter = LocalSegmenter(predictor, pipelined=pipelined)
+        summary = segment_to_geojson(segmenter, slide, out_dir / f"{slide.stem}.geojson.gz")
     finally:
         predictor.forward = original
     mp = summary.width * summary.height / 1e6
-    return {"load_1min": os.getloadavg()[0], "mp": mp, "seconds": summary.seconds, "mp_s": mp / summary.seconds, "model_seconds": timed.seconds,
+    return {"load_1min": os.getloadavg()[0], "mp": mp, "seconds": summary.seconds, "mp_s": mp / summary.seconds,
+            "model_seconds": timed.seconds,
             "forward_calls": timed.calls, "nuclei": summary.nuclei,
             "description": predictor.description + (" piped" if pipelined else "")}
 

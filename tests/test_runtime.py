@@ -28,7 +28,8 @@ CPU = torch.device("cpu")
 
 
 def needs(module: str):
-    return pytest.mark.skipif(runtime_available(module) is not None, reason=f"{module} not usable here: pip install 'dannucnet[fast]'")
+    reason = f"{module} not usable here: pip install 'dannucnet[fast]'"
+    return pytest.mark.skipif(runtime_available(module) is not None, reason=reason)
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,8 @@ def onnx_path(network: torch.nn.Module, source: str | None = None, tile: int = 2
                 return _export(network, folder / name, tile)
             except OSError as exc:
                 errors.append(f"{folder}: {exc.strerror or exc}")
-    raise ModelError(f"cannot write the ONNX export anywhere ({'; '.join(errors)}); set DANNUCNET_CACHE to a writable folder")
+    raise ModelError(f"cannot write the ONNX export anywhere ({'; '.join(errors)}); "
+                     "set DANNUCNET_CACHE to a writable folder")
 
 
 def _export(network: torch.nn.Module, path: Path, tile: int) -> Path:
@@ -200,7 +201,7 @@ class OpenVINORuntime(ExportedRuntime):
 
 
 def _compiled_cache(core: Any) -> None:
-    """OpenVINO keeps compiled networks in the user cache: a later start compiles in 0.1 s instead of 0.5–1 s (measured here)."""
+    """OpenVINO keeps compiled networks in the user cache: a later start compiles in 0.1 s, not 0.5–1 s (measured here)."""
     folder = cache_dirs(None)[0].parent / "openvino"
     try:
         folder.mkdir(parents=True, exist_ok=True)
