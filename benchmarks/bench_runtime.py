@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side40", type=int, default=2048, help="40× slide side in px (default 2048)")
     p.add_argument("--side20", type=int, default=1024, help="20× slide side in px (default 1024: the same tissue area in µm² ÷ 4)")
     p.add_argument("--tissue-fraction", type=float, default=1.0, help="synthetic tissue cover (default 1.0: every chunk runs)")
+    p.add_argument("--slides", nargs="+", default=["40x", "20x"], choices=["40x", "20x"], help="which slides to run")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--model", help="model name or folder (default: the shipped model)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the predictor's, 2 on CPU)")
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{n} {s:.1f}" for n, (_, s) in predictors.items()))
     rows = []
     for label, (slide, mpp) in slides.items():
+        if label not in args.slides:
+            continue
         base = None
         for name, (predictor, _) in predictors.items():
             row = {"slide": label, "mpp": mpp, "runtime": name, **run_once(predictor, slide, work)}

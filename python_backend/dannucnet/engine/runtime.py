@@ -4,11 +4,14 @@ Every runtime is a callable ``N×3×T×T float32 tensor → N×C×T×T logits te
 predictor's window/blend loop and test-time augmentation run unchanged on top of it.
 
 ``auto`` picks OpenVINO on the CPU when it is installed and its CPU plugin loads, else
-PyTorch; a GPU always runs PyTorch. Measured on this project's 2-core AMD EPYC (AVX-512,
-avx512_bf16, AMX), shipped weights, 256² windows, same process: OpenVINO at its default
-CPU precision (bf16 there) 2.9× PyTorch eager fp32 per window; ONNX Runtime fp32 1.4×
-(issue 18; ``benchmarks/bench_runtime.py`` re-measures). A runtime that is asked for but
-absent, or whose CPU plugin does not load, falls back to PyTorch with one log line.
+PyTorch; a GPU always runs PyTorch. Measured on this project's 2-core Xeon (AVX-512,
+avx512_bf16, AMX), shipped weights, batch 2 of 256² windows, 2 threads, one process
+(``benchmarks/bench_runtime.py --threads``): OpenVINO at its default CPU precision (bf16
+there) 68 ms per window, PyTorch eager fp32 195, ONNX Runtime fp32 213 — so ``auto`` never
+picks ONNX Runtime; it is there for exact fp32 results from an exported model. Kumar test:
+OpenVINO bf16 within 0.07 points of PyTorch fp32 on pixel F1, AJI and PQ (README). A runtime
+that is asked for but absent, or whose CPU plugin does not load, falls back to PyTorch with
+one log line.
 
 The ONNX file is exported once per weights (key: SHA-256 of the state dict and the
 architecture) into a ``.runtime-cache`` folder beside the weights, or, where that folder
