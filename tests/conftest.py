@@ -30,3 +30,16 @@ def untrained_predictor():
     from dannucnet.model import untrained_model
 
     return Predictor(untrained_model(), device="cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_cache(tmp_path_factory):
+    """ONNX exports (engine.runtime) of networks without a model folder go to a session folder, not ~/.cache."""
+    if "DANNUCNET_CACHE" in os.environ:
+        yield
+        return
+    os.environ["DANNUCNET_CACHE"] = str(tmp_path_factory.mktemp("runtime-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("DANNUCNET_CACHE", None)

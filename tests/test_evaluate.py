@@ -170,3 +170,23 @@ def test_cli_refuses_unknown_split(dataset_dir: Path, capsys) -> None:
     code = cli_main(["evaluate", "--model", "untrained", "--data", str(dataset_dir), "--split", "nope"])
     assert code != 0
     assert "no split 'nope'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_records_each_runtime_in_the_card(dataset_dir: Path, tmp_path: Path) -> None:
+    """--update-card: metrics.<split> stays PyTorch's; every runtime's headline scores go under <split>-runtimes."""
+    from dannucnet.engine.runtime import runtime_available
+
+    if runtime_available("onnxruntime") is not None:
+        pytest.skip("onnxruntime not usable here: pip install 'dannucnet[fast]'")
+    model_dir = save_model(tmp_path / "tiny", _tiny_model().network, _tiny_model().card)
+    common = ["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--split", "test", "--no-progress",
+              "--threshold", "0.4", "--update-card"]
+    assert cli_main([*common, "--runtime", "torch"]) == 0
+    reference = json.loads((model_dir / "model_card.json").read_text())["metrics"]["test"]
+    assert cli_main([*common, "--runtime", "onnxruntime"]) == 0
+    metrics = ModelCard.load(model_dir).metrics  # the card still loads
+    assert metrics["test"] == reference  # an exported runtime never replaces the reference record
+    runs = metrics["test-runtimes"]
+    assert set(runs) == {"torch fp32", "onnxruntime fp32"}
+    for key in ("f1", "aji", "pq"):
+        assert runs["onnxruntime fp32"]["final_polygons"][key] == pytest.approx(reference["final_polygons"][key], abs=1e-3)

@@ -103,6 +103,7 @@ def run_cohort(
     pipelined: bool = False,
     output_format: str = "geojson",
     tta: bool = False,
+    runtime: str = "torch",
 ) -> CohortReport:
     """Segment every slide into ``outdir/<stem>.geojson.gz`` (or ``.parquet``); returns one outcome per slide.
 
@@ -140,7 +141,7 @@ def run_cohort(
         else:
             todo.append((i, TaskSpec(input=str(slide), output=str(out), model=model, device=device,
                                      batch_size=batch_size, mpp=mpp, options=options, server=server,
-                                     token=token, pipelined=pipelined, tta=tta)))
+                                     token=token, pipelined=pipelined, tta=tta, runtime=runtime)))
     finished = 0
     for o in outcomes:
         if o is not None:

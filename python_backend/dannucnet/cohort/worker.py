@@ -39,13 +39,15 @@ class TaskSpec:
     token: str | None = None
     pipelined: bool = False  # pipeline.pipelined runner (decoding, model, post-processing overlapped)
     tta: bool = False  # test-time augmentation (four flips per window)
+    runtime: str = "torch"  # what runs the network (engine.runtime; the CLI's default is auto)
 
 
 def predictor_for(
-    model: str | None, device: str, batch_size: int | None, torch_threads: int | None = None, tta: bool = False
+    model: str | None, device: str, batch_size: int | None, torch_threads: int | None = None, tta: bool = False,
+    runtime: str = "torch",
 ):
-    """This process's predictor for (model, device, batch size, tta), loaded on first use."""
-    key = (model, device, batch_size, tta)
+    """This process's predictor for (model, device, batch size, tta, runtime), loaded on first use."""
+    key = (model, device, batch_size, tta, runtime)
     with _LOCK:
         predictor = _PREDICTORS.get(key)
         if predictor is None:
@@ -56,7 +58,8 @@ def predictor_for(
 
             if torch_threads:
                 torch.set_num_threads(torch_threads)
-            predictor = Predictor(load_model(model), device=device, batch_size=batch_size, tta=tta)
+            predictor = Predictor(load_model(model), device=device, batch_size=batch_size, tta=tta,
+                                  runtime=runtime, threads=torch_threads)
             _PREDICTORS[key] = predictor
         return predictor
 
@@ -67,7 +70,8 @@ def segmenter_for(spec: TaskSpec):
 
     if spec.server:
         return ServerSegmenter(spec.server, token=spec.token, options=spec.options)
-    predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads, spec.tta)
+    predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads, spec.tta,
+                              spec.runtime)
     if spec.pipelined:
         return LocalSegmenter(predictor, spec.options, pipelined=True)
     return LocalSegmenter(predictor, spec.options)

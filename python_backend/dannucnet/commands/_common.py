@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions
+
+log = logging.getLogger(__name__)
 
 UNTRAINED_WARNING = (
     "WARNING: model {name!r} is UNTRAINED (random weights): its nuclei are meaningless. "
@@ -19,8 +22,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME|PATH", help="model name in models/ or a model folder (default: the shipped model)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 2 on CPU, 32 on GPU)")
+    add_runtime_argument(p)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each window over four flips (slightly better, 4x model time)")
+
+
+def add_runtime_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="what runs the network: auto (OpenVINO on a CPU when installed, else PyTorch; "
+                        "PyTorch on a GPU), torch, openvino or onnxruntime (CPU only)")
 
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +83,10 @@ def load_predictor(args: argparse.Namespace):  # -> Predictor (import kept lazy:
     model = load_model(args.model)
     if not model.card.trained:
         print(UNTRAINED_WARNING.format(name=model.card.name), file=sys.stderr)
-    return Predictor(model, device=args.device, batch_size=args.batch_size, tta=args.tta)
+    predictor = Predictor(model, device=args.device, batch_size=args.batch_size, tta=args.tta,
+                          runtime=getattr(args, "runtime", "auto"))
+    log.info("model %s runs on %s", model.card.name, predictor.description)
+    return predictor
 
 
 def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:

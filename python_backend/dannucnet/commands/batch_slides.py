@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             slides, args.output, model=args.model, device=args.device, mpp=args.mpp,
             options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
             retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
-            output_format=args.format, tta=args.tta,
+            output_format=args.format, tta=args.tta, runtime=args.runtime,
             server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
         )
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from dannucnet.commands._common import add_model_arguments, load_predictor
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g}, as segment)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
-                   help="record the mean and per-organ scores under metrics.<split> in the model folder's card")
+                   help="record the mean and per-organ scores under metrics.<split> in the model folder's card "
+                        "(PyTorch runs only) and the headline scores per runtime under metrics.<split>-runtimes")
 
 
 def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dataset
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(F1=f"{image.final['f1']:.3f}", AJI=f"{image.final['aji']:.3f}")
             bar.update(1)
 
+    started = time.perf_counter()
     try:
         result = evaluate_model(
             predictor, samples, threshold=args.threshold, progress=progress, split=split, options=options
@@ -91,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    result_seconds = time.perf_counter() - started
 
-    print(f"model {result.model['name']} on {args.data} split {split or 'all'}: {len(samples)} images")
+    print(f"model {result.model['name']} on {args.data} split {split or 'all'}: {len(samples)} images, "
+          f"{predictor.description}, {result_seconds:.0f} s")
     print(summary_table(result))
     if args.json_out:
         out = Path(args.json_out)
@@ -107,22 +112,42 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        _record_in_card(predictor.model.source, result, split or "all", args.data)
+        _record_in_card(predictor, result, split or "all", args.data)
     return 0
 
 
-def _record_in_card(model_dir: str, result, split: str, data: str) -> None:  # noqa: ANN001 - EvaluationResult
-    """Write the measured scores into the model card so they travel with the weights."""
+#: Headline scores kept per runtime (metrics.<split>-runtimes): the ones the 0.3-point rule is about, and more.
+RUNTIME_KEYS = ("f1", "aji", "pq", "det_f1", "precision", "recall", "n_pred")
+
+
+def _record_in_card(predictor, result, split: str, data: str) -> None:  # noqa: ANN001
+    """Write the measured scores into the model card so they travel with the weights.
+
+    ``metrics.<split>`` is the reference record and is written by PyTorch runs only (so an
+    exported runtime can never silently replace it); every run also writes its headline
+    scores under ``metrics.<split>-runtimes.<runtime> <precision>``.
+    """
     from dannucnet.atomic import write_text
     from dannucnet.errors import InputError
     from dannucnet.model.card import CARD_FILE
 
-    card_path = Path(model_dir) / CARD_FILE
+    card_path = Path(predictor.model.source) / CARD_FILE
     if not card_path.is_file():
-        raise InputError(f"--update-card needs a model folder, not {model_dir}")
+        raise InputError(f"--update-card needs a model folder, not {predictor.model.source}")
     card = json.loads(card_path.read_text(encoding="utf-8"))
     summary = result.to_dict()
-    card.setdefault("metrics", {})[split] = {
+    final, raw = result.mean("final"), result.mean("raw")
+    card.setdefault("metrics", {}).setdefault(f"{split}-runtimes", {})[f"{predictor.runtime} {predictor.precision}"] = {
+        "data": Path(data).name, "threshold": summary["threshold"], "tta": bool(predictor.tta),
+        "device": str(predictor.device),  # no seconds: speed is benchmarks/bench_runtime.py's, on a quiet machine
+        "final_polygons": {k: final[k] for k in RUNTIME_KEYS if k in final},
+        "raw_mask": {k: raw[k] for k in RUNTIME_KEYS if k in raw},
+    }
+    if predictor.runtime != "torch":
+        write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        print(f"scores recorded in {card_path} under metrics.{split}-runtimes ({split} itself is PyTorch's)")
+        return
+    card["metrics"][split] = {
         "data": Path(data).name,
         "threshold": summary["threshold"],
         "averaging": summary["averaging"],

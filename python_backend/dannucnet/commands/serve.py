@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+from dannucnet.commands._common import add_runtime_argument
+
 NAME = "serve"
 HELP = "serve the model over gRPC and HTTP/JSON (QuPath scripts, dannucnet.client, remote `segment --server`)"
 
@@ -23,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HTTP/JSON gateway port (0 picks a free one, -1 turns it off; default 8765)")
     p.add_argument("--model", default=None, help="model name or folder (default: the installed default model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add_runtime_argument(p)
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", help="bearer token clients must send (prefer --token-file: argv is visible to others)")
     auth.add_argument("--token-file", help="file whose first line is the bearer token")
@@ -95,7 +98,7 @@ def _start(args: argparse.Namespace, stop: _StopSignal):
     if stop.is_set():
         return None
     loaded = load_model(args.model)
-    predictor = Predictor(loaded, device=args.device, batch_size=args.max_batch)
+    predictor = Predictor(loaded, device=args.device, batch_size=args.max_batch, runtime=args.runtime)
     if stop.is_set():
         return None
     config = ServerConfig(

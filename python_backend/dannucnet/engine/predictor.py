@@ -1,9 +1,11 @@
 """The inference engine: RGB at the model's pixel size → nucleus probability map.
 
 One object per device holds the network (eval mode, channels_last, autocast
-on GPU). ``predict`` cuts overlapping windows, runs them in batches and blends
-them back; ``predict_tiles`` is the bare batched call, exposed so that a
-server can batch windows from many requests into one forward pass.
+on GPU) and the runtime that executes it (``engine.runtime``: PyTorch, or its ONNX
+export on OpenVINO or ONNX Runtime; ``runtime="auto"`` picks OpenVINO on a CPU).
+``predict`` cuts overlapping windows, runs them in batches and blends them back;
+``predict_tiles`` is the bare batched call, exposed so that a server can batch
+windows from many requests into one forward pass.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from dannucnet.engine.colour import ColourReference, normalise_colour
 from dannucnet.engine.device import autocast, choose_device
+from dannucnet.engine.runtime import build_forward, resolve_runtime
 from dannucnet.engine.tiling import BlendAccumulator, pad_to_tile, plan_windows
 from dannucnet.errors import CancelledError, InputError, ModelError
 from dannucnet.model import LoadedModel, ModelCard
@@ -59,9 +62,10 @@ class Predictor:
 
     ``overlap`` is the least overlap between neighbouring windows, 32 px by default
     (MODEL_SPEC §4 planning); windows are spread evenly, so most overlap more
-    (``tiling.window_starts``). Batch size defaults
-    to 2 on the CPU, where larger batches fall out of cache and get slower per
-    tile, and 32 on a GPU.
+    (``tiling.window_starts``). ``runtime`` is ``torch`` for library callers (exactly the
+    network they pass); the command-line doors default to ``auto`` (``engine.runtime``).
+    Batch size defaults to 2 on the CPU, where larger batches fall out of cache and
+    get slower per tile, and 32 on a GPU.
     """
 
     def __init__(
@@ -72,6 +76,8 @@ class Predictor:
         overlap: int = 32,
         tile_size: int | None = None,
         tta: bool = False,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> None:
         self.model = model
         self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
@@ -83,6 +89,10 @@ class Predictor:
         self.overlap = overlap
         self.batch_size = batch_size or (2 if self.device.type == "cpu" else 32)
         self.network = model.network.eval().to(self.device).to(memory_format=torch.channels_last)
+        # forward: N×3×T×T float → N×C×T×T logits, by whichever runtime runs here (threads: the
+        # runtime's own default, all cores, unless given; torch's are set by the caller)
+        self.forward, self.runtime, self.precision = build_forward(
+            resolve_runtime(runtime, self.device), self.network, model.source, self.tile, threads)
         self._lock = threading.Lock()  # one forward pass at a time per device
         try:
             self.colour = ColourReference.from_dict(model.card.colour_reference)
@@ -102,6 +112,12 @@ class Predictor:
         return self.network.config.outputs
 
     @property
+    def description(self) -> str:
+        """Device, runtime and precision in one phrase, e.g. ``cpu (openvino bf16)``: what logs and ModelInfo say."""
+        precision = self.precision if self.runtime != "torch" or self.device.type == "cpu" else "autocast"
+        return f"{self.device} ({self.runtime} {precision})"
+
+    @property
     def card(self) -> ModelCard:
         return self.model.card
 
@@ -111,7 +127,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with self._lock, autocast(self.device):
-            prob = forward_map(self.network, x, self.tta)
+            prob = forward_map(self.forward, x, self.tta)
         return prob.cpu().numpy()
 
     def predict(

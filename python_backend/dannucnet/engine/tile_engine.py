@@ -102,9 +102,9 @@ class TileEngine:
         self._next = 0
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.weights = torch.from_numpy(blend_weights(t, predictor.overlap)).to(self.device)
-        self._forward = self.network
+        self._forward = predictor.forward  # PyTorch, or the exported network's runtime
         self._pad_batches = False
-        if compile:
+        if compile and predictor.runtime == "torch":
             self._try_compile()
 
     # -- set-up -------------------------------------------------------------
@@ -121,7 +121,7 @@ class TileEngine:
             self.stats.compiled = True
         except Exception as exc:  # noqa: BLE001 - compilation is an optimisation, never a requirement
             log.warning("torch.compile failed (%s: %s); running the network eagerly", type(exc).__name__, exc)
-            self._forward = self.network
+            self._forward = self.predictor.forward
             self._pad_batches = False
 
     def _autocast(self):

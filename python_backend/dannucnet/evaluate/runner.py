@@ -161,6 +161,8 @@ def evaluate_model(
             "trained": bool(getattr(card, "trained", False)),
             "mpp": float(card.mpp),
             "device": str(getattr(predictor, "device", "")),
+            "runtime": str(getattr(predictor, "runtime", "torch")),
+            "precision": str(getattr(predictor, "precision", "fp32")),
             "min_area_um2": float(options.min_area_um2),
         },
         split=split,

@@ -57,7 +57,7 @@ class LocalSegmenter(_CollectMixin):
         self.model_name = str(predictor.card.name)
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
-        self.device = str(predictor.device)
+        self.device = str(getattr(predictor, "description", predictor.device))
         self.options = options
 
     def stream(

@@ -138,7 +138,7 @@ class Server:
         lines = [
             f"model   {card.name} {card.version} ({'trained' if card.trained else 'UNTRAINED: output is meaningless'}), "
             f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",
-            f"device  {self.batched.device}, micro-batches of up to {self.batched.max_batch} tiles",
+            f"device  {getattr(self.batched, 'description', self.batched.device)}, micro-batches of up to {self.batched.max_batch} tiles",
             f"gRPC    {self.grpc_address}" + (" (TLS)" if self.config.tls_cert else ""),
             f"HTTP    {self.http_url}" if self.http_url else "HTTP    off",
             f"auth    {'bearer token required' if self.checker.enabled else 'none (loopback or --insecure)'}",

@@ -124,7 +124,7 @@ class SegmentationService:
             pixel_size_microns=float(card.mpp),
             tile_size=int(card.tile_size),
             threshold=float(card.threshold),
-            device=str(getattr(self.predictor, "device", "cpu")),
+            device=str(getattr(self.predictor, "description", getattr(self.predictor, "device", "cpu"))),
             server_version=__version__,
             api_version=API_VERSION,
             trained=bool(card.trained),
