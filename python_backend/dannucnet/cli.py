@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "import_geojson",
     "batch_slides",
     "synth",
+    "models",
 )
 
 

@@ -49,16 +49,37 @@ class _CollectMixin:
 
 class LocalSegmenter(_CollectMixin):
     """In-process: ``pipeline.segment_slide`` on a loaded ``Predictor``, or with ``pipelined`` the
-    staged runner that keeps a GPU fed while slides decode and nuclei are traced (same nuclei)."""
+    staged runner that keeps a GPU fed while slides decode and nuclei are traced (same nuclei).
+
+    Given a :class:`~dannucnet.engine.pool.PredictorPool` instead of a predictor, the model is
+    chosen per image (``--model auto``) by :meth:`choose_for`; the ``model_*`` attributes then
+    name the model of the image being segmented.
+    """
 
     def __init__(self, predictor: Any, options: Any = None, pipelined: bool = False) -> None:
-        self.predictor = predictor
+        from dannucnet.engine.pool import PredictorPool
+
+        self.pool = predictor if isinstance(predictor, PredictorPool) else None
         self.pipelined = pipelined
+        self.options = options
+        self._use(self.pool.for_image(None)[0] if self.pool is not None else predictor)
+
+    def _use(self, predictor: Any) -> None:
+        self.predictor = predictor
         self.model_name = str(predictor.card.name)
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
         self.device = str(predictor.device)
-        self.options = options
+
+    def choose_for(self, mpp: float | None) -> str:
+        """Pick the model for an image of ``mpp`` µm/px (a no-op with one fixed predictor); returns why."""
+        if self.pool is None:
+            return f"model {self.model_name}"
+        predictor, reason = self.pool.for_image(mpp)
+        if predictor is not self.predictor:
+            log.info("%s", reason)
+        self._use(predictor)
+        return reason
 
     def stream(
         self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
@@ -71,6 +92,7 @@ class LocalSegmenter(_CollectMixin):
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide
         with open_image(path, mpp=mpp) as source:
+            self.choose_for(source.mpp)
             yield from run(self.predictor, source, region=region, rois=rois, options=options,
                                      progress=progress, cancel=cancel)
 
