@@ -129,6 +129,10 @@ class DanNucNetClient:
         self._info = info
         return info
 
+    def list_models(self, timeout: float | None = 30.0) -> pb.ListModelsResponse:
+        """The models installed on the server; a request may name any of them."""
+        return self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
     def segment_region_response(
         self,
         image: np.ndarray | bytes,

@@ -42,6 +42,13 @@ def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dat
     return "kumar-test" if "kumar-test" in dataset.splits else None
 
 
+def _pixel_size(samples) -> float | None:  # noqa: ANN001 - list[formats.dataset.Sample]
+    """The split's pixel size for ``--model auto`` (one model scores the whole split): the median
+    of the samples' (they share one in a dataset folder), ``None`` when none has one."""
+    known = sorted(s.mpp for s in samples if s.mpp)
+    return known[len(known) // 2] if known else None
+
+
 def summary_table(result) -> str:  # noqa: ANN001 - evaluate.runner.EvaluationResult
     """Plain-text table of overall, per-organ means for final polygons and the raw mask."""
     header = f"{'':28s}" + "".join(f"{h:>8s}" for _, h in SUMMARY_COLUMNS)
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
-    predictor = load_predictor(args)
+    predictor = load_predictor(args, mpp=_pixel_size(samples))  # --model auto: chosen for the split's pixel size
 
     bar = None
     if not args.no_progress:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from dannucnet.errors import ModelError
 from dannucnet.model.registry import AUTO, choose_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ class PredictorPool:
                 self._predictors[key] = predictor
             return predictor
 
+    def add(self, name: str | None, predictor: Any) -> None:
+        """Hand the pool a predictor already built (the server's startup model)."""
+        with self._lock:
+            self._predictors[_key(name)] = predictor
+
     def for_image(self, mpp: float | None, requested: str | None = None) -> tuple[Any, str]:
         """(predictor, why) for an image of ``mpp`` µm/px; ``requested`` overrides the pool's default."""
         name = requested or self.default
@@ -58,4 +64,7 @@ def _key(name: str | None) -> str:
     """The same model named by name or by path shares one predictor."""
     if name in (None, AUTO, "untrained"):
         return str(name)
-    return str(resolve_model_dir(name).resolve())
+    try:
+        return str(resolve_model_dir(name).resolve())
+    except ModelError:  # e.g. "built-in": not a folder; the factory reports unknown names itself
+        return name

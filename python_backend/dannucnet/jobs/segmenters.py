@@ -62,7 +62,11 @@ class LocalSegmenter(_CollectMixin):
         self.pool = predictor if isinstance(predictor, PredictorPool) else None
         self.pipelined = pipelined
         self.options = options
-        self._use(self.pool.for_image(None)[0] if self.pool is not None else predictor)
+        if self.pool is None:
+            self._use(predictor)
+        else:  # named once the first image's pixel size is known (choose_for)
+            self.predictor, self._chosen_for = None, None
+            self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
 
     def _use(self, predictor: Any) -> None:
         self.predictor = predictor
@@ -75,10 +79,12 @@ class LocalSegmenter(_CollectMixin):
         """Pick the model for an image of ``mpp`` µm/px (a no-op with one fixed predictor); returns why."""
         if self.pool is None:
             return f"model {self.model_name}"
+        if self.predictor is not None and mpp == self._chosen_for:
+            return f"model {self.model_name}"
         predictor, reason = self.pool.for_image(mpp)
-        if predictor is not self.predictor:
-            log.info("%s", reason)
+        log.info("%s", reason)
         self._use(predictor)
+        self._chosen_for = mpp
         return reason
 
     def stream(

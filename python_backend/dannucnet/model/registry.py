@@ -32,6 +32,7 @@ AUTO = "auto"
 UPSAMPLE_TOLERANCE = 1.15
 REPO_MODELS = Path(__file__).resolve().parents[3] / "models"
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 def search_path() -> list[Path]:
@@ -130,7 +131,9 @@ def list_models() -> list[CatalogueEntry]:
                 card = ModelCard.load(directory)
                 mpp = float(card.mpp)
             except (ModelError, TypeError, ValueError) as exc:
-                log.warning("skipping %s: %s", directory, exc)
+                if str(directory) not in _WARNED:  # once per folder: the list is read for every image
+                    _WARNED.add(str(directory))
+                    log.warning("skipping %s: %s", directory, exc)
                 continue
             entries[directory.name] = CatalogueEntry(
                 name=directory.name, version=str(card.version), mpp=mpp, trained=bool(card.trained),

@@ -71,6 +71,7 @@ class Route:
 
 ROUTES = (
     Route("GET", "/v1/model", "GetModelInfo"),
+    Route("GET", "/v1/models", "ListModels"),
     Route("POST", "/v1/segment", "SegmentRegion", render="geojson"),
     Route("POST", "/v1/slide", "SegmentSlide", render="ndjson"),
 )
@@ -266,6 +267,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
         service = self.server.service
         if route.rpc == "GetModelInfo":
             self._send_json(200, _to_json(service.model_info(request)))
+        elif route.rpc == "ListModels":
+            self._send_json(200, _to_json(service.list_models(request)))
         elif route.rpc == "SegmentRegion":
             outcome = service.segment_region(request, call)
             if alt == "geojson":

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64\x61nnucnet/v1/segmentation.proto\x12\x0c\x64\x61nnucnet.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x15\n\x13GetModelInfoRequest\"\xef\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x1a\n\x12pixel_size_microns\x18\x04 \x01(\x01\x12\x11\n\ttile_size\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\t \x01(\t\x12\x0f\n\x07trained\x18\n \x01(\x08\x12\x34\n\x13\x61rchitecture_config\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_pixels\x18\x0c \x01(\x03\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x14\n\x0cmax_polygons\x18\x0e \x01(\x05\x12\"\n\x1aslide_segmentation_enabled\x18\x0f \x01(\x08\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.dannucnet.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"7\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\";\n\x04Rect\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"l\n\x0eSegmentOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11min_area_microns2\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x14\n\x12_min_area_microns2\"\xa1\x02\n\x14SegmentRegionRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.dannucnet.v1.Image\x12\x10\n\x08origin_x\x18\x02 \x01(\x01\x12\x10\n\x08origin_y\x18\x03 \x01(\x01\x12\x17\n\ndownsample\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12pixel_size_microns\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12 \n\x04\x63ore\x18\x06 \x01(\x0b\x32\x12.dannucnet.v1.Rect\x12\x10\n\x08\x63lip_wkb\x18\x07 \x01(\x0c\x12-\n\x07options\x18\x08 \x01(\x0b\x32\x1c.dannucnet.v1.SegmentOptionsB\r\n\x0b_downsampleB\x15\n\x13_pixel_size_microns\"\xb3\x01\n\x07Nucleus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bpolygon_wkb\x18\x02 \x01(\x0c\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12=\n\x0cmeasurements\x18\x04 \x03(\x0b\x32\'.dannucnet.v1.Nucleus.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x01\n\x15SegmentRegionResponse\x12%\n\x06nuclei\x18\x01 \x03(\x0b\x32\x15.dannucnet.v1.Nucleus\x12\x15\n\rnucleus_count\x18\x02 \x01(\x05\x12\x46\n\ntimings_ms\x18\x03 \x03(\x0b\x32\x32.dannucnet.v1.SegmentRegionResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x01\n\x13SegmentSlideRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\"\n\x06region\x18\x02 \x01(\x0b\x32\x12.dannucnet.v1.Rect\x12\x0f\n\x07roi_wkb\x18\x03 \x03(\x0c\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.dannucnet.v1.SegmentOptions\x12\x1f\n\x12pixel_size_microns\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_pixel_size_microns\"\xd2\x01\n\x14SegmentSlideResponse\x12(\n\x05slide\x18\x01 \x01(\x0b\x32\x17.dannucnet.v1.SlideInfoH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.dannucnet.v1.ProgressH\x00\x12,\n\x06nuclei\x18\x03 \x01(\x0b\x32\x1a.dannucnet.v1.NucleusBatchH\x00\x12-\n\x07summary\x18\x04 \x01(\x0b\x32\x1a.dannucnet.v1.SlideSummaryH\x00\x42\x07\n\x05\x65vent\"a\n\tSlideInfo\x12\r\n\x05width\x18\x01 \x01(\x03\x12\x0e\n\x06height\x18\x02 \x01(\x03\x12\x1a\n\x12pixel_size_microns\x18\x03 \x01(\x01\x12\x19\n\x11pixel_size_source\x18\x04 \x01(\t\"]\n\x08Progress\x12\x13\n\x0b\x63hunks_done\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunks_total\x18\x02 \x01(\x05\x12\x14\n\x0cnuclei_found\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\"5\n\x0cNucleusBatch\x12%\n\x06nuclei\x18\x01 \x03(\x0b\x32\x15.dannucnet.v1.Nucleus\"6\n\x0cSlideSummary\x12\x15\n\rnucleus_count\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x32\x8d\x02\n\x0cSegmentation\x12J\n\x0cGetModelInfo\x12!.dannucnet.v1.GetModelInfoRequest\x1a\x17.dannucnet.v1.ModelInfo\x12X\n\rSegmentRegion\x12\".dannucnet.v1.SegmentRegionRequest\x1a#.dannucnet.v1.SegmentRegionResponse\x12W\n\x0cSegmentSlide\x12!.dannucnet.v1.SegmentSlideRequest\x1a\".dannucnet.v1.SegmentSlideResponse0\x01\x42\x14\n\x10org.dannucnet.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64\x61nnucnet/v1/segmentation.proto\x12\x0c\x64\x61nnucnet.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x15\n\x13GetModelInfoRequest\"\xef\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x1a\n\x12pixel_size_microns\x18\x04 \x01(\x01\x12\x11\n\ttile_size\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\t \x01(\t\x12\x0f\n\x07trained\x18\n \x01(\x08\x12\x34\n\x13\x61rchitecture_config\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_pixels\x18\x0c \x01(\x03\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x14\n\x0cmax_polygons\x18\x0e \x01(\x05\x12\"\n\x1aslide_segmentation_enabled\x18\x0f \x01(\x08\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.dannucnet.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"7\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\";\n\x04Rect\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"l\n\x0eSegmentOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11min_area_microns2\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x14\n\x12_min_area_microns2\"\xb0\x02\n\x14SegmentRegionRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.dannucnet.v1.Image\x12\x10\n\x08origin_x\x18\x02 \x01(\x01\x12\x10\n\x08origin_y\x18\x03 \x01(\x01\x12\x17\n\ndownsample\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12pixel_size_microns\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12 \n\x04\x63ore\x18\x06 \x01(\x0b\x32\x12.dannucnet.v1.Rect\x12\x10\n\x08\x63lip_wkb\x18\x07 \x01(\x0c\x12-\n\x07options\x18\x08 \x01(\x0b\x32\x1c.dannucnet.v1.SegmentOptions\x12\r\n\x05model\x18\x14 \x01(\tB\r\n\x0b_downsampleB\x15\n\x13_pixel_size_microns\"\xb3\x01\n\x07Nucleus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bpolygon_wkb\x18\x02 \x01(\x0c\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12=\n\x0cmeasurements\x18\x04 \x03(\x0b\x32\'.dannucnet.v1.Nucleus.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x01\n\x15SegmentRegionResponse\x12%\n\x06nuclei\x18\x01 \x03(\x0b\x32\x15.dannucnet.v1.Nucleus\x12\x15\n\rnucleus_count\x18\x02 \x01(\x05\x12\x46\n\ntimings_ms\x18\x03 \x03(\x0b\x32\x32.dannucnet.v1.SegmentRegionResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xce\x01\n\x13SegmentSlideRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\"\n\x06region\x18\x02 \x01(\x0b\x32\x12.dannucnet.v1.Rect\x12\x0f\n\x07roi_wkb\x18\x03 \x03(\x0c\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.dannucnet.v1.SegmentOptions\x12\x1f\n\x12pixel_size_microns\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05model\x18\x14 \x01(\tB\x15\n\x13_pixel_size_microns\"\x13\n\x11ListModelsRequest\"\x8c\x02\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1a\n\x12pixel_size_microns\x18\x03 \x01(\x01\x12\x0f\n\x07trained\x18\x04 \x01(\x08\x12\x0f\n\x07licence\x18\x05 \x01(\t\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.dannucnet.v1.ModelEntry.MetricsEntry\x12\x15\n\rmetrics_split\x18\x07 \x01(\t\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x0e\n\x06loaded\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.dannucnet.v1.ModelEntry\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\xd2\x01\n\x14SegmentSlideResponse\x12(\n\x05slide\x18\x01 \x01(\x0b\x32\x17.dannucnet.v1.SlideInfoH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.dannucnet.v1.ProgressH\x00\x12,\n\x06nuclei\x18\x03 \x01(\x0b\x32\x1a.dannucnet.v1.NucleusBatchH\x00\x12-\n\x07summary\x18\x04 \x01(\x0b\x32\x1a.dannucnet.v1.SlideSummaryH\x00\x42\x07\n\x05\x65vent\"a\n\tSlideInfo\x12\r\n\x05width\x18\x01 \x01(\x03\x12\x0e\n\x06height\x18\x02 \x01(\x03\x12\x1a\n\x12pixel_size_microns\x18\x03 \x01(\x01\x12\x19\n\x11pixel_size_source\x18\x04 \x01(\t\"]\n\x08Progress\x12\x13\n\x0b\x63hunks_done\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunks_total\x18\x02 \x01(\x05\x12\x14\n\x0cnuclei_found\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\"5\n\x0cNucleusBatch\x12%\n\x06nuclei\x18\x01 \x03(\x0b\x32\x15.dannucnet.v1.Nucleus\"6\n\x0cSlideSummary\x12\x15\n\rnucleus_count\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x32\xde\x02\n\x0cSegmentation\x12J\n\x0cGetModelInfo\x12!.dannucnet.v1.GetModelInfoRequest\x1a\x17.dannucnet.v1.ModelInfo\x12X\n\rSegmentRegion\x12\".dannucnet.v1.SegmentRegionRequest\x1a#.dannucnet.v1.SegmentRegionResponse\x12W\n\x0cSegmentSlide\x12!.dannucnet.v1.SegmentSlideRequest\x1a\".dannucnet.v1.SegmentSlideResponse0\x01\x12O\n\nListModels\x12\x1f.dannucnet.v1.ListModelsRequest\x1a .dannucnet.v1.ListModelsResponseB\x14\n\x10org.dannucnet.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NUCLEUS_MEASUREMENTSENTRY']._serialized_options = b'8\001'
   _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELENTRY_METRICSENTRY']._loaded_options = None
+  _globals['_MODELENTRY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELINFOREQUEST']._serialized_start=79
   _globals['_GETMODELINFOREQUEST']._serialized_end=100
   _globals['_MODELINFO']._serialized_start=103
@@ -50,27 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTOPTIONS']._serialized_start=665
   _globals['_SEGMENTOPTIONS']._serialized_end=773
   _globals['_SEGMENTREGIONREQUEST']._serialized_start=776
-  _globals['_SEGMENTREGIONREQUEST']._serialized_end=1065
-  _globals['_NUCLEUS']._serialized_start=1068
-  _globals['_NUCLEUS']._serialized_end=1247
-  _globals['_NUCLEUS_MEASUREMENTSENTRY']._serialized_start=1196
-  _globals['_NUCLEUS_MEASUREMENTSENTRY']._serialized_end=1247
-  _globals['_SEGMENTREGIONRESPONSE']._serialized_start=1250
-  _globals['_SEGMENTREGIONRESPONSE']._serialized_end=1457
-  _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._serialized_start=1409
-  _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._serialized_end=1457
-  _globals['_SEGMENTSLIDEREQUEST']._serialized_start=1460
-  _globals['_SEGMENTSLIDEREQUEST']._serialized_end=1651
-  _globals['_SEGMENTSLIDERESPONSE']._serialized_start=1654
-  _globals['_SEGMENTSLIDERESPONSE']._serialized_end=1864
-  _globals['_SLIDEINFO']._serialized_start=1866
-  _globals['_SLIDEINFO']._serialized_end=1963
-  _globals['_PROGRESS']._serialized_start=1965
-  _globals['_PROGRESS']._serialized_end=2058
-  _globals['_NUCLEUSBATCH']._serialized_start=2060
-  _globals['_NUCLEUSBATCH']._serialized_end=2113
-  _globals['_SLIDESUMMARY']._serialized_start=2115
-  _globals['_SLIDESUMMARY']._serialized_end=2169
-  _globals['_SEGMENTATION']._serialized_start=2172
-  _globals['_SEGMENTATION']._serialized_end=2441
+  _globals['_SEGMENTREGIONREQUEST']._serialized_end=1080
+  _globals['_NUCLEUS']._serialized_start=1083
+  _globals['_NUCLEUS']._serialized_end=1262
+  _globals['_NUCLEUS_MEASUREMENTSENTRY']._serialized_start=1211
+  _globals['_NUCLEUS_MEASUREMENTSENTRY']._serialized_end=1262
+  _globals['_SEGMENTREGIONRESPONSE']._serialized_start=1265
+  _globals['_SEGMENTREGIONRESPONSE']._serialized_end=1472
+  _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._serialized_start=1424
+  _globals['_SEGMENTREGIONRESPONSE_TIMINGSMSENTRY']._serialized_end=1472
+  _globals['_SEGMENTSLIDEREQUEST']._serialized_start=1475
+  _globals['_SEGMENTSLIDEREQUEST']._serialized_end=1681
+  _globals['_LISTMODELSREQUEST']._serialized_start=1683
+  _globals['_LISTMODELSREQUEST']._serialized_end=1702
+  _globals['_MODELENTRY']._serialized_start=1705
+  _globals['_MODELENTRY']._serialized_end=1973
+  _globals['_MODELENTRY_METRICSENTRY']._serialized_start=1927
+  _globals['_MODELENTRY_METRICSENTRY']._serialized_end=1973
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1975
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2060
+  _globals['_SEGMENTSLIDERESPONSE']._serialized_start=2063
+  _globals['_SEGMENTSLIDERESPONSE']._serialized_end=2273
+  _globals['_SLIDEINFO']._serialized_start=2275
+  _globals['_SLIDEINFO']._serialized_end=2372
+  _globals['_PROGRESS']._serialized_start=2374
+  _globals['_PROGRESS']._serialized_end=2467
+  _globals['_NUCLEUSBATCH']._serialized_start=2469
+  _globals['_NUCLEUSBATCH']._serialized_end=2522
+  _globals['_SLIDESUMMARY']._serialized_start=2524
+  _globals['_SLIDESUMMARY']._serialized_end=2578
+  _globals['_SEGMENTATION']._serialized_start=2581
+  _globals['_SEGMENTATION']._serialized_end=2931
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class SegmentationStub:
                 request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.SerializeToString,
                 response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/dannucnet.v1.Segmentation/ListModels',
+                request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServicer:
@@ -80,6 +85,14 @@ class SegmentationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the models installed on the server (read from their model cards), any
+        of which a request may name in its `model` field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +110,11 @@ def add_SegmentationServicer_to_server(servicer, server):
                     servicer.SegmentSlide,
                     request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.FromString,
                     response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.FromString,
+                    response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +199,33 @@ class Segmentation:
             '/dannucnet.v1.Segmentation/SegmentSlide',
             dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideRequest.SerializeToString,
             dannucnet_dot_v1_dot_segmentation__pb2.SegmentSlideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dannucnet.v1.Segmentation/ListModels',
+            dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.SerializeToString,
+            dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
