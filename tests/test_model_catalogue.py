@@ -276,3 +276,24 @@ def test_native_20x_model_card():
     installed = [e for e in list_models() if e.name in ("dannucnet-monuseg", "dannucnet-monuseg-20x")]
     assert choose_model(0.5, installed)[0].name == "dannucnet-monuseg-20x"
     assert choose_model(0.25, installed)[0].name == "dannucnet-monuseg"
+
+
+def test_evaluate_mpp_resamples_images_and_labels(tmp_path):
+    """``evaluate --mpp 0.5``: the 40× Kumar images become a 20× test set, ids intact."""
+    import tifffile
+    from PIL import Image
+
+    from dannucnet.formats.dataset import Sample, resampled
+
+    labels = np.zeros((200, 120), np.uint16)
+    labels[20:60, 20:60], labels[100:140, 40:100] = 7, 300
+    Image.fromarray(np.full((200, 120, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", labels)
+    native = Sample("a", tmp_path / "a.png", tmp_path / "a.tif", organ="Liver", mpp=0.25)
+    (half,) = resampled([native], 0.5)
+    assert half.mpp == 0.5 and half.organ == "Liver" and half.meta["resampled_from_mpp"] == 0.25
+    assert half.load_image().shape == (100, 60, 3) and half.load_region() is None
+    small = half.load_labels()
+    assert small.shape == (100, 60) and set(np.unique(small)) == {0, 7, 300}
+    assert (small == 300).sum() == 20 * 30
+    assert resampled([native], 0.2525)[0] is native  # within 1 %: as it is

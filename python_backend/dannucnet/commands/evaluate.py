@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
     p.add_argument("--min-area", type=float, default=SegmentOptions.min_area_um2, metavar="UM2",
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g}, as segment)")
+    p.add_argument("--mpp", type=float, metavar="UM",
+                   help="score the dataset resampled to this pixel size (e.g. 0.5: the Kumar 40x images as a 20x scan)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
                    help="record the mean and per-organ scores under metrics.<split> in the model folder's card")
@@ -75,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
+    if args.mpp is not None:
+        from dannucnet.formats.dataset import resampled
+
+        if not args.mpp > 0:
+            raise InputError(f"--mpp must be a positive pixel size in µm/px, not {args.mpp}")
+        samples = resampled(samples, args.mpp)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
     predictor = load_predictor(args, mpp=_pixel_size(samples))  # --model auto: chosen for the split's pixel size
 
@@ -97,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
-    print(f"model {result.model['name']} on {args.data} split {split or 'all'}: {len(samples)} images")
+    at = f" resampled to {args.mpp:g} µm/px" if args.mpp is not None else ""
+    print(f"model {result.model['name']} on {args.data} split {split or 'all'}{at}: {len(samples)} images")
     print(summary_table(result))
     if args.json_out:
         out = Path(args.json_out)
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        _record_in_card(predictor.model.source, result, split or "all", args.data)
+        key = split or "all"
+        _record_in_card(predictor.model.source, result, key if args.mpp is None else f"{key}-{args.mpp:g}mpp", args.data)
     return 0
 
 

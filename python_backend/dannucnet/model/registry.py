@@ -105,12 +105,15 @@ class CatalogueEntry:
         return asdict(self)
 
 
-def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Pixel F1, AJI and PQ of the final polygons on the card's Kumar test (else its first scored split)."""
+def headline_metrics(metrics: dict[str, Any], mpp: float | None = None) -> dict[str, Any]:
+    """Pixel F1, AJI and PQ of the final polygons on the card's Kumar test at the model's own pixel size
+    (``kumar-test-0.5mpp``, written by ``evaluate --mpp 0.5 --update-card``), else the Kumar test, else
+    the first scored split."""
     scored = {k: v for k, v in (metrics or {}).items() if isinstance(v, dict) and "final_polygons" in v}
     if not scored:
         return {}
-    split = "kumar-test" if "kumar-test" in scored else sorted(scored)[0]
+    preferred = [f"kumar-test-{mpp:g}mpp" if mpp else "", "kumar-test"]
+    split = next((k for k in preferred if k in scored), sorted(scored)[0])
     final = scored[split]["final_polygons"]
     return {"split": split, **{k: float(final[k]) for k in ("f1", "aji", "pq") if k in final}}
 
@@ -139,7 +142,7 @@ def list_models() -> list[CatalogueEntry]:
                 name=directory.name, version=str(card.version), mpp=mpp, trained=bool(card.trained),
                 licence=str(card.licence or ""), path=str(directory), has_weights=(directory / WEIGHTS_FILE).is_file(),
                 card_name=str(card.name), description=str(card.description or ""),
-                metrics=headline_metrics(card.metrics),
+                metrics=headline_metrics(card.metrics, mpp),
             )
     return sorted(entries.values(), key=lambda e: (e.mpp, e.name))
 
