@@ -297,3 +297,16 @@ def test_evaluate_mpp_resamples_images_and_labels(tmp_path):
     assert small.shape == (100, 60) and set(np.unique(small)) == {0, 7, 300}
     assert (small == 300).sum() == 20 * 30
     assert resampled([native], 0.2525)[0] is native  # within 1 %: as it is
+
+
+def test_segment_via_server_sends_the_model(server, catalogue, tmp_path):
+    """`segment --server --model NAME` runs that model on the server; an unknown name fails at once."""
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, (192, 160), seed=3, mpp=0.25)
+    out = tmp_path / "out.geojson"
+    common = ["segment", str(slide), "-o", str(out), "-q", "--server", server.grpc_address, "--token", TOKEN]
+    assert main(common + ["--model", "blind-20x"]) == 0
+    assert json.loads(out.read_text())["features"] == []  # the blind model ran, not the server's 40× default
+    assert main(common) == 0  # auto: the server picks the 0.25 model for this 40× slide
+    assert json.loads(out.read_text())["features"]
+    assert main(common + ["--model", "nope"]) == 2

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
-
-import logging
 
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions
@@ -113,7 +112,7 @@ def make_segmenter(args: argparse.Namespace):  # -> jobs.segmenters.Segmenter
         raise InputError("--tta runs the model in this process; it cannot be combined with --server")
     if getattr(args, "server", None):
         segmenter = ServerSegmenter(args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"),
-                                    options=options)
+                                    options=options, model=args.model)
         if not segmenter.model_trained:
             print(UNTRAINED_WARNING.format(name=segmenter.model_name), file=sys.stderr)
         return segmenter

@@ -111,7 +111,7 @@ class ServerSegmenter(_CollectMixin):
     slide and sends pixels in chunks with cores, which gives the same nuclei.
     """
 
-    def __init__(self, address: str, token: str | None = None, options: Any = None) -> None:
+    def __init__(self, address: str, token: str | None = None, options: Any = None, model: str | None = None) -> None:
         from dannucnet.client import DanNucNetClient
 
         self.client = DanNucNetClient(address, token=token)
@@ -119,6 +119,14 @@ class ServerSegmenter(_CollectMixin):
         self.model_name = str(self.info.name)
         self.model_version = str(self.info.version)
         self.model_trained = bool(getattr(self.info, "trained", True))
+        if model and model != "auto":  # a model by name: the server refuses an unknown one on the first request
+            self.client.model = model
+            entry = next((m for m in self.client.list_models().models if m.name == model), None)
+            if entry is None:
+                raise InputError(f"the server at {address} has no model {model!r}")
+            self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+        elif model == "auto":
+            self.client.model = model  # the server picks per request, by the request's pixel size
         self.device = f"{self.info.device} on {address}"
         self.options = options
         self.by_path = bool(self.info.slide_segmentation_enabled)

@@ -68,6 +68,7 @@ class SegmentationService:
         # `predictor` and loading others on first use; None serves `predictor` only.
         self.models = models
         self.default_model = default_model  # what an empty `model` means: a name, "auto", or "" (predictor)
+        self._announced: set[int] = set()
         self.limits = limits or Limits()
         self.slide_roots = list(slide_roots)
         self.model_source = model_source
@@ -148,8 +149,8 @@ class SegmentationService:
         if not requested and (self.models is None or self.default_model != AUTO):
             return self.predictor
         name = requested or AUTO
-        if self.models is None:
-            if name == self.predictor.card.name:
+        if self.models is None:  # a server of one model: "auto" can only mean it
+            if name in (AUTO, self.predictor.card.name):
                 return self.predictor
             raise invalid(f"model {name!r}: this server runs only {self.predictor.card.name!r}")
 
@@ -157,7 +158,10 @@ class SegmentationService:
         if name != AUTO and name not in names:  # names only: a client never points the server at a folder
             raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} (or auto)")
         predictor, reason = self.models.for_image(mpp, name)
-        log.info("%s", reason)
+        with self._lock:  # INFO the first time a model serves a request, DEBUG after (a slide sends thousands)
+            first = id(predictor) not in self._announced
+            self._announced.add(id(predictor))
+        log.log(logging.INFO if first else logging.DEBUG, "%s", reason)
         return predictor
 
     # ---- SegmentRegion ------------------------------------------------
