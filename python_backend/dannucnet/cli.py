@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "import_geojson",
     "batch_slides",
     "synth",
+    "models",
 )
 
 

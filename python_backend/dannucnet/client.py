@@ -81,6 +81,7 @@ class DanNucNetClient:
         self._stub = pb_grpc.SegmentationStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._info: pb.ModelInfo | None = None
+        self.model = ""  # sent as every request's `model` ("": the server's default; "auto"; a name from list_models)
 
     # ---- lifecycle ------------------------------------------------------
     def close(self) -> None:
@@ -129,6 +130,10 @@ class DanNucNetClient:
         self._info = info
         return info
 
+    def list_models(self, timeout: float | None = 30.0) -> pb.ListModelsResponse:
+        """The models installed on the server; a request may name any of them."""
+        return self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
     def segment_region_response(
         self,
         image: np.ndarray | bytes,
@@ -142,6 +147,7 @@ class DanNucNetClient:
     ) -> pb.SegmentRegionResponse:
         """The raw response (nuclei as WKB, timings) of one SegmentRegion call."""
         request = build_region_request(image, origin, downsample, mpp, core, clip, options)
+        request.model = self.model
         return self._unary(self._stub.SegmentRegion, request, timeout)
 
     def segment_region(
@@ -183,7 +189,7 @@ class DanNucNetClient:
         thread), ``close()`` or leaving a ``with`` block cancels the call, and
         the server stops working on it.
         """
-        request = pb.SegmentSlideRequest(path=str(path), options=options_to_proto(options))
+        request = pb.SegmentSlideRequest(path=str(path), options=options_to_proto(options), model=self.model)
         if region is not None:
             request.region.CopyFrom(rect_to_proto(region))
         for roi in rois or ():

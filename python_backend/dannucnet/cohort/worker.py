@@ -89,7 +89,13 @@ def segment_slide_task(spec: TaskSpec) -> dict[str, Any]:
 
         # a corrupt or unusable slide fails here, before this worker spends seconds loading a model
         with open_image(spec.input, mpp=spec.mpp) as source:
-            source.require_mpp()
+            slide_mpp = source.require_mpp()
+        if spec.model == "auto" and not spec.server:  # --model auto: this slide's model, by its pixel size
+            from dataclasses import replace
+
+            from dannucnet.commands._common import resolve_auto
+
+            spec = replace(spec, model=resolve_auto(slide_mpp))
         summary = segment_to_geojson(segmenter_for(spec), spec.input, spec.output, mpp=spec.mpp)
     except DanNucNetError as exc:
         return {**base, "status": "failed", "error": type(exc).__name__, "message": str(exc),

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dannucnet")
+AUTO = "auto"  # = model.registry.AUTO (not imported here: that imports torch, and every command imports this)
 
 UNTRAINED_WARNING = (
     "WARNING: model {name!r} is UNTRAINED (random weights): its nuclei are meaningless. "
@@ -19,7 +20,9 @@ UNTRAINED_WARNING = (
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="NAME|PATH", help="model name in models/ or a model folder (default: the shipped model)")
+    p.add_argument("--model", metavar="NAME|PATH|auto", default="auto",
+                   help="model name (see `dannucnet models`) or a model folder; auto (default) picks, per image, "
+                        "the installed model whose pixel size suits the image's")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 2 on CPU, 32 on GPU)")
     add_runtime_argument(p)
@@ -76,17 +79,41 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     )
 
 
-def load_predictor(args: argparse.Namespace):  # -> Predictor (import kept lazy: torch is slow to import)
+def load_predictor(args: argparse.Namespace, model: str | None = None, mpp: float | None = None):
+    """The Predictor of ``model`` (default: ``--model``); ``auto`` chooses for an image of ``mpp`` µm/px.
+
+    Import kept lazy: torch is slow to import.
+    """
     from dannucnet.engine import Predictor
     from dannucnet.model import load_model
 
-    model = load_model(args.model)
-    if not model.card.trained:
-        print(UNTRAINED_WARNING.format(name=model.card.name), file=sys.stderr)
-    predictor = Predictor(model, device=args.device, batch_size=args.batch_size, tta=args.tta,
+    name = model if model is not None else getattr(args, "model", None)
+    if name == AUTO:
+        name = resolve_auto(mpp)
+    loaded = load_model(name)
+    if not loaded.card.trained:
+        print(UNTRAINED_WARNING.format(name=loaded.card.name), file=sys.stderr)
+    predictor = Predictor(loaded, device=args.device, batch_size=args.batch_size, tta=args.tta,
                           runtime=getattr(args, "runtime", "auto"))
-    log.info("model %s runs on %s", model.card.name, predictor.description)
+    log.info("model %s runs on %s", loaded.card.name, predictor.description)
     return predictor
+
+
+def resolve_auto(mpp: float | None) -> str | None:
+    """``--model auto`` for images of ``mpp`` µm/px: a model folder (``None``: none trained is installed),
+    with one log line saying which and why."""
+    from dannucnet.model.registry import choose_model
+
+    entry, reason = choose_model(mpp)
+    log.info("--model auto: %s", reason)
+    return entry.path if entry is not None else None
+
+
+def predictor_pool(args: argparse.Namespace):  # -> engine.pool.PredictorPool
+    """Predictors loaded as images need them: ``--model auto`` may pick another model per image."""
+    from dannucnet.engine.pool import PredictorPool
+
+    return PredictorPool(lambda name: load_predictor(args, model=AUTO if name is None else name), default=args.model)
 
 
 def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
@@ -123,8 +150,8 @@ def make_segmenter(args: argparse.Namespace):  # -> jobs.segmenters.Segmenter
         raise InputError("--tta runs the model in this process; it cannot be combined with --server")
     if getattr(args, "server", None):
         segmenter = ServerSegmenter(args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"),
-                                    options=options)
+                                    options=options, model=args.model)
         if not segmenter.model_trained:
             print(UNTRAINED_WARNING.format(name=segmenter.model_name), file=sys.stderr)
         return segmenter
-    return LocalSegmenter(load_predictor(args), options, pipelined=getattr(args, "pipelined", False))
+    return LocalSegmenter(predictor_pool(args), options, pipelined=getattr(args, "pipelined", False))

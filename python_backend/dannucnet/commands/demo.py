@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from dannucnet.commands._common import add_model_arguments, chunk_progress, load_predictor
+from dannucnet.commands._common import add_model_arguments, chunk_progress, predictor_pool
 
 NAME = "demo"
 HELP = "segment a built-in synthetic H&E slide end to end (about a minute on a laptop CPU)"
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                   tissue_fraction=0.8)
     print(f"made a synthetic H&E slide {slide.width} x {slide.height} px at {slide.mpp} µm/px with "
           f"{len(slide.nuclei)} nuclei in {time.perf_counter() - t0:.1f} s: {slide.path}")
-    segmenter = LocalSegmenter(load_predictor(args), SegmentOptions())
+    segmenter = LocalSegmenter(predictor_pool(args), SegmentOptions())
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
     try:
         summary = segment_to_geojson(

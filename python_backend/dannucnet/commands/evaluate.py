@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
     p.add_argument("--min-area", type=float, default=SegmentOptions.min_area_um2, metavar="UM2",
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g}, as segment)")
+    p.add_argument("--mpp", type=float, metavar="UM",
+                   help="score the dataset resampled to this pixel size (e.g. 0.5: the Kumar 40x images as a 20x scan)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
                    help="record the mean and per-organ scores under metrics.<split> in the model folder's card "
@@ -42,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dataset
     return "kumar-test" if "kumar-test" in dataset.splits else None
+
+
+def _pixel_size(samples) -> float | None:  # noqa: ANN001 - list[formats.dataset.Sample]
+    """The split's pixel size for ``--model auto`` (one model scores the whole split): the median
+    of the samples' (they share one in a dataset folder), ``None`` when none has one."""
+    known = sorted(s.mpp for s in samples if s.mpp)
+    return known[len(known) // 2] if known else None
 
 
 def summary_table(result) -> str:  # noqa: ANN001 - evaluate.runner.EvaluationResult
@@ -72,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
     _refuse_clobbering(args, dataset)
+    if args.mpp is not None:
+        from dannucnet.formats.dataset import resampled
+
+        if not args.mpp > 0:
+            raise InputError(f"--mpp must be a positive pixel size in µm/px, not {args.mpp}")
+        samples = resampled(samples, args.mpp)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
-    predictor = load_predictor(args)
+    predictor = load_predictor(args, mpp=_pixel_size(samples))  # --model auto: chosen for the split's pixel size
 
     bar = None
     if not args.no_progress:
@@ -96,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     result_seconds = time.perf_counter() - started
 
-    print(f"model {result.model['name']} on {args.data} split {split or 'all'}: {len(samples)} images, "
+    at = f" resampled to {args.mpp:g} µm/px" if args.mpp is not None else ""
+    print(f"model {result.model['name']} on {args.data} split {split or 'all'}{at}: {len(samples)} images, "
           f"{predictor.description}, {result_seconds:.0f} s")
     print(summary_table(result))
     if args.json_out:
@@ -112,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        _record_in_card(predictor, result, split or "all", args.data)
+        key = split or "all"
+        _record_in_card(predictor, result, key if args.mpp is None else f"{key}-{args.mpp:g}mpp", args.data)
     return 0
 
 

@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one; default 50051)")
     p.add_argument("--http-port", type=int, default=8765,
                    help="HTTP/JSON gateway port (0 picks a free one, -1 turns it off; default 8765)")
-    p.add_argument("--model", default=None, help="model name or folder (default: the installed default model)")
+    p.add_argument("--model", default="auto", metavar="NAME|PATH|auto",
+                   help="model for requests that name none; auto (default) picks per request the installed model "
+                        "whose pixel size suits the request's (requests may name any model of `dannucnet models`)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add_runtime_argument(p)
     auth = p.add_mutually_exclusive_group()
@@ -113,7 +115,12 @@ def _start(args: argparse.Namespace, stop: _StopSignal):
         limits=limits,
         max_batch=args.max_batch,
     )
-    return Server(predictor, config, model_source=getattr(loaded, "source", "")).start()
+    return Server(
+        predictor, config, model_source=getattr(loaded, "source", ""),
+        model_factory=lambda name: Predictor(load_model(name), device=args.device, batch_size=args.max_batch,
+                                             runtime=args.runtime),
+        default_model=args.model or "",
+    ).start()
 
 
 class _StopSignal:

@@ -90,6 +90,9 @@ def segment_to_geojson(
         if region is not None and region.intersection(image).is_empty:
             raise InputError(f"--region {region.x:g},{region.y:g},{region.width:g},{region.height:g} lies outside "
                              f"the image ({source.width} x {source.height} px)")
+        choose = getattr(segmenter, "choose_for", None)
+        if choose is not None:  # --model auto: the model is known once the image's pixel size is
+            choose(source_mpp)
         metadata = {
             "model": segmenter.model_name,
             "model_version": segmenter.model_version,

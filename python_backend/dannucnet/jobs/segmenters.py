@@ -49,16 +49,44 @@ class _CollectMixin:
 
 class LocalSegmenter(_CollectMixin):
     """In-process: ``pipeline.segment_slide`` on a loaded ``Predictor``, or with ``pipelined`` the
-    staged runner that keeps a GPU fed while slides decode and nuclei are traced (same nuclei)."""
+    staged runner that keeps a GPU fed while slides decode and nuclei are traced (same nuclei).
+
+    Given a :class:`~dannucnet.engine.pool.PredictorPool` instead of a predictor, the model is
+    chosen per image (``--model auto``) by :meth:`choose_for`; the ``model_*`` attributes then
+    name the model of the image being segmented.
+    """
 
     def __init__(self, predictor: Any, options: Any = None, pipelined: bool = False) -> None:
-        self.predictor = predictor
+        from dannucnet.engine.pool import PredictorPool
+
+        self.pool = predictor if isinstance(predictor, PredictorPool) else None
         self.pipelined = pipelined
+        self.options = options
+        if self.pool is None:
+            self._use(predictor)
+        else:  # named once the first image's pixel size is known (choose_for)
+            self.predictor, self._chosen_for = None, None
+            self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
+
+    def _use(self, predictor: Any) -> None:
+        self.predictor = predictor
         self.model_name = str(predictor.card.name)
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
         self.device = str(getattr(predictor, "description", predictor.device))
         self.options = options
+
+    def choose_for(self, mpp: float | None) -> str:
+        """Pick the model for an image of ``mpp`` µm/px (a no-op with one fixed predictor); returns why."""
+        if self.pool is None:
+            return f"model {self.model_name}"
+        if self.predictor is not None and mpp == self._chosen_for:
+            return f"model {self.model_name}"
+        predictor, reason = self.pool.for_image(mpp)
+        log.info("%s", reason)
+        self._use(predictor)
+        self._chosen_for = mpp
+        return reason
 
     def stream(
         self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
@@ -73,6 +101,7 @@ class LocalSegmenter(_CollectMixin):
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide
         with open_image(path, mpp=mpp) as source:
+            self.choose_for(source.mpp)
             options = resolve_stains(source, options)  # --stains auto: this image's own
             yield from run(self.predictor, source, region=region, rois=rois, options=options,
                                      progress=progress, cancel=cancel)
@@ -86,7 +115,7 @@ class ServerSegmenter(_CollectMixin):
     slide and sends pixels in chunks with cores, which gives the same nuclei.
     """
 
-    def __init__(self, address: str, token: str | None = None, options: Any = None) -> None:
+    def __init__(self, address: str, token: str | None = None, options: Any = None, model: str | None = None) -> None:
         from dannucnet.client import DanNucNetClient
 
         self.client = DanNucNetClient(address, token=token)
@@ -94,6 +123,14 @@ class ServerSegmenter(_CollectMixin):
         self.model_name = str(self.info.name)
         self.model_version = str(self.info.version)
         self.model_trained = bool(getattr(self.info, "trained", True))
+        if model and model != "auto":  # a model by name: the server refuses an unknown one on the first request
+            self.client.model = model
+            entry = next((m for m in self.client.list_models().models if m.name == model), None)
+            if entry is None:
+                raise InputError(f"the server at {address} has no model {model!r}")
+            self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+        elif model == "auto":
+            self.client.model = model  # the server picks per request, by the request's pixel size
         self.device = f"{self.info.device} on {address}"
         self.options = options
         self.by_path = bool(self.info.slide_segmentation_enabled)

@@ -74,6 +74,7 @@ class Route:
 
 ROUTES = (
     Route("GET", "/v1/model", "GetModelInfo"),
+    Route("GET", "/v1/models", "ListModels"),
     Route("POST", "/v1/segment", "SegmentRegion", render="geojson"),
     Route("POST", "/v1/slide", "SegmentSlide", render="ndjson"),
     Route("POST", "/v1/plan", "PlanRegion"),
@@ -389,6 +390,9 @@ class GatewayHandler(BaseHTTPRequestHandler):
         service = self.server.service
         if route.rpc == "GetModelInfo":
             self._send_json(200, _to_json(service.model_info(self._read_request(route, params))))
+            return
+        if route.rpc == "ListModels":
+            self._send_json(200, _to_json(service.list_models(self._read_request(route, params))))
             return
         self._content_length()  # refuse a bad or oversized announcement before taking a slot
         with service.admit(call):  # before the body is read: refused uploads are never buffered

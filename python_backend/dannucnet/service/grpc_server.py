@@ -35,6 +35,9 @@ class GrpcSegmentationServicer(pb_grpc.SegmentationServicer):
     def GetModelInfo(self, request, context):  # noqa: N802 - names from the proto
         return self.service.model_info(request)
 
+    def ListModels(self, request, context):  # noqa: N802
+        return self.service.list_models(request)
+
     def SegmentRegion(self, request, context):  # noqa: N802
         try:
             return self.service.segment_region(request, call_from_context(context)).to_proto()

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -42,15 +42,31 @@ class ServerConfig:
 class Server:
     """The running service; ``start()`` binds both transports, ``stop()`` drains them."""
 
-    def __init__(self, predictor: Any, config: ServerConfig, model_source: str = "") -> None:
+    def __init__(
+        self, predictor: Any, config: ServerConfig, model_source: str = "",
+        model_factory: Callable[[str | None], Any] | None = None, default_model: str = "",
+    ) -> None:
+        """``model_factory(name)`` builds the engine predictor of another installed model: given it,
+        requests may name any installed model (or "auto"), loaded on first use, each with its own
+        micro-batcher. ``default_model`` is what a request without a model gets ("" = ``predictor``)."""
         check_bind_policy(config.host, config.token, config.insecure)
         self.config = config
         self.batched = BatchedPredictor(predictor, max_batch=config.max_batch)
+        self.models = None
+        if model_factory is not None:
+            from dannucnet.engine.pool import PredictorPool
+
+            self.models = PredictorPool(
+                lambda name: BatchedPredictor(model_factory(name), max_batch=config.max_batch), default=default_model
+            )
+            self.models.add(model_source or None, self.batched)
         self.service = SegmentationService(
             self.batched,
             limits=config.limits,
             slide_roots=prepare_roots(config.slide_roots),
             model_source=model_source,
+            models=self.models,
+            default_model=default_model,
         )
         self.checker = TokenChecker(config.token)
         self.grpc_server, self.health = build_grpc_server(self.service, self.checker, max_workers=config.max_workers)
@@ -110,7 +126,8 @@ class Server:
             self.gateway.shutdown()
             self.gateway.server_close()
         grpc_done.wait(grace)
-        self.batched.close()
+        for batched in self.models.loaded() if self.models is not None else [self.batched]:
+            batched.close()
 
     def wait(self) -> None:
         self._stopped.wait()
@@ -139,6 +156,8 @@ class Server:
             f"model   {card.name} {card.version} ({'trained' if card.trained else 'UNTRAINED: output is meaningless'}), "
             f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",
             f"device  {getattr(self.batched, 'description', self.batched.device)}, micro-batches of up to {self.batched.max_batch} tiles",
+            *([f"models  a request may name any installed model (GET /v1/models); without one: "
+               f"{self.service.default_model or card.name}"] if self.models is not None else []),
             f"gRPC    {self.grpc_address}" + (" (TLS)" if self.config.tls_cert else ""),
             f"HTTP    {self.http_url}" if self.http_url else "HTTP    off",
             f"auth    {'bearer token required' if self.checker.enabled else 'none (loopback or --insecure)'}",

@@ -72,8 +72,15 @@ class SegmentationService:
         limits: Limits | None = None,
         slide_roots: Sequence[Path] = (),
         model_source: str = "",
+        models: Any = None,
+        default_model: str = "",
     ) -> None:
         self.predictor = predictor
+        # Per-request models (the requests' `model` field): an engine.pool.PredictorPool holding
+        # `predictor` and loading others on first use; None serves `predictor` only.
+        self.models = models
+        self.default_model = default_model  # what an empty `model` means: a name, "auto", or "" (predictor)
+        self._announced: set[int] = set()
         self.limits = limits or Limits()
         self.slide_roots = list(slide_roots)
         self.model_source = model_source
@@ -135,6 +142,49 @@ class SegmentationService:
             slide_segmentation_enabled=bool(self.slide_roots),
         )
 
+    # ---- ListModels ---------------------------------------------------
+    def list_models(self, request: pb.ListModelsRequest | None = None, call: Call | None = None) -> pb.ListModelsResponse:
+        from dannucnet.model.registry import list_models
+
+        loaded = {p.card.name for p in self.models.loaded()} if self.models is not None else {self.predictor.card.name}
+        default = self.default_model or self.predictor.card.name
+        entries = [e for e in list_models() if self.models is not None or e.card_name == self.predictor.card.name]
+        return pb.ListModelsResponse(
+            default_model=default,
+            models=[
+                pb.ModelEntry(
+                    name=e.name, version=e.version, pixel_size_microns=e.mpp, trained=e.trained, licence=e.licence,
+                    metrics={k: v for k, v in e.metrics.items() if k != "split"},
+                    metrics_split=str(e.metrics.get("split", "")),
+                    is_default=e.name == default or (not self.default_model and e.card_name == default),
+                    loaded=e.card_name in loaded,
+                )
+                for e in entries
+            ],
+        )
+
+    def _predictor_for(self, requested: str, mpp: float | None) -> Any:
+        """The predictor a request's ``model`` field asks for (see :meth:`list_models`)."""
+        from dannucnet.model.registry import AUTO, list_models
+
+        if not requested and (self.models is None or self.default_model != AUTO):
+            return self.predictor
+        name = requested or AUTO
+        if self.models is None:  # a server of one model: "auto" can only mean it
+            if name in (AUTO, self.predictor.card.name):
+                return self.predictor
+            raise invalid(f"model {name!r}: this server runs only {self.predictor.card.name!r}")
+
+        names = [e.name for e in list_models() if e.has_weights]
+        if name != AUTO and name not in names:  # names only: a client never points the server at a folder
+            raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} (or auto)")
+        predictor, reason = self.models.for_image(mpp, name)
+        with self._lock:  # INFO the first time a model serves a request, DEBUG after (a slide sends thousands)
+            first = id(predictor) not in self._announced
+            self._announced.add(id(predictor))
+        log.log(logging.INFO if first else logging.DEBUG, "%s", reason)
+        return predictor
+
     # ---- SegmentRegion ------------------------------------------------
     def segment_region(self, request: pb.SegmentRegionRequest, call: Call) -> RegionOutcome:
         with self.admit(call):
@@ -168,7 +218,8 @@ class SegmentationService:
         rgb = decode_image(request.image if request.HasField("image") else None, self.limits)
         t_decode = time.perf_counter()
         height, width = rgb.shape[:2]
-        self._check_resampled(width, height, downsample * mpp)
+        predictor = self._predictor_for(request.model, downsample * mpp)
+        self._check_resampled(width, height, downsample * mpp, predictor)
         region = Rect(origin_x, origin_y, width * downsample, height * downsample)
         for end, name in ((region.x + region.width, "originX + width × downsample"),
                           (region.y + region.height, "originY + height × downsample")):
@@ -185,7 +236,7 @@ class SegmentationService:
             )
         call.check()
         result = segment_region(
-            self.predictor,
+            predictor,
             rgb,
             origin=(origin_x, origin_y),
             downsample=downsample,
@@ -231,7 +282,7 @@ class SegmentationService:
         except DanNucNetError as exc:  # name the file as the client did, not by its server path
             raise type(exc)(str(exc).replace(str(path), request.path)) from None
         try:
-            source.require_mpp()
+            predictor = self._predictor_for(request.model, source.require_mpp())
             if region is not None and region.intersection(Rect(0, 0, source.width, source.height)).is_empty:
                 raise invalid(f"region {region.bounds()} lies outside the slide ({source.width}×{source.height})")
             yield pb.SegmentSlideResponse(
@@ -245,7 +296,7 @@ class SegmentationService:
             progress = _ProgressBox()
             found = 0
             batches = segment_slide(
-                self.predictor,
+                predictor,
                 source,
                 region=region,
                 rois=rois,
@@ -286,19 +337,21 @@ class SegmentationService:
             raise self._status(exc, "PlanRegion") from None
 
     # ---- helpers --------------------------------------------------------
-    def _check_resampled(self, width: int, height: int, region_mpp: float) -> None:
+    def _check_resampled(self, width: int, height: int, region_mpp: float, predictor: Any = None) -> None:
         """The engine rescales to the model's pixel size: coarse pixels grow, so check that size too,
         and the windows (model work) that size needs."""
-        scale = region_mpp / float(self.predictor.card.mpp)
+        predictor = predictor or self.predictor
+        card = predictor.card
+        scale = region_mpp / float(card.mpp)
         pixels = width * height * scale * scale
         if pixels > self.limits.max_pixels:
             raise invalid(
                 f"the region's pixels are {region_mpp:g} µm/px; resampled to the model's "
-                f"{self.predictor.card.mpp} µm/px they become {pixels:,.0f} px, more than this server's limit "
+                f"{card.mpp} µm/px they become {pixels:,.0f} px, more than this server's limit "
                 f"of {self.limits.max_pixels:,}: send a smaller region or a smaller downsample"
             )
-        tile = int(getattr(self.predictor, "tile", None) or self.predictor.card.tile_size)
-        overlap = int(getattr(self.predictor, "overlap", 0))
+        tile = int(getattr(predictor, "tile", None) or card.tile_size)
+        overlap = int(getattr(predictor, "overlap", 0))
         check_work(width, height, (width * scale, height * scale), tile, overlap, self.limits)
 
     def _options(self, msg: pb.SegmentOptions | None):

@@ -114,7 +114,7 @@ class StainVectors(_message.Message):
     def __init__(self, name: _Optional[str] = ..., stains: _Optional[_Iterable[_Union[StainVector, _Mapping]]] = ..., max_red: _Optional[float] = ..., max_green: _Optional[float] = ..., max_blue: _Optional[float] = ...) -> None: ...
 
 class SegmentRegionRequest(_message.Message):
-    __slots__ = ("image", "origin_x", "origin_y", "downsample", "pixel_size_microns", "core", "clip_wkb", "options")
+    __slots__ = ("image", "origin_x", "origin_y", "downsample", "pixel_size_microns", "core", "clip_wkb", "options", "model")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_X_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_Y_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class SegmentRegionRequest(_message.Message):
     CORE_FIELD_NUMBER: _ClassVar[int]
     CLIP_WKB_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     image: Image
     origin_x: float
     origin_y: float
@@ -131,7 +132,8 @@ class SegmentRegionRequest(_message.Message):
     core: Rect
     clip_wkb: bytes
     options: SegmentOptions
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_microns: _Optional[float] = ..., core: _Optional[_Union[Rect, _Mapping]] = ..., clip_wkb: _Optional[bytes] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_microns: _Optional[float] = ..., core: _Optional[_Union[Rect, _Mapping]] = ..., clip_wkb: _Optional[bytes] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Nucleus(_message.Message):
     __slots__ = ("id", "polygon_wkb", "probability", "measurements", "cell_wkb")
@@ -172,18 +174,61 @@ class SegmentRegionResponse(_message.Message):
     def __init__(self, nuclei: _Optional[_Iterable[_Union[Nucleus, _Mapping]]] = ..., nucleus_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SegmentSlideRequest(_message.Message):
-    __slots__ = ("path", "region", "roi_wkb", "options", "pixel_size_microns")
+    __slots__ = ("path", "region", "roi_wkb", "options", "pixel_size_microns", "model")
     PATH_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     ROI_WKB_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_MICRONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     path: str
     region: Rect
     roi_wkb: _containers.RepeatedScalarFieldContainer[bytes]
     options: SegmentOptions
     pixel_size_microns: float
-    def __init__(self, path: _Optional[str] = ..., region: _Optional[_Union[Rect, _Mapping]] = ..., roi_wkb: _Optional[_Iterable[bytes]] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ..., pixel_size_microns: _Optional[float] = ...) -> None: ...
+    model: str
+    def __init__(self, path: _Optional[str] = ..., region: _Optional[_Union[Rect, _Mapping]] = ..., roi_wkb: _Optional[_Iterable[bytes]] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ..., pixel_size_microns: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelEntry(_message.Message):
+    __slots__ = ("name", "version", "pixel_size_microns", "trained", "licence", "metrics", "metrics_split", "is_default", "loaded")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_SIZE_MICRONS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    LICENCE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    pixel_size_microns: float
+    trained: bool
+    licence: str
+    metrics: _containers.ScalarMap[str, float]
+    metrics_split: str
+    is_default: bool
+    loaded: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pixel_size_microns: _Optional[float] = ..., trained: _Optional[bool] = ..., licence: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., metrics_split: _Optional[str] = ..., is_default: _Optional[bool] = ..., loaded: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "default_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelEntry]
+    default_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelEntry, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
 
 class SegmentSlideResponse(_message.Message):
     __slots__ = ("slide", "progress", "nuclei", "summary")

@@ -55,6 +55,11 @@ class SegmentationStub:
                 request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.SerializeToString,
                 response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/dannucnet.v1.Segmentation/ListModels',
+                request_serializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServicer:
@@ -95,6 +100,14 @@ class SegmentationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the models installed on the server (read from their model cards), any
+        of which a request may name in its `model` field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +130,11 @@ def add_SegmentationServicer_to_server(servicer, server):
                     servicer.PlanRegion,
                     request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.FromString,
                     response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.FromString,
+                    response_serializer=dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +246,33 @@ class Segmentation:
             '/dannucnet.v1.Segmentation/PlanRegion',
             dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionRequest.SerializeToString,
             dannucnet_dot_v1_dot_segmentation__pb2.PlanRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dannucnet.v1.Segmentation/ListModels',
+            dannucnet_dot_v1_dot_segmentation__pb2.ListModelsRequest.SerializeToString,
+            dannucnet_dot_v1_dot_segmentation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

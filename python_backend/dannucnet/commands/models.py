@@ -1,0 +1,56 @@
+"""``dannucnet models``: the installed models, read from their cards (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+NAME = "models"
+HELP = "list the installed models (name, version, µm/px, Kumar-test scores, licence, folder)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--for-mpp", type=float, metavar="UM",
+                   help="also say which model --model auto picks for an image of this pixel size, and why")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dannucnet.errors import InputError
+    from dannucnet.model.registry import choose_model, list_models, search_path
+
+    if args.for_mpp is not None and not args.for_mpp > 0:
+        raise InputError(f"--for-mpp must be a positive pixel size in µm/px, not {args.for_mpp}")
+    entries = list_models()
+    if args.json:
+        document: dict = {"models": [e.to_dict() for e in entries]}
+        if args.for_mpp is not None:
+            chosen, reason = choose_model(args.for_mpp, entries)
+            document["auto"] = {"mpp": args.for_mpp, "model": chosen.name if chosen else None, "reason": reason}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+        return 0
+    print(table(entries))
+    if not entries:
+        print("no model installed in " + ", ".join(str(p) for p in search_path())
+              + " (the built-in 'untrained' network still runs)")
+    if args.for_mpp is not None:
+        chosen, reason = choose_model(args.for_mpp, entries)
+        print(f"--model auto: {reason}")
+    return 0
+
+
+def table(entries) -> str:  # noqa: ANN001 - list[CatalogueEntry]
+    """One line per model; scores are the final polygons' pixel F1 / AJI / PQ in per cent."""
+    rows = [("NAME", "VERSION", "µm/px", "F1/AJI/PQ", "LICENCE", "PATH")]
+    for e in entries:
+        m = e.metrics
+        scores = "/".join(f"{100 * m[k]:.1f}" for k in ("f1", "aji", "pq") if k in m) or "-"
+        if m.get("split") not in (None, "kumar-test"):
+            scores += f" ({m['split']})"
+        state = "" if e.usable else (" (untrained)" if not e.trained else " (no weights)")
+        short = re.search(r"\(([^)]*)\)", e.licence)  # "... data (CC BY-NC-SA 4.0): ..." → the licence's name
+        licence = (short.group(1) if short else e.licence[:40]) or "-"
+        rows.append((e.name + state, e.version, f"{e.mpp:g}", scores, licence, e.path))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)

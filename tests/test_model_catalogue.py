@@ -1,0 +1,312 @@
+"""The model catalogue: ``dannucnet models``, ``--model auto``, ``GET /v1/models``, gRPC ``ListModels``,
+a model per request, and the shipped native-20× model's card.
+
+Two tiny hand-set "darkness" models (see ``test_service_server.darkness_network``) stand in for a
+40× and a 20× model: the 40× one finds the dark synthetic nuclei, the 20× one is made blind
+(its threshold lies above any darkness), so which model ran is visible in the nuclei found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from dannucnet.cli import main
+from dannucnet.engine import Predictor
+from dannucnet.engine.pool import PredictorPool
+from dannucnet.model import ModelCard, load_model, save_model
+from dannucnet.model import registry
+from dannucnet.model.registry import CatalogueEntry, choose_model, list_models
+from dannucnet.service._generated.v1 import segmentation_pb2 as pb
+from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
+from dannucnet.service.limits import Limits
+from dannucnet.service.server import Server, ServerConfig
+from dannucnet.slides.synthetic import make_synthetic_he, write_synthetic_slide
+
+from test_service_server import OVERLAP, TILE, TOKEN, b64, darkness_network, png, request
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = {"kumar-test": {"final_polygons": {"f1": 0.8, "aji": 0.55, "pq": 0.51, "n_images": 14}}}
+
+
+def _save(root: Path, name: str, mpp: float, level: float = 0.4, **card) -> Path:
+    card = {"trained": True, "licence": "test data (CC0): any use", **card}
+    return save_model(root / name, darkness_network(level=level),
+                      ModelCard(name=name, version="t", tile_size=TILE, mpp=mpp, **card))
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    _save(root, "dannucnet-monuseg", 0.25, metrics=METRICS)  # the default model's name: the tie-breaker
+    _save(root, "blind-20x", 0.5, level=5.0)  # darkness never exceeds 5: finds nothing
+    _save(root, "random", 0.5, trained=False)  # untrained: listed, never chosen by auto
+    (root / "broken").mkdir()
+    (root / "broken" / "model_card.json").write_text("{ not json")
+    (root / "no-weights").mkdir()
+    ModelCard(name="no-weights", version="1", mpp=1.0, trained=True).save(root / "no-weights")
+    return root
+
+
+@pytest.fixture
+def catalogue(models_root, monkeypatch, tmp_path):
+    """Only the test models are installed: DANNUCNET_MODELS set, the repository's models/ hidden."""
+    monkeypatch.setenv("DANNUCNET_MODELS", str(models_root))
+    monkeypatch.setattr(registry, "REPO_MODELS", tmp_path / "no-repo-models")
+    return models_root
+
+
+def entry(name: str, mpp: float, trained: bool = True, weights: bool = True, pq: float | None = None):
+    metrics = {} if pq is None else {"split": "kumar-test", "pq": pq}
+    return CatalogueEntry(name=name, version="1", mpp=mpp, trained=trained, licence="", path=f"/m/{name}",
+                          has_weights=weights, metrics=metrics)
+
+
+# ---- the catalogue ------------------------------------------------------------------
+def test_list_models_reads_the_cards(catalogue, caplog, monkeypatch):
+    monkeypatch.setattr(registry, "_WARNED", set())
+    with caplog.at_level(logging.WARNING):
+        entries = {e.name: e for e in list_models()}
+    assert sorted(entries) == ["blind-20x", "dannucnet-monuseg", "no-weights", "random"]
+    default = entries["dannucnet-monuseg"]
+    assert (default.mpp, default.usable, default.licence) == (0.25, True, "test data (CC0): any use")
+    assert default.metrics == {"split": "kumar-test", "f1": 0.8, "aji": 0.55, "pq": 0.51}
+    assert Path(default.path) == catalogue / "dannucnet-monuseg"
+    assert not entries["random"].usable and not entries["no-weights"].usable
+    assert "broken" in caplog.text  # the unreadable card is named, the others still listed
+
+
+def test_user_folder_hides_the_same_name_in_models(catalogue, tmp_path, monkeypatch):
+    user = tmp_path / "user"
+    _save(user, "blind-20x", 0.5)
+    monkeypatch.setenv("DANNUCNET_MODELS", os.pathsep.join([str(user), str(catalogue)]))
+    paths = {e.name: Path(e.path) for e in list_models()}
+    assert paths["blind-20x"] == user / "blind-20x"
+    assert paths["dannucnet-monuseg"] == catalogue / "dannucnet-monuseg"
+
+
+# ---- --model auto: the choice ---------------------------------------------------------
+BOTH = [entry("dannucnet-monuseg", 0.25, pq=0.51), entry("dannucnet-monuseg-20x", 0.5, pq=0.45)]
+
+
+@pytest.mark.parametrize("mpp, expected", [
+    (0.25, "dannucnet-monuseg"),  # 40×: its own model
+    (0.2527, "dannucnet-monuseg"),  # Aperio 40×: 1 % upsampling is "the same magnification"
+    (0.2265, "dannucnet-monuseg"),  # Hamamatsu 40×: slightly downsampled
+    (0.5, "dannucnet-monuseg-20x"),  # 20×: never upsampled 2× when a 20× model exists
+    (0.504, "dannucnet-monuseg-20x"),
+    (0.35, "dannucnet-monuseg-20x"),  # between: downsampled to 0.5 rather than upsampled 1.4×
+    (1.0, "dannucnet-monuseg-20x"),  # 10×: coarser than every model, the least upsampling
+    (None, "dannucnet-monuseg"),  # unknown pixel size: the default model
+])
+def test_auto_picks_the_model_whose_pixel_size_suits(mpp, expected):
+    chosen, reason = choose_model(mpp, BOTH)
+    assert chosen.name == expected
+    assert expected in reason and (mpp is None or f"{mpp:g}" in reason)
+
+
+def test_auto_with_only_a_40x_model_upsamples_and_says_so():
+    chosen, reason = choose_model(0.5, BOTH[:1])
+    assert chosen.name == "dannucnet-monuseg" and "upsamples it least (2×)" in reason
+
+
+def test_auto_skips_untrained_and_incomplete_models_and_breaks_ties():
+    entries = [entry("random", 0.5, trained=False), entry("no-weights", 0.5, weights=False),
+               entry("a-40x", 0.25, pq=0.40), entry("b-40x", 0.25, pq=0.50)]
+    assert choose_model(0.5, entries)[0].name == "b-40x"  # higher PQ wins the tie
+    assert choose_model(0.25, entries + [entry("dannucnet-monuseg", 0.25)])[0].name == "dannucnet-monuseg"
+    assert choose_model(0.25, entries[:2]) == (None, "no trained model is installed")
+
+
+def test_models_command_lists_and_explains(catalogue, capsys):
+    assert main(["models", "--json", "--for-mpp", "0.5"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in document["models"]] == ["dannucnet-monuseg", "blind-20x", "random", "no-weights"]
+    assert document["auto"]["model"] == "blind-20x" and "0.5 µm/px" in document["auto"]["reason"]
+    assert main(["models", "--for-mpp", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "80.0/55.0/51.0" in out and "CC0" in out and "random (untrained)" in out
+    assert "--model auto: image at 0.25 µm/px: dannucnet-monuseg" in out
+    assert main(["models", "--for-mpp", "-1"]) == 2
+
+
+# ---- --model auto on a door: segment ------------------------------------------------------
+@pytest.mark.parametrize("mpp, model, finds_nuclei", [(0.25, "dannucnet-monuseg", True), (0.5, "blind-20x", False)])
+def test_segment_auto_runs_the_model_chosen_for_the_image(catalogue, tmp_path, caplog, mpp, model, finds_nuclei):
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, (256, 192), seed=3, mpp=mpp)
+    out = tmp_path / "out.geojson"
+    with caplog.at_level(logging.INFO):
+        assert main(["segment", str(slide), "-o", str(out), "-q", "--device", "cpu"]) == 0
+    assert f"--model auto: image at {mpp:g} µm/px: {model}" in caplog.text
+    collection = json.loads(out.read_text())
+    assert all(f["properties"]["metadata"]["model"] == model for f in collection["features"])
+    assert (len(collection["features"]) > 0) == finds_nuclei
+
+
+def test_pool_loads_each_model_once(catalogue):
+    built = []
+    pool = PredictorPool(lambda name: built.append(name) or Predictor(load_model(name), device="cpu"))
+    a, _ = pool.for_image(0.5)
+    b, _ = pool.for_image(0.49)
+    c = pool.get(str(catalogue / "blind-20x"))  # the same model by its path
+    assert a is b is c and len(built) == 1
+    assert pool.for_image(0.25)[0].card.name == "dannucnet-monuseg" and len(built) == 2
+
+
+# ---- the server: GET /v1/models, ListModels, a model per request ---------------------------
+@pytest.fixture
+def server(catalogue):
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, token=TOKEN, max_batch=4,
+                          limits=Limits(max_message_bytes=4 * 1024 * 1024, max_pixels=1024 * 1024))
+    loaded = load_model("auto")
+
+    def factory(name):
+        return Predictor(load_model(name), device="cpu", overlap=OVERLAP)
+
+    srv = Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source,
+                 model_factory=factory, default_model="auto").start()
+    yield srv
+    srv.stop(grace=2)
+
+
+def _region(model: str | None, mpp: float) -> dict:
+    rgb = make_synthetic_he(160, 128, seed=2, density=6000).rgb
+    body = {"image": {"encoded": b64(png(rgb))}, "pixelSizeMicrons": mpp}
+    return body if model is None else {**body, "model": model}
+
+
+def test_http_lists_models_and_runs_the_one_asked(server, catalogue):
+    status, listing, _ = request(server, "GET", "/v1/models")
+    assert status == 200 and listing["defaultModel"] == "auto"
+    by_name = {m["name"]: m for m in listing["models"]}
+    assert by_name["dannucnet-monuseg"]["pixelSizeMicrons"] == 0.25
+    assert by_name["dannucnet-monuseg"]["metrics"] == {"f1": 0.8, "aji": 0.55, "pq": 0.51}
+    assert by_name["dannucnet-monuseg"]["loaded"] and not by_name["blind-20x"].get("loaded", False)
+
+    def count(model, mpp):
+        status, payload, _ = request(server, "POST", "/v1/segment?alt=json", _region(model, mpp))
+        assert status == 200, payload
+        return payload.get("nucleusCount", 0)
+
+    assert count(None, 0.25) > 0  # auto at 40×: the 0.25 model
+    assert count(None, 0.5) == 0  # auto at 20×: the (blind) 0.5 model
+    assert count("dannucnet-monuseg", 0.5) > 0  # asked for by name: that one, whatever the pixel size
+    assert count("blind-20x", 0.25) == 0
+    _, listing, _ = request(server, "GET", "/v1/models")
+    assert all(m.get("loaded", False) == (m["name"] in ("dannucnet-monuseg", "blind-20x")) for m in listing["models"])
+    status, payload, _ = request(server, "POST", "/v1/segment", _region("nope", 0.25))
+    assert status == 400 and "unknown model 'nope'" in payload["error"]["message"]
+    assert "blind-20x" in payload["error"]["message"]
+    status, payload, _ = request(server, "POST", "/v1/segment", _region(str(catalogue / "blind-20x"), 0.25))
+    assert status == 400  # a client names installed models; it never points the server at a folder
+
+
+def test_grpc_list_models_and_per_request_model(server):
+    channel = grpc.insecure_channel(server.grpc_address)
+    stub = pb_grpc.SegmentationStub(channel)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        listing = stub.ListModels(pb.ListModelsRequest(), metadata=auth, timeout=30)
+        assert [m.name for m in listing.models] == ["dannucnet-monuseg", "blind-20x", "random", "no-weights"]
+        assert listing.models[0].metrics_split == "kumar-test" and listing.models[2].trained is False
+        rgb = make_synthetic_he(160, 128, seed=2, density=6000).rgb
+        image = pb.Image(encoded=png(rgb))
+        asked = stub.SegmentRegion(pb.SegmentRegionRequest(image=image, pixel_size_microns=0.25, model="blind-20x"),
+                                   metadata=auth, timeout=60)
+        auto = stub.SegmentRegion(pb.SegmentRegionRequest(image=image, pixel_size_microns=0.25, model="auto"),
+                                  metadata=auth, timeout=60)
+        assert asked.nucleus_count == 0 < auto.nucleus_count
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SegmentRegion(pb.SegmentRegionRequest(image=image, pixel_size_microns=0.25, model="nope"),
+                               metadata=auth, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown model" in info.value.details()
+    finally:
+        channel.close()
+
+
+# ---- training at another pixel size --------------------------------------------------------
+def test_training_targets_are_made_at_the_training_pixel_size(tmp_path):
+    """Two touching nuclei keep a background seam when the image is halved to 0.5 µm/px."""
+    import tifffile
+    from PIL import Image
+
+    from dannucnet.formats.dataset import Sample
+    from dannucnet.train.patches import grid_patches, load_train_image
+
+    labels = np.zeros((400, 300), np.uint16)
+    labels[100:180, 60:140] = 1
+    labels[100:180, 140:220] = 2  # touching nucleus 1 along column 140
+    rgb = np.full((400, 300, 3), 220, np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", labels)
+    sample = Sample("a", tmp_path / "a.png", tmp_path / "a.tif", mpp=0.25)
+    image = load_train_image(sample, 0.5, (0.0, 0.7), instance_gaps=True, distance=True)
+    assert image.rgb.shape == (200, 150, 3) and image.rows == (0, 140)
+    row = image.mask[70, 30:110]
+    assert row[:10].all() and row[-10:].all() and not row[38:42].all()  # the seam survives
+    assert image.depth[70, 70] == 0 and image.depth[70, 50] > 200  # two distance hills, a valley between
+    held_out = [image.__class__(**{**image.__dict__, "rows": (140, 200)})]
+    patches = grid_patches(held_out, size=128)
+    assert {p[0].shape for p in patches} == {(48, 128, 3)}  # 60 rows → 48-high patches, not none
+
+
+# ---- the shipped native-20× model ------------------------------------------------------------
+MODEL_20X = REPO / "models" / "dannucnet-monuseg-20x"
+
+
+@pytest.mark.skipif(not (MODEL_20X / "weights.safetensors").is_file(),
+                    reason="models/dannucnet-monuseg-20x has no weights in this checkout")
+def test_native_20x_model_card():
+    card = json.loads((MODEL_20X / "model_card.json").read_text())
+    assert card["name"] == "dannucnet-monuseg-20x" and card["mpp"] == 0.5 and card["trained"] is True
+    assert card["architecture"]["distance_head"] is True and "--mpp 0.5" in card["training"]["command"]
+    assert card["training"]["history"] and card["metrics"]["validation"]["pixel_f1"] > 0.7
+    assert (MODEL_20X / "weights.safetensors").stat().st_size < 40 * 1024 * 1024
+    loaded = load_model("dannucnet-monuseg-20x")
+    assert loaded.card.mpp == 0.5 and loaded.network.config.distance_head
+    installed = [e for e in list_models() if e.name in ("dannucnet-monuseg", "dannucnet-monuseg-20x")]
+    assert choose_model(0.5, installed)[0].name == "dannucnet-monuseg-20x"
+    assert choose_model(0.25, installed)[0].name == "dannucnet-monuseg"
+
+
+def test_evaluate_mpp_resamples_images_and_labels(tmp_path):
+    """``evaluate --mpp 0.5``: the 40× Kumar images become a 20× test set, ids intact."""
+    import tifffile
+    from PIL import Image
+
+    from dannucnet.formats.dataset import Sample, resampled
+
+    labels = np.zeros((200, 120), np.uint16)
+    labels[20:60, 20:60], labels[100:140, 40:100] = 7, 300
+    Image.fromarray(np.full((200, 120, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", labels)
+    native = Sample("a", tmp_path / "a.png", tmp_path / "a.tif", organ="Liver", mpp=0.25)
+    (half,) = resampled([native], 0.5)
+    assert half.mpp == 0.5 and half.organ == "Liver" and half.meta["resampled_from_mpp"] == 0.25
+    assert half.load_image().shape == (100, 60, 3) and half.load_region() is None
+    small = half.load_labels()
+    assert small.shape == (100, 60) and set(np.unique(small)) == {0, 7, 300}
+    assert (small == 300).sum() == 20 * 30
+    assert resampled([native], 0.2525)[0] is native  # within 1 %: as it is
+
+
+def test_segment_via_server_sends_the_model(server, catalogue, tmp_path):
+    """`segment --server --model NAME` runs that model on the server; an unknown name fails at once."""
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, (192, 160), seed=3, mpp=0.25)
+    out = tmp_path / "out.geojson"
+    common = ["segment", str(slide), "-o", str(out), "-q", "--server", server.grpc_address, "--token", TOKEN]
+    assert main(common + ["--model", "blind-20x"]) == 0
+    assert json.loads(out.read_text())["features"] == []  # the blind model ran, not the server's 40× default
+    assert main(common) == 0  # auto: the server picks the 0.25 model for this 40× slide
+    assert json.loads(out.read_text())["features"]
+    assert main(common + ["--model", "nope"]) == 2
