@@ -117,18 +117,30 @@ def predictor_pool(args: argparse.Namespace):  # -> engine.pool.PredictorPool
 
 
 def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
-    """A tqdm bar over chunks showing nuclei found; returns (callback, close)."""
+    """A tqdm bar over chunks showing nuclei found; returns (callback, close).
+
+    The bar appears with the first chunk count: with ``--model auto`` the model is loaded once the
+    image's pixel size is known, and a model that fails to load must leave one error line, not a bar.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="chunk", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    bars: list = []
 
     def update(done: int, total: int, nuclei: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=0, desc=desc, unit="chunk", disable=not enabled, file=sys.stderr,
+                             dynamic_ncols=True))
+        bar = bars[0]
         bar.total = total
         bar.n = done
         bar.set_postfix(nuclei=nuclei, refresh=False)
         bar.refresh()
 
-    return update, bar.close
+    def close() -> None:
+        if bars:
+            bars[0].close()
+
+    return update, close
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
