@@ -86,6 +86,31 @@ def test_nothing_to_do_needs_no_cluster(cohort, tmp_path):
     assert [o.status for o in report.outcomes] == ["skipped"]
 
 
+def test_auto_resume_accepts_any_installed_model(cohort, tmp_path):
+    """--model auto may segment a 20x slide with the 20x model: resuming skips it instead of redoing it,
+    while output by a model that is not installed (or another version) is redone."""
+    folder, slides = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    from dannucnet.cohort.records import DoneRecord, write_done
+    from dannucnet.model.registry import list_models
+
+    usable = [e for e in list_models() if e.usable]
+    if not usable:
+        pytest.skip("no trained model installed")
+    other = usable[-1]
+    target = output_path_for(slides[0], out)
+    target.write_bytes(b"{}")
+    write_done(target, DoneRecord(str(slides[0]), str(target), other.card_name, other.version, 0, 0.0, 0.0))
+    report = run_cohort([slides[0]], out, model="auto", device="cpu", scheduler="tcp://127.0.0.1:1")
+    assert [o.status for o in report.outcomes] == ["skipped"]
+    from dannucnet.cohort.runner import _accepted_models
+
+    accepted = _accepted_models("auto", None, "untrained", "0")
+    assert (other.card_name, other.version) in accepted and (other.card_name, other.version + "-old") not in accepted
+    assert _accepted_models("untrained", None, "untrained", "0") == {("untrained", "0")}  # a named model: only it
+
+
 def test_bad_cohort_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         find_slides(tmp_path / "missing")

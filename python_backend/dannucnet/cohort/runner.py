@@ -132,11 +132,12 @@ def run_cohort(
         require_pyarrow()  # fail before any slide is queued
     name, version, trained = _model_identity(model, server, token, options)
     report = CohortReport(model=name, model_version=version, model_trained=trained)
+    accepted = _accepted_models(model, server, name, version)
     todo: list[tuple[int, TaskSpec]] = []
     outcomes: list[SlideOutcome | None] = [None] * len(slides)
     for i, slide in enumerate(slides):
         out = output_path_for(slide, outdir, OUTPUT_SUFFIX[output_format])
-        if not force and is_done(out, name, version):
+        if not force and any(is_done(out, n, v) for n, v in accepted):
             outcomes[i] = SlideOutcome(str(slide), str(out), "skipped")
         else:
             todo.append((i, TaskSpec(input=str(slide), output=str(out), model=model, device=device,
@@ -172,6 +173,18 @@ def _model_identity(model: str | None, server: str | None, token: str | None,
 
     card = load_model(model).card
     return str(card.name), str(card.version), bool(card.trained)
+
+
+def _accepted_models(model: str | None, server: str | None, name: str, version: str) -> set[tuple[str, str]]:
+    """(model, version) pairs whose output counts as done. With ``--model auto`` in this process each
+    slide gets the installed model its pixel size suits, so output by any usable installed model at
+    its installed version is done (without this a resumed cohort redid every 20x slide)."""
+    pairs = {(name, version)}
+    if not server and model in (None, "auto"):
+        from dannucnet.model.registry import list_models
+
+        pairs |= {(e.card_name, e.version) for e in list_models() if e.usable}
+    return pairs
 
 
 def _run_tasks(todo, scheduler, workers, retries, device, report):
