@@ -19,6 +19,7 @@ runtime at 1 and 2 threads.
     python benchmarks/bench_runtime.py --quick               # 40× 1024², 20× 512²
     python benchmarks/bench_runtime.py                       # 40× 2048², 20× 1024²
     python benchmarks/bench_runtime.py --profile --threads --json out.json
+    python benchmarks/bench_runtime.py --runtimes torch openvino --also-model dannucnet-monuseg-20x
 """
 
 from __future__ import annotations
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slides", nargs="+", default=["40x", "20x"], choices=["40x", "20x"], help="which slides to run")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--model", help="model name or folder (default: the shipped model)")
+    p.add_argument("--also-model", metavar="NAME",
+                   help="also run this model (e.g. dannucnet-monuseg-20x) on each slide with the last runtime given; "
+                        "its rows are ratios against the first model's torch row in this process")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the predictor's, 2 on CPU)")
     p.add_argument("--pipelined", action="store_true",
                    help="also run each slide through the pipelined runner (segment --pipelined) on OpenVINO")
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"model {card.name} {card.version} (trained: {card.trained}); start-up s: "
           + ", ".join(f"{n} {s:.1f}" for n, (_, s) in predictors.items()))
+    also = build_predictors(args.also_model, args.runtimes[-1:], args.batch_size) if args.also_model else {}
     rows = []
     for label, (slide, mpp) in slides.items():
         if label not in args.slides:
@@ -213,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                 piped["vs_torch"] = piped["mp_s"] / base if base else float("nan")
                 rows.append(piped)
                 print(f"  {label} {piped['description']}: {piped['mp_s']:.3f} MP/s", flush=True)
+        for name, (predictor, _) in also.items():
+            row = {"slide": label, "mpp": mpp, "runtime": name, **run_once(predictor, slide, work)}
+            row["description"] = f"{predictor.card.name}: {row['description']}"
+            row["vs_torch"] = row["mp_s"] / base if base else float("nan")
+            rows.append(row)
+            print(f"  {label} {row['description']}: {row['mp_s']:.3f} MP/s", flush=True)
     print()
     print_table(rows)
     result = {"machine": machine(), "rows": rows, "qupath_mp_s": QUPATH_MP_S}
