@@ -74,7 +74,6 @@ class LocalSegmenter(_CollectMixin):
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
         self.device = str(getattr(predictor, "description", predictor.device))
-        self.options = options
 
     def choose_for(self, mpp: float | None) -> str:
         """Pick the model for an image of ``mpp`` µm/px (a no-op with one fixed predictor); returns why."""
