@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then segment a built-in synthetic whole-slide image
-#   make test   set up, then run the test suite
+#   make test   set up, lint (make lint), then run the test suite
 # Set-up is a virtual environment in .venv. Where no NVIDIA GPU is visible,
 # torch is installed as the pinned CPU build first (TORCH_SPEC), so the generic
 # requirement in pyproject.toml is already satisfied and no multi-GB CUDA build
@@ -37,8 +37,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/dannucnet demo --out $(OUT)
 
-test: setup groovy
+test: lint groovy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Python style and correctness (rules in pyproject.toml [tool.ruff]); `make test` runs it first.
+# The Groovy scripts have their own linter: lint-groovy.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # QuPath scripts: npm-groovy-lint (from the npm registry, pinned in package-lock.json) brings
 # CodeNarc and the Groovy 4 that tests/test_qupath_scripts.py runs the scripts' QuPath-free parts

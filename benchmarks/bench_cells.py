@@ -54,8 +54,8 @@ def main() -> None:
     import torch
 
     from dannucnet.engine import Predictor
-    from dannucnet.geometry.measurements import measure_nuclei
     from dannucnet.geometry.instances import label_nuclei, split_map
+    from dannucnet.geometry.measurements import measure_nuclei
     from dannucnet.geometry.polygons import labels_to_polygons
     from dannucnet.model import load_model
     from dannucnet.pipeline import SegmentOptions

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,9 @@ def seconds(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def ms_per_window(runs: dict[str, tuple[Callable[[], object], int]], repeats: int, device: torch.device) -> dict[str, float]:
+def ms_per_window(
+    runs: dict[str, tuple[Callable[[], object], int]], repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median milliseconds per window of each ``name: (run, windows per call)``.
 
     The runs alternate call by call (after one warm-up call each), so that a slow
@@ -81,9 +83,12 @@ def main() -> None:
 
     def windows(n: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(n)
-        return torch.rand(n, 3, tile, tile, generator=generator).to(device).contiguous(memory_format=torch.channels_last)
+        x = torch.rand(n, 3, tile, tile, generator=generator).to(device)
+        return x.contiguous(memory_format=torch.channels_last)
 
-    def forward(x: torch.Tensor, tta: bool = False, pool: Callable[[torch.Tensor], torch.Tensor] = network.max_pool_same):
+    def forward(
+        x: torch.Tensor, tta: bool = False, pool: Callable[[torch.Tensor], torch.Tensor] = network.max_pool_same
+    ):
         @torch.inference_mode()
         def run() -> torch.Tensor:
             shipped_pool, network.max_pool_same = network.max_pool_same, pool

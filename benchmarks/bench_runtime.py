@@ -11,7 +11,8 @@ reference a user has today.
 The ``load`` column is the machine's 1-minute load average after the row (2 cores: above 2,
 others were running and absolute MP/s are low; the ratios within a row's slide still hold
 roughly, as every runtime met the same contention in turn). Each row also splits the time:
-``model s`` is the time inside the network's forward calls; the rest is reading/decoding, resampling, blending and post-processing (instances,
+``model s`` is the time inside the network's forward calls; the rest is reading/decoding, resampling,
+blending and post-processing (instances,
 polygons, writing). ``--profile`` adds a cProfile of one run (the default runtime, 40×)
 to name the largest remaining costs. ``--threads`` measures the bare forward pass per
 runtime at 1 and 2 threads.
@@ -167,15 +168,18 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['slide']:6} {r['description']:28} {r['mp']:6.2f} {r['seconds']:7.1f} {r['mp_s']:6.3f} "
               f"{r['vs_torch']:8.2f} {r['mp_s'] / QUPATH_MP_S:9.2f} {r['model_seconds']:8.1f} "
               f"{r['seconds'] - r['model_seconds']:8.1f} {r['nuclei']:7d} {r['load_1min']:5.1f}")
-    print(f"{'':6} {'QuPath cell detection':28} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}   (reference, issue 18)")
+    print(f"{'':6} {'QuPath cell detection':28} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}"
+          "   (reference, issue 18)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="40× 1024² and 20× 512²")
     p.add_argument("--side40", type=int, default=2048, help="40× slide side in px (default 2048)")
-    p.add_argument("--side20", type=int, default=1024, help="20× slide side in px (default 1024: the same tissue area in µm² ÷ 4)")
-    p.add_argument("--tissue-fraction", type=float, default=1.0, help="synthetic tissue cover (default 1.0: every chunk runs)")
+    p.add_argument("--side20", type=int, default=1024,
+                   help="20× slide side in px (default 1024: the same tissue area in µm² ÷ 4)")
+    p.add_argument("--tissue-fraction", type=float, default=1.0,
+                   help="synthetic tissue cover (default 1.0: every chunk runs)")
     p.add_argument("--slides", nargs="+", default=["40x", "20x"], choices=["40x", "20x"], help="which slides to run")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--model", help="model name or folder (default: the shipped model)")

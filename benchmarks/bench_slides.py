@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_segment import fit_exponent, peak_rss_mb, run_child  # noqa: E402
+from bench_segment import fit_exponent, peak_rss_mb, run_child
 
 MOSAIC_ABOVE = 16384
 MOSAIC_BLOCK = 4096
@@ -100,7 +100,7 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         smi = shutil.which("nvidia-smi")
         if smi:
             index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
@@ -271,7 +271,7 @@ def measure_bare(args) -> dict:
         tiles = np.stack([rgb[(i // 4) * t:(i // 4 + 1) * t, (i % 4) * t:(i % 4 + 1) * t] for i in range(16)])
         batch = np.resize(tiles, (b, t, t, 3))
 
-        def one() -> None:
+        def one(engine=engine, batch=batch, b=b) -> None:  # bound now: B023
             host = engine.host_buffer()
             host[:] = batch
             engine.run(b)

@@ -230,7 +230,8 @@ def test_stains_parse_both_qupath_json_forms():
     assert s.name == "H&E estimated" and s.names == ("Hematoxylin", "Eosin", "Residual") and s.residual
     assert s.background == (243.0, 241.0, 245.0)
     assert np.allclose(np.linalg.norm(np.array(s.vectors), axis=1), 1.0)
-    assert np.allclose(s.vectors[2], np.cross(s.vectors[0], s.vectors[1]) / np.linalg.norm(np.cross(s.vectors[0], s.vectors[1])))
+    third = np.cross(s.vectors[0], s.vectors[1])
+    assert np.allclose(s.vectors[2], third / np.linalg.norm(third))
     m = parse_stains({"Hematoxylin": [0.65, 0.70, 0.29], "DAB": [0.27, 0.57, 0.78], "Background": [255, 255, 255]})
     assert m.names[:2] == ("Hematoxylin", "DAB") and measurement_names(m)[6] == "Nucleus: Hematoxylin OD mean"
     assert "Cell: DAB OD mean" in measurement_names(m)
@@ -277,7 +278,8 @@ def test_cells_written_as_qupath_cells_and_read_back(tmp_path):
     assert shapely.geometry.shape(f["geometry"]).equals(box(7, 7, 19, 19))
     assert shapely.geometry.shape(f["nucleusGeometry"]).equals(box(10, 10, 16, 16))
     out = tmp_path / "cells.geojson"
-    nuclei = [_cell_nucleus(10.0 + 20 * i) for i in range(3)] + [Nucleus(polygon=box(100, 100, 104, 104), probability=0.5)]
+    nuclei = [_cell_nucleus(10.0 + 20 * i) for i in range(3)]
+    nuclei.append(Nucleus(polygon=box(100, 100, 104, 104), probability=0.5))
     with GeoJSONWriter(out, meta) as w:
         w.write(nuclei)
     features = read_features(out)

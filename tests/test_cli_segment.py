@@ -15,9 +15,9 @@ import shapely.geometry
 import tifffile
 from PIL import Image
 
+from conftest import monuseg_root, requires_monuseg
 from dannucnet.cli import main
 from dannucnet.slides.synthetic import write_synthetic_slide
-from conftest import monuseg_root, requires_monuseg
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +94,26 @@ def _plain_tiff_without_mpp(path: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "missing file": (lambda d: ["segment", str(d / "nope.svs"), "-o", str(d / "o.geojson")], "not found|does not exist|no such"),
-    "not an image": (lambda d: ["segment", str(_write(d / "x.tif", b"hello")), "-o", str(d / "o.geojson")], "not|cannot|unsupported"),
-    "truncated tiff": (lambda d: ["segment", str(_truncated(d)), "-o", str(d / "o.geojson")], "truncat|corrupt|cannot|incomplete"),
-    "no pixel size": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson")], "--mpp"),
-    "implausible --mpp": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson"), "--mpp", "352.8"], "mpp|pixel size"),
-    "region outside": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--region", "5000,5000,100,100"], "outside"),
+    "missing file": (lambda d: ["segment", str(d / "nope.svs"), "-o", str(d / "o.geojson")],
+                     "not found|does not exist|no such"),
+    "not an image": (lambda d: ["segment", str(_write(d / "x.tif", b"hello")), "-o", str(d / "o.geojson")],
+                     "not|cannot|unsupported"),
+    "truncated tiff": (lambda d: ["segment", str(_truncated(d)), "-o", str(d / "o.geojson")],
+                       "truncat|corrupt|cannot|incomplete"),
+    "no pixel size": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson")],
+                      "--mpp"),
+    "implausible --mpp": (lambda d: ["segment", str(_plain_tiff_without_mpp(d / "p.tif")), "-o", str(d / "o.geojson"),
+                                     "--mpp", "352.8"], "mpp|pixel size"),
+    "region outside": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--region", "5000,5000,100,100"],
+                       "outside"),
     "malformed region": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--region", "1,2,3"], "X,Y,W,H"),
-    "unwritable output": (lambda d: ["segment", "{slide}", "-o", str(d / "no" / "such" / "o.geojson")], "does not exist|cannot write"),
+    "unwritable output": (lambda d: ["segment", "{slide}", "-o", str(d / "no" / "such" / "o.geojson")],
+                          "does not exist|cannot write"),
     "output is a folder": (lambda d: ["segment", "{slide}", "-o", str(d)], "folder"),
-    "unknown model": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--model", "no-such-model"], "unknown model"),
-    "unavailable device": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--device", "cuda"], "cuda|device"),
+    "unknown model": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--model", "no-such-model"],
+                      "unknown model"),
+    "unavailable device": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--device", "cuda"],
+                           "cuda|device"),
     "bad threshold": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--threshold", "2"], "threshold"),
     "cell expansion too large": (lambda d: ["segment", "{slide}", "-o", str(d / "o.geojson"), "--cell-expansion", "30"],
                                  "cell expansion"),

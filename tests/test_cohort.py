@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("distributed", reason="Dask distributed is not installed (pip install 'dannucnet[cluster]')")
 
-from dannucnet.cli import main  # noqa: E402
-from dannucnet.cohort import find_slides, is_done, output_path_for, read_failure, run_cohort  # noqa: E402
-from dannucnet.errors import InputError  # noqa: E402
-from dannucnet.slides.synthetic import write_synthetic_slide  # noqa: E402
+from dannucnet.cli import main
+from dannucnet.cohort import find_slides, is_done, output_path_for, read_failure, run_cohort
+from dannucnet.errors import InputError
+from dannucnet.slides.synthetic import write_synthetic_slide
 
 SIZE = 256  # one model window per slide: fast on a loaded 2-core CPU, still a real pyramidal slide
 

@@ -83,7 +83,8 @@ def test_evaluate_model_runs_and_is_json_serialisable(dataset_dir: Path, distanc
     samples = load_dataset(dataset_dir).select("all")
     seen: list[str] = []
     result = evaluate_model(
-        Predictor(_tiny_model(distance_head), device="cpu"), samples, threshold=0.5, progress=lambda r: seen.append(r.stem)
+        Predictor(_tiny_model(distance_head), device="cpu"), samples, threshold=0.5,
+        progress=lambda r: seen.append(r.stem),
     )
     assert seen == ["img0", "img1", "img2"]
     assert result.threshold == 0.5 and result.model["name"] == "tiny-test"
@@ -189,4 +190,5 @@ def test_cli_evaluate_records_each_runtime_in_the_card(dataset_dir: Path, tmp_pa
     runs = metrics["test-runtimes"]
     assert set(runs) == {"torch fp32", "onnxruntime fp32"}
     for key in ("f1", "aji", "pq"):
-        assert runs["onnxruntime fp32"]["final_polygons"][key] == pytest.approx(reference["final_polygons"][key], abs=1e-3)
+        expected = pytest.approx(reference["final_polygons"][key], abs=1e-3)
+        assert runs["onnxruntime fp32"]["final_polygons"][key] == expected

@@ -21,7 +21,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="GeoParquet needs pyarrow (pi
 def nuclei(n: int, seed: int = 0) -> list[Nucleus]:
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         x, y = rng.uniform(0, 50_000, 2)
         poly = shapely.Point(x, y).buffer(rng.uniform(3, 9), quad_segs=4)
         out.append(Nucleus(polygon=poly, probability=float(rng.uniform(0.5, 1)),

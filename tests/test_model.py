@@ -10,7 +10,14 @@ import torch
 
 from dannucnet.errors import ModelError
 from dannucnet.model import (
-    DANNucNet, ModelCard, ModelConfig, bce_loss, count_parameters, dan_nucnet_loss, load_model, save_model,
+    DANNucNet,
+    ModelCard,
+    ModelConfig,
+    bce_loss,
+    count_parameters,
+    dan_nucnet_loss,
+    load_model,
+    save_model,
 )
 from dannucnet.model.network import avg_pool_same, max_pool_same
 
@@ -198,4 +205,5 @@ def test_distance_head_adds_one_output_channel_from_its_own_branch():
     with torch.no_grad():
         assert net(torch.rand(1, 3, 32, 48)).shape == (1, 2, 32, 48)
     assert ModelConfig.from_dict(ModelConfig(distance_head=True).to_dict()).outputs == 2
-    assert ModelConfig.from_dict({k: v for k, v in ModelConfig().to_dict().items() if k != "distance_head"}).outputs == 1
+    old_card = {k: v for k, v in ModelConfig().to_dict().items() if k != "distance_head"}
+    assert ModelConfig.from_dict(old_card).outputs == 1

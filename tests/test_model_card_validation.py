@@ -9,7 +9,9 @@ network, then one thing broken.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def model_dir(tmp_path) -> Path:
     return folder
 
 
-def _edit_card(folder: Path, change) -> None:  # noqa: ANN001 - dict -> JSON value
+def _edit_card(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
     path = folder / "model_card.json"
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
 
@@ -125,7 +127,7 @@ def test_cli_and_server_start_up_print_one_line_and_exit_2(model_dir, tmp_path, 
 # -- the weights ------------------------------------------------------------------------------------------
 
 
-def _edit_weights(folder: Path, change) -> None:  # noqa: ANN001 - dict of tensors, changed in place
+def _edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:  # changes in place
     path = folder / "weights.safetensors"
     state = load_file(str(path))
     change(state)

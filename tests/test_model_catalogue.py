@@ -21,15 +21,13 @@ import torch
 from dannucnet.cli import main
 from dannucnet.engine import Predictor
 from dannucnet.engine.pool import PredictorPool
-from dannucnet.model import ModelCard, load_model, save_model
-from dannucnet.model import registry
+from dannucnet.model import ModelCard, load_model, registry, save_model
 from dannucnet.model.registry import CatalogueEntry, choose_model, list_models
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
 from dannucnet.service.limits import Limits
 from dannucnet.service.server import Server, ServerConfig
 from dannucnet.slides.synthetic import make_synthetic_he, write_synthetic_slide
-
 from test_service_server import OVERLAP, TILE, TOKEN, b64, darkness_network, png, request
 
 REPO = Path(__file__).resolve().parents[1]

@@ -53,7 +53,8 @@ def test_skips_degenerate_regions_and_repairs_self_intersections(tmp_path: Path)
     path = tmp_path / "b.xml"
     bowtie = [(0, 0), (10, 10), (10, 0), (0, 10)]  # crosses itself: two triangles
     lopsided = [(0, 0), (20, 20), (20, 0), (0, 4)]  # crossing near one end: one big and one small loop
-    path.write_text(_xml([[(1, 1), (4, 4)], [(1, 1), (1, 1), (1, 1)], bowtie, lopsided, [(30, 30), (34, 30), (32, 33)]]))
+    path.write_text(_xml([[(1, 1), (4, 4)], [(1, 1), (1, 1), (1, 1)], bowtie, lopsided,
+                          [(30, 30), (34, 30), (32, 33)]]))
     polys = read_monuseg_xml(path)
     assert len(polys) == 3  # 2-vertex region and zero-area region skipped
     assert all(p.is_valid and p.geom_type == "Polygon" and p.area > 0 for p in polys)

@@ -216,7 +216,8 @@ def test_outputs_honour_the_umask(tmp_path, umask, mode):
     try:
         assert main(_segment(str(png), "-o", str(out), "--overlay", str(overlay))) == 0
         assert main(["synth", str(slide), "--size", "64", "--labels", str(tmp_path / "labels.tif")]) == 0
-        save_model(tmp_path / "model", DANNucNet(ModelConfig(base_filters=16, depth=2)), ModelCard(name="m", version="1"))
+        save_model(tmp_path / "model", DANNucNet(ModelConfig(base_filters=16, depth=2)),
+                   ModelCard(name="m", version="1"))
         with GeoParquetWriter(tmp_path / "n.parquet") as writer:
             writer.write([])
         write_done(out, DoneRecord(str(png), str(out), "m", "1", 0, 0.0, 0.0))

@@ -145,7 +145,8 @@ def test_cells_are_seam_exact(untrained_predictor, slide_path):
     assert len(single) > 60 and set(chunked) == set(single)
     seams = (256, 512, 768)
     crossing = [k for k, n in single.items()
-                if any(n.cell.bounds[0] < s < n.cell.bounds[2] or n.cell.bounds[1] < s < n.cell.bounds[3] for s in seams)]
+                if any(n.cell.bounds[0] < s < n.cell.bounds[2] or n.cell.bounds[1] < s < n.cell.bounds[3]
+                       for s in seams)]
     assert len(crossing) > 10, "the test needs cells cut by the 256-px cores"
     for key, n in single.items():
         other = chunked[key]

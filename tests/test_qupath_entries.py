@@ -42,7 +42,8 @@ def test_pixel_size_from_server_json(tmp_path):
     entry_dir = tmp_path / "data" / "1"
     entry_dir.mkdir(parents=True)
     server = {
-        "builder": {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+        "builder": {"builderType": "uri",
+                    "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
                     "uri": "file:/x.mrxs"},
         "metadata": {"width": 100, "height": 80,
                      "pixelCalibration": {"pixelWidth": {"value": 0.2527, "unit": "µm"},

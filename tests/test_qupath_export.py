@@ -33,7 +33,7 @@ def write_tiff(path: Path, size: int = 240, mpp: float | None = MPP) -> Path:
     return path
 
 
-def nucleus(x: float, y: float, r: float, cls: str | None = "Nucleus", kind: str = ANNOTATION, name=None, id=None):
+def nucleus(x: float, y: float, r: float, cls: str | None = "Nucleus", kind: str = ANNOTATION, name=None, id=None):  # noqa: A002 - ObjectData.id
     return ObjectData(kind, Point(x, y).buffer(r), cls, name=name, id=id)
 
 

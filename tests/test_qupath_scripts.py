@@ -66,13 +66,15 @@ def tooling() -> dict[str, str]:
     if java is None or npm is None:
         pytest.skip("needs java and npm (npm-groovy-lint bundles the Groovy the scripts are run with)")
     if not GROOVY_LIB.is_dir():
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
         if proc.returncode != 0 or not GROOVY_LIB.is_dir():
             pytest.fail(f"`npm ci` (what `make groovy` runs) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     jars = {name: next((j for j in options if j.is_file()), None) for name, options in JARS.items()}
     missing = [name for name, jar in jars.items() if jar is None]
     if missing:
-        pytest.skip(f"needs {' and '.join(missing)} as QuPath ships them (Debian: apt-get install libgoogle-gson-java libjts-java)")
+        pytest.skip(f"needs {' and '.join(missing)} as QuPath ships them "
+                    "(Debian: apt-get install libgoogle-gson-java libjts-java)")
     return {"java": java, "npm": npm, "classpath": os.pathsep.join([str(GROOVY_LIB / "*"), *map(str, jars.values())])}
 
 
@@ -115,8 +117,9 @@ def rect(r: dict):
 # ---- static checks -------------------------------------------------------------
 def lint_command(npm: str) -> list[str]:
     # --noserver: no CodeNarc server left running after the tests.
-    return [npm, "exec", "--no", "--", "npm-groovy-lint", "--noserver", "--path", str(SCRIPTS), "--files", "**/*.groovy",
-            "--config", str(SCRIPTS / ".groovylintrc.json"), "--output", "json", "--failon", "warning"]
+    return [npm, "exec", "--no", "--", "npm-groovy-lint", "--noserver", "--path", str(SCRIPTS),
+            "--files", "**/*.groovy", "--config", str(SCRIPTS / ".groovylintrc.json"),
+            "--output", "json", "--failon", "warning"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,7 +152,8 @@ def test_script_is_short_and_uses_only_what_qupath_ships():
         for imp in re.findall(r"^import\s+([\w.]+)", body, re.M):
             assert imp.startswith(ALLOWED_IMPORTS[name]), f"{name} imports {imp}"
     # Outside the sections there is only the SETTINGS map (and comments): the tests see all other code.
-    code = [ln.strip() for ln in SECTION.sub("", text).splitlines() if ln.strip() and not ln.strip().startswith(("//", "/*", "*"))]
+    code = [ln.strip() for ln in SECTION.sub("", text).splitlines()
+            if ln.strip() and not ln.strip().startswith(("//", "/*", "*"))]
     assert code[0] == "Map SETTINGS = [" and code[-1] == "]", code
     assert all(re.match(r"^\w+\s*:", ln) for ln in code[1:-1]), code
     # No planner or pixel-size rule of its own: those are the server's (POST /v1/plan).
@@ -168,8 +172,10 @@ def proto_answer(path: Path) -> Path:
 
     holed = Polygon([(10, 10), (20, 10), (20, 20), (10, 20)], [[(12, 12), (14, 12), (14, 14), (12, 12)]])
     two = MultiPolygon([box(30, 30, 40, 40), box(50, 50, 60, 60)])
-    nuclei = [Nucleus(polygon=holed, probability=0.9, measurements={"Nucleus: Area": 6.0}, id="1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
-              Nucleus(polygon=two, probability=0.7, measurements={"Nucleus: Area": 12.5, "Detection probability": 0.5}, id="x")]
+    nuclei = [Nucleus(polygon=holed, probability=0.9, measurements={"Nucleus: Area": 6.0},
+                      id="1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+              Nucleus(polygon=two, probability=0.7, measurements={"Nucleus: Area": 12.5, "Detection probability": 0.5},
+                      id="x")]
     answer = json_format.MessageToDict(pb.SegmentRegionResponse(nuclei=nuclei_to_proto(nuclei), nucleus_count=2),
                                        always_print_fields_with_no_presence=True)
     answer["nuclei"][1]["cellWkb"] = base64.b64encode(shapely.to_wkb(box(25, 25, 65, 65))).decode()

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) is needed to regenerate the code")
 
-from dannucnet.service import codegen  # noqa: E402
+from dannucnet.service import codegen
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -106,7 +106,8 @@ def stub(server):
 
 
 ANSWERED: Counter = Counter()
-IMAGES = {size: png(make_synthetic_he(size[1], size[0], seed=sum(size)).rgb) for size in [(16, 16), (48, 32), (16, 200)]}
+IMAGES = {size: png(make_synthetic_he(size[1], size[0], seed=sum(size)).rgb)
+          for size in [(16, 16), (48, 32), (16, 200)]}
 # The values that broke the server in review (issue 21) get a third of the draws each time.
 extremes = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, 1.7976931348623157e308, -1e308, 1e17,
                             2.0**31 + 1, 2.0**63, 5e-324, 1e-300, -0.0])

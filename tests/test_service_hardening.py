@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import shapely
 
+from dannucnet.errors import InputError
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
 from dannucnet.service.auth import TokenChecker, read_token
 from dannucnet.service.limits import Limits
 from dannucnet.service.status import ServiceError
 from dannucnet.service.wkb import check_area_wkb
-from dannucnet.errors import InputError
 from dannucnet.slides.synthetic import make_synthetic_he, write_synthetic_slide
 from test_service_server import MPP, TOKEN, model_dir, png, predictor, request, start_server  # noqa: F401
 

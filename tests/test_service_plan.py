@@ -87,7 +87,8 @@ def test_whole_image_plan_is_the_slide_planner_s(server):
     assert len(chunks) == 15 and all("clipWkb" not in c or c["clipWkb"] == "" for c in out["chunks"])
     # the cores partition the image; every read is whole pixels inside the image
     cores = [rect(c["core"]) for c in out["chunks"]]
-    assert sum(c.area for c in cores) == pytest.approx(9000 * 5000) and shapely.union_all(cores).equals(box(0, 0, 9000, 5000))
+    assert sum(c.area for c in cores) == pytest.approx(9000 * 5000)
+    assert shapely.union_all(cores).equals(box(0, 0, 9000, 5000))
     for c in out["chunks"]:
         r = c["read"]
         assert all(float(r.get(k, 0)).is_integer() for k in ("x", "y", "width", "height"))
@@ -158,7 +159,8 @@ def test_parent_outside_the_image_plans_nothing(server):
 
 @pytest.mark.parametrize(("body", "message"), [
     ({"imageWidth": 0, "imageHeight": 600}, "imageWidth"),
-    ({"imageWidth": 800, "imageHeight": 600, "roiWkb": base64.b64encode(b"nonsense").decode()}, "roiWkb is not valid WKB"),
+    ({"imageWidth": 800, "imageHeight": 600, "roiWkb": base64.b64encode(b"nonsense").decode()},
+     "roiWkb is not valid WKB"),
     ({"imageWidth": 800, "imageHeight": 600, "roiWkb": wkb64(shapely.LineString([(0, 0), (5, 5)]))}, "without area"),
     ({"imageWidth": 800, "imageHeight": 600, "chunkSize": 64}, "chunk size"),
     ({"imageWidth": 800, "imageHeight": 600, "options": {"threshold": 2}}, "options.threshold"),

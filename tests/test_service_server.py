@@ -205,7 +205,8 @@ def test_model_info_and_health_on_both_transports(server, client):
     assert body["pixelSizeMicrons"] == MPP and body["trained"] is False and "serverVersion" in body
     assert request(server, "GET", "/healthz", token=None)[:2] == (200, {"status": "SERVING"})
     with grpc.insecure_channel(server.grpc_address) as channel:  # health needs no token
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="dannucnet.v1.Segmentation"))
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="dannucnet.v1.Segmentation"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -214,7 +215,8 @@ def test_reflection_lists_the_service(server):
 
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=AUTH)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            metadata=AUTH)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert "dannucnet.v1.Segmentation" in names and "grpc.health.v1.Health" in names
 
@@ -236,8 +238,9 @@ def test_round_trip_grpc_http_in_process_agree(server, client, predictor, image)
     props = fc["features"][0]["properties"]
     assert props["objectType"] == "detection" and props["classification"]["name"] == "Nucleus"
     assert isinstance(props["measurements"], dict)
-    status, fc2, _ = request(server, "POST", f"/v1/segment?originX=1000&originY=2000&downsample=2&pixelSizeMicrons={mpp}",
-                          tiff(image), {"Content-Type": "image/tiff"})
+    status, fc2, _ = request(server, "POST",
+                             f"/v1/segment?originX=1000&originY=2000&downsample=2&pixelSizeMicrons={mpp}",
+                             tiff(image), {"Content-Type": "image/tiff"})
     assert status == 200 and geojson_signature(fc2) == expected
     raw = {"image": {"raw": {"data": b64(image.tobytes()), "width": 240, "height": 176}}, "originX": 1000,
            "originY": 2000, "downsample": 2, "pixelSizeMicrons": mpp}
@@ -396,7 +399,8 @@ def with_(**fields):
 
 # (name, method, path, body, headers, token, expected HTTP status, words the message must contain)
 HTTP_CASES = [
-    ("empty png body", "POST", "/v1/segment?pixelSizeMicrons=0.25", b"", {"Content-Type": "image/png"}, TOKEN, 400, "empty"),
+    ("empty png body", "POST", "/v1/segment?pixelSizeMicrons=0.25", b"", {"Content-Type": "image/png"}, TOKEN, 400,
+     "empty"),
     ("empty json body", "POST", "/v1/segment", b"", {"Content-Type": "application/json"}, TOKEN, 400, "empty"),
     ("corrupt png", "POST", "/v1/segment?pixelSizeMicrons=0.25", SMALL_PNG[:8] + b"garbage" * 20,
      {"Content-Type": "image/png"}, TOKEN, 400, "PNG"),
@@ -508,15 +512,17 @@ def _raw_request(rgb, **fields):
 GRPC_CASES = [
     ("empty request", pb.SegmentRegionRequest(), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "pixelSizeMicrons"),
     ("no image", pb.SegmentRegionRequest(pixel_size_microns=MPP), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "image"),
-    ("corrupt jpeg", pb.SegmentRegionRequest(pixel_size_microns=MPP, image=pb.Image(encoded=b"\xff\xd8\xff" + b"x" * 50)),
-     AUTH, grpc.StatusCode.INVALID_ARGUMENT, "JPEG"),
+    ("corrupt jpeg",
+     pb.SegmentRegionRequest(pixel_size_microns=MPP, image=pb.Image(encoded=b"\xff\xd8\xff" + b"x" * 50)), AUTH,
+     grpc.StatusCode.INVALID_ARGUMENT, "JPEG"),
     ("0x0 raw", pb.SegmentRegionRequest(pixel_size_microns=MPP, image=pb.Image(raw=pb.RawImage())), AUTH,
      grpc.StatusCode.INVALID_ARGUMENT, "positive"),
     ("negative origin", _raw_request(SMALL, origin_y=-1), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "originY"),
     ("infinite origin", _raw_request(SMALL, origin_x=float("inf")), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    ("NaN pixel size", pb.SegmentRegionRequest(pixel_size_microns=float("nan"), image=pb.Image(encoded=SMALL_PNG)), AUTH,
-     grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    ("coarse pixels blow up", _raw_request(SMALL, downsample=64.0), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "resampled"),
+    ("NaN pixel size", pb.SegmentRegionRequest(pixel_size_microns=float("nan"), image=pb.Image(encoded=SMALL_PNG)),
+     AUTH, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    ("coarse pixels blow up", _raw_request(SMALL, downsample=64.0), AUTH, grpc.StatusCode.INVALID_ARGUMENT,
+     "resampled"),
     ("missing token", _raw_request(SMALL), (), grpc.StatusCode.UNAUTHENTICATED, "missing token"),
     ("wrong token", _raw_request(SMALL), (("authorization", "Bearer " + "y" * 26),), grpc.StatusCode.UNAUTHENTICATED,
      "invalid token"),
@@ -694,7 +700,7 @@ def test_graceful_stop_finishes_running_requests(predictor):
     def slow():
         result["status"] = request(srv, "POST", f"/v1/segment?pixelSizeMicrons={MPP}", png(rgb),
                                 {"Content-Type": "image/png"})[0]
-        with DanNucNetClient(srv.grpc_address, token=TOKEN, retries=0) as c:
+        with DanNucNetClient(srv.grpc_address, token=TOKEN, retries=0):
             pass
 
     def slow_grpc():

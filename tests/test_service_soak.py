@@ -140,7 +140,9 @@ def _drive(server, seconds: float, workers: int = 4) -> tuple[Counter, list[str]
 def _settle(server, baseline_threads: int, timeout: float = 15) -> None:
     """Wait (bounded) until the handler threads of closed connections have exited."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (server.gateway.open_connections or threading.active_count() > baseline_threads):
+    while time.monotonic() < deadline and (
+        server.gateway.open_connections or threading.active_count() > baseline_threads
+    ):
         time.sleep(0.05)
 
 

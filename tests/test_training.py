@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from dannucnet.errors import InputError
 from dannucnet.formats.dataset import DatasetWriter, load_dataset
 from dannucnet.model import DANNucNet, ModelConfig, dan_nucnet_loss, load_model
 from dannucnet.slides.synthetic import make_synthetic_he
-from dannucnet.errors import InputError
 from dannucnet.train.loop import TrainConfig, train
 from dannucnet.train.patches import normalised_distance, separated_foreground
 
@@ -126,7 +126,8 @@ def test_fine_tuning_starts_from_a_model_and_refuses_another_architecture(datase
     assert any("starting from the weights" in m for m in messages)
     # lr 0: the weights are exactly the base model's, so they really were loaded
     a, b = load_model(str(base)).network.state_dict(), load_model(str(tmp_path / "tuned")).network.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    batch_norm_stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(batch_norm_stats))
     other = TrainConfig(**{**tuned.__dict__, "out": str(tmp_path / "other"), "architecture": {"block": "plain"}})
     with pytest.raises(InputError, match="architecture"):
         train(other, report=lambda _msg: None)

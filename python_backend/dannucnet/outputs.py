@@ -34,7 +34,7 @@ from dannucnet.errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: (label shown to the user, path); a ``None`` path (an option not given) is skipped.
-Named = tuple[str, Union[PathLike, None]]
+Named = tuple[str, PathLike | None]
 #: What a model folder holds (``model.card.CARD_FILE``, ``WEIGHTS_FILE``, ``train.loop.CHECKPOINT``;
 #: spelled out because importing those modules imports torch, 2-4 s before a refusal could be printed).
 MODEL_FILES = ("model_card.json", "weights.safetensors", "checkpoint.pt")

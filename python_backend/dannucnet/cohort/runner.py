@@ -217,7 +217,7 @@ def _run_tasks(todo, scheduler, workers, retries, device, report):
             i, spec = futures[fut]
             try:
                 r = fut.result()
-            except Exception as exc:  # the task kept failing after its retries, or its worker died
+            except Exception as exc:  # noqa: BLE001 - the task kept failing after its retries, or its worker died
                 outcome = SlideOutcome(spec.input, spec.output, "failed", error=type(exc).__name__,
                                        message=(str(exc).splitlines() or [repr(exc)])[0][:300])
                 attempts = retries + 1

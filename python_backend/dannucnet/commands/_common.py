@@ -48,8 +48,10 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stains", metavar="JSON|auto",
                    help="stain vectors for the OD measurements, as QuPath writes them (e.g. "
                         "'{\"Name\": \"H&E\", \"Stain 1\": \"Hematoxylin\", \"Values 1\": \"0.65 0.70 0.29\", "
-                        "\"Stain 2\": \"Eosin\", \"Values 2\": \"0.2159 0.8012 0.5581\", \"Background\": \"255 255 255\"}'), "
-                        "a file holding that JSON, or 'auto' to estimate them from each image as QuPath's Estimate stain vectors does; "
+                        "\"Stain 2\": \"Eosin\", \"Values 2\": \"0.2159 0.8012 0.5581\", "
+                        "\"Background\": \"255 255 255\"}'), "
+                        "a file holding that JSON, or 'auto' to estimate them from each image as QuPath's "
+                        "Estimate stain vectors does; "
                         "default: QuPath's H&E default")
 
 

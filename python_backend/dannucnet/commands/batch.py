@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dannucnet.commands._common import add_model_arguments, add_segment_options, load_predictor, segment_options
 from dannucnet.qupath.regions import DEFAULT_NUCLEUS_CLASSES
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.status.startswith("failed") for r in rows) else 0
 
 
-def _refuse_clobbering(args: argparse.Namespace, pfile) -> None:  # noqa: ANN001 - Path
+def _refuse_clobbering(args: argparse.Namespace, pfile: Path) -> None:
     """The ledger beside the project may not be the project, nor the model live in folders QuPath rewrites."""
     from dannucnet.outputs import model_inputs, refuse_clobbering
     from dannucnet.qupath.batch import BACKUP_DIR

@@ -6,7 +6,10 @@ import argparse
 import sys
 
 from dannucnet.commands._common import (
-    add_model_arguments, add_segment_options, add_server_arguments, segment_options,
+    add_model_arguments,
+    add_segment_options,
+    add_server_arguments,
+    segment_options,
 )
 
 NAME = "batch-slides"
@@ -14,8 +17,10 @@ HELP = "segment many slides (a folder or a list file), one task per slide, on a 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slides", metavar="DIR_OR_LIST", help="folder of slides, or a text file with one slide path per line")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the <slide>.geojson.gz (or .parquet) outputs")
+    p.add_argument("slides", metavar="DIR_OR_LIST",
+                   help="folder of slides, or a text file with one slide path per line")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="folder for the <slide>.geojson.gz (or .parquet) outputs")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler (e.g. tcp://host:8786); default: a local cluster on this machine")
     p.add_argument("--workers", type=int, help="local cluster worker processes (default: one per GPU, else cores/4)")

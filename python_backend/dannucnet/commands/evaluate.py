@@ -6,9 +6,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dannucnet.commands._common import add_model_arguments, load_predictor
 from dannucnet.pipeline import SegmentOptions
+
+if TYPE_CHECKING:  # torch and the datasets load only when a command runs
+    from dannucnet.engine.predictor import Predictor
+    from dannucnet.evaluate.runner import EvaluationResult, ImageResult
+    from dannucnet.formats.dataset import Dataset, Sample
 
 NAME = "evaluate"
 HELP = "score a model on an instance dataset folder (pixel F1/Jaccard, AJI, PQ, detection F1)"
@@ -42,18 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(PyTorch runs only) and the headline scores per runtime under metrics.<split>-runtimes")
 
 
-def _default_split(dataset) -> str | None:  # noqa: ANN001 - formats.dataset.Dataset
+def _default_split(dataset: Dataset) -> str | None:
     return "kumar-test" if "kumar-test" in dataset.splits else None
 
 
-def _pixel_size(samples) -> float | None:  # noqa: ANN001 - list[formats.dataset.Sample]
+def _pixel_size(samples: list[Sample]) -> float | None:
     """The split's pixel size for ``--model auto`` (one model scores the whole split): the median
     of the samples' (they share one in a dataset folder), ``None`` when none has one."""
     known = sorted(s.mpp for s in samples if s.mpp)
     return known[len(known) // 2] if known else None
 
 
-def summary_table(result) -> str:  # noqa: ANN001 - evaluate.runner.EvaluationResult
+def summary_table(result: EvaluationResult) -> str:
     """Plain-text table of overall, per-organ means for final polygons and the raw mask."""
     header = f"{'':28s}" + "".join(f"{h:>8s}" for _, h in SUMMARY_COLUMNS)
     lines = [header]
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(samples), desc="evaluate", unit="image")
 
-    def progress(image) -> None:  # noqa: ANN001 - runner.ImageResult
+    def progress(image: ImageResult) -> None:
         if bar is not None:
             bar.set_postfix(F1=f"{image.final['f1']:.3f}", AJI=f"{image.final['aji']:.3f}")
             bar.update(1)
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 RUNTIME_KEYS = ("f1", "aji", "pq", "det_f1", "precision", "recall", "n_pred")
 
 
-def _record_in_card(predictor, result, split: str, data: str) -> None:  # noqa: ANN001
+def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, data: str) -> None:
     """Write the measured scores into the model card so they travel with the weights.
 
     ``metrics.<split>`` is the reference record and is written by PyTorch runs only (so an
@@ -180,7 +186,7 @@ def _record_in_card(predictor, result, split: str, data: str) -> None:  # noqa: 
 REPORT_FILES = ("report.md", "evaluation.json", "organ_bars.png", "per_image_box.png")
 
 
-def _refuse_clobbering(args: argparse.Namespace, dataset) -> None:  # noqa: ANN001 - formats.dataset.Dataset
+def _refuse_clobbering(args: argparse.Namespace, dataset: Dataset) -> None:
     """Neither --json nor the report may replace a file of the dataset or the model, nor each other."""
     from dannucnet.outputs import model_inputs, refuse_clobbering
 

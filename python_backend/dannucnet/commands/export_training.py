@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from dannucnet.qupath.regions import DEFAULT_MAX_NUCLEUS_UM2, DEFAULT_NUCLEUS_CLASSES
+
+if TYPE_CHECKING:
+    from paquo.projects import QuPathProject
 
 NAME = "export-training"
 HELP = "export annotated nuclei of a QuPath project as a training dataset (images, instance labels, region masks)"
@@ -13,12 +17,13 @@ HELP = "export annotated nuclei of a QuPath project as a training dataset (image
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Rules: a nucleus is an annotation/detection of a --nucleus-class, or an unclassified closed shape "
-        f"of at most --max-nucleus-area µm²; every other area annotation (or those of --region-class) is a "
+        "of at most --max-nucleus-area µm²; every other area annotation (or those of --region-class) is a "
         "densely annotated training region. Pixels outside regions are ignored by training. "
         "See docs/qupath-loop.md. Needs QuPath (PAQUO_QUPATH_DIR)."
     )
     parser.add_argument("project", help="project.qpproj (or its folder)")
-    parser.add_argument("-o", "--output", required=True, help="dataset folder to write (read by: dannucnet train --data DIR)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="dataset folder to write (read by: dannucnet train --data DIR)")
     parser.add_argument("--images", nargs="+", metavar="NAME", help="only these images (name or entry id); default all")
     parser.add_argument("--region-class", nargs="+", metavar="CLASS",
                         help="classes of the training-region annotations, e.g. 'Training region'; "
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_files(qp) -> list[str]:  # noqa: ANN001 - paquo QuPathProject
+def _image_files(qp: QuPathProject) -> list[str]:
     """Local files behind the project's images (``file:`` URIs)."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname

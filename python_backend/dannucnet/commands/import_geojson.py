@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "import-geojson"
-HELP = "write nuclei from a dannucnet GeoJSON file into one image of a QuPath project (replacing earlier dannucnet nuclei)"
+HELP = ("write nuclei from a dannucnet GeoJSON file into one image of a QuPath project "
+        "(replacing earlier dannucnet nuclei)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dannucnet.model.registry import CatalogueEntry
 
 NAME = "models"
 HELP = "list the installed models (name, version, µm/px, Kumar-test scores, licence, folder)"
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def table(entries) -> str:  # noqa: ANN001 - list[CatalogueEntry]
+def table(entries: list[CatalogueEntry]) -> str:
     """One line per model; scores are the final polygons' pixel F1 / AJI / PQ in per cent."""
     rows = [("NAME", "VERSION", "µm/px", "F1/AJI/PQ", "LICENCE", "PATH")]
     for e in entries:

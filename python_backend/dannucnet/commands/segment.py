@@ -6,7 +6,11 @@ import argparse
 import sys
 
 from dannucnet.commands._common import (
-    add_model_arguments, add_segment_options, add_server_arguments, chunk_progress, make_segmenter,
+    add_model_arguments,
+    add_segment_options,
+    add_server_arguments,
+    chunk_progress,
+    make_segmenter,
 )
 
 NAME = "segment"
@@ -15,7 +19,8 @@ HELP = "segment nuclei in an H&E image or whole slide and write QuPath GeoJSON"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="SVS, pyramidal TIFF, OME-TIFF, or a plain PNG/JPEG/TIFF image")
-    p.add_argument("-o", "--output", required=True, help="output .geojson or .geojson.gz (QuPath), or .parquet (GeoParquet, needs pyarrow)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .geojson or .geojson.gz (QuPath), or .parquet (GeoParquet, needs pyarrow)")
     add_model_arguments(p)
     p.add_argument("--region", metavar="X,Y,W,H", help="only this rectangle (full-resolution pixels)")
     p.add_argument("--mpp", type=float, help="pixel size in µm/px (overrides or supplies the image's)")

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tissue-fraction", type=float, default=1.0,
                         help="fraction of the slide covered by tissue; <1 leaves white glass around tissue blobs [1.0]")
     parser.add_argument("--density", type=float, default=2000.0, help="nuclei per mm² of tissue [2000]")
-    parser.add_argument("--labels", type=Path, default=None, help="also write ground-truth instance labels (int32 TIFF)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="also write ground-truth instance labels (int32 TIFF)")
     parser.add_argument("--compression", choices=["jpeg", "deflate", "zlib", "lzw", "none"], default="jpeg",
                         help="tile compression [jpeg]")
     parser.add_argument("--tile-size", type=int, default=256, help="TIFF tile size [256]")

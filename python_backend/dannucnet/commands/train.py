@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", help="validation split (default: hold out the bottom rows of each image)")
     p.add_argument(
         "--val-fraction", type=float, default=0.3,
-        help="rows held out per image (default 0.3); 0 trains on every row, without validation, and keeps the last epoch",
+        help="rows held out per image (default 0.3); 0 trains on every row, without validation, "
+             "and keeps the last epoch",
     )
     p.add_argument("--name", help="model name in the card (default: the folder name)")
     p.add_argument("--version", default="1")
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-channel-attention", action="store_true", help="ablation")
     p.add_argument("--plain-blocks", action="store_true", help="ablation: plain conv blocks instead of residual")
     p.add_argument("--distance-head", action="store_true",
-                   help="add a second output, each nucleus's normalised distance to its border, to split touching nuclei")
+                   help="add a second output, each nucleus's normalised distance to its border, "
+                        "to split touching nuclei")
     p.add_argument("--distance-only", action="store_true",
                    help="train only the distance branch; the rest keeps the --init-from model's weights")
     p.add_argument("--freeze-bn", action="store_true",
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.outputs import MODEL_FILES, model_inputs, refuse_clobbering
 
     refuse_clobbering(
-        [("--data", args.data), ("--data", Path(args.data) / "dataset.json"), *model_inputs(args.init_from, "--init-from")],
+        [("--data", args.data), ("--data", Path(args.data) / "dataset.json"),
+         *model_inputs(args.init_from, "--init-from")],
         [("--out", args.out), *(("--out", Path(args.out) / name) for name in MODEL_FILES)],
     )
     from dannucnet.train.loop import TrainConfig, train

@@ -29,8 +29,9 @@ import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,7 +194,8 @@ class OpenVINORuntime(ExportedRuntime):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if precision:
-            config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(precision, precision)
+            hints = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+            config["INFERENCE_PRECISION_HINT"] = hints.get(precision, precision)
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = _precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -204,7 +206,8 @@ class OpenVINORuntime(ExportedRuntime):
 
 
 def _compiled_cache(core: Any) -> None:
-    """OpenVINO keeps compiled networks in the user cache: a later start compiles in 0.1 s, not 0.5–1 s (measured here)."""
+    """OpenVINO keeps compiled networks in the user cache: a later start compiles in 0.1 s, not 0.5–1 s
+    (measured here)."""
     folder = cache_dirs(None)[0].parent / "openvino"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -251,7 +254,8 @@ def build_forward(
         return network, "torch", "fp32"
     try:
         path = onnx_path(network, source, tile)
-        engine = OpenVINORuntime(path, threads, precision) if runtime == "openvino" else OnnxRuntimeRuntime(path, threads)
+        engine = (OpenVINORuntime(path, threads, precision) if runtime == "openvino"
+                  else OnnxRuntimeRuntime(path, threads))
     except Exception as exc:  # noqa: BLE001
         log.warning("runtime %s failed to start (%s: %s): running the network in PyTorch instead",
                     runtime, type(exc).__name__, exc)

@@ -79,7 +79,7 @@ class TileEngine:
         predictor: Predictor,
         batch_size: int | None = None,
         precision: str = "auto",
-        compile: bool = False,
+        compile: bool = False,  # noqa: A002 - the torch.compile switch, named after it
         buffers: int = 3,
     ) -> None:
         self.predictor = predictor

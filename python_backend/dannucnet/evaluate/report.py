@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from dannucnet.atomic import atomic_path, write_text
 from dannucnet.errors import OutputError
@@ -240,7 +241,7 @@ def plot_per_image_box(result: EvaluationResult, path: Path) -> Path:
     return path
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib is optional
+def _pyplot() -> ModuleType:  # matplotlib.pyplot; matplotlib is optional
     try:
         import matplotlib
 

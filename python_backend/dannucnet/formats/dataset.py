@@ -242,7 +242,8 @@ class ResampledSample(Sample):
         import cv2
 
         labels = super().load_labels()
-        return cv2.resize(labels.astype(np.float32), self._size(labels.shape), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        resized = cv2.resize(labels.astype(np.float32), self._size(labels.shape), interpolation=cv2.INTER_NEAREST)
+        return resized.astype(np.int32)
 
     def load_region(self) -> np.ndarray | None:
         import cv2

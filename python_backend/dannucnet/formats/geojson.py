@@ -31,8 +31,9 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
@@ -244,7 +245,7 @@ class GeoJSONWriter:
         self._fh: IO[bytes] | None = None
         self._raw: IO[bytes] | None = None
 
-    def __enter__(self) -> "GeoJSONWriter":
+    def __enter__(self) -> GeoJSONWriter:
         self.open()
         return self
 
@@ -259,7 +260,8 @@ class GeoJSONWriter:
         try:
             raw = self._file.open("wb", buffering=1 << 20)
             self._raw = raw
-            self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0) if self._gzip else raw
+            self._fh = (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0)
+                        if self._gzip else raw)
             self._fh.write(b'{"type":"FeatureCollection","features":[')
         except BaseException:  # ``with`` calls __exit__ only once __enter__ has returned
             self.abort()
@@ -350,7 +352,7 @@ class GeoJSONWriter:
             if self._fh is not None and self._fh is not self._raw:
                 try:
                     self._fh.close()
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing after a failure: the first error is reported
                     pass
         finally:
             self._fh = None
@@ -411,7 +413,8 @@ def features_to_nuclei(features: Iterable[Mapping[str, Any]]) -> list[Nucleus]:
         if nucleus is not None:  # a QuPath cell: geometry is the cell, nucleusGeometry its nucleus
             poly, cell = nucleus, poly
         props = f.get("properties") or {}
-        meas = _clean_measurements(props.get("measurements") or {}) if isinstance(props.get("measurements"), dict) else {}
+        raw_meas = props.get("measurements")
+        meas = _clean_measurements(raw_meas or {}) if isinstance(raw_meas, dict) else {}
         prob = meas.get(PROBABILITY_KEY, float("nan"))
         kwargs: dict[str, Any] = {}
         if f.get("id"):

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import shapely
 
-from dannucnet.errors import OutputError
 from dannucnet.atomic import AtomicFile
+from dannucnet.errors import OutputError
 from dannucnet.formats.geojson import PROBABILITY_KEY, ensure_writable
 from dannucnet.pipeline.types import Nucleus
 
@@ -78,7 +78,7 @@ class GeoParquetWriter:
         self._file: AtomicFile | None = None
         self._unknown_warned: set[str] = set()
 
-    def __enter__(self) -> "GeoParquetWriter":
+    def __enter__(self) -> GeoParquetWriter:
         self.open()
         return self
 
@@ -203,7 +203,7 @@ class GeoParquetWriter:
             if self._writer is not None:
                 try:
                     self._writer.close()
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing after a failure: the first error is reported
                     pass
         finally:
             self._writer = None

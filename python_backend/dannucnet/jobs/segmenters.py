@@ -93,9 +93,8 @@ class LocalSegmenter(_CollectMixin):
     ) -> Iterator[list[Nucleus]]:
         from dannucnet.pipeline import SegmentOptions, segment_slide
         from dannucnet.pipeline.pipelined import segment_slide_pipelined
-        from dannucnet.slides import open_image
-
         from dannucnet.pipeline.slide import resolve_stains
+        from dannucnet.slides import open_image
 
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide

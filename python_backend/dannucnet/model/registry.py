@@ -147,7 +147,9 @@ def list_models() -> list[CatalogueEntry]:
     return sorted(entries.values(), key=lambda e: (e.mpp, e.name))
 
 
-def choose_model(image_mpp: float | None, entries: list[CatalogueEntry] | None = None) -> tuple[CatalogueEntry | None, str]:
+def choose_model(
+    image_mpp: float | None, entries: list[CatalogueEntry] | None = None
+) -> tuple[CatalogueEntry | None, str]:
     """``--model auto`` for one image: (the model, why) — ``None`` when no trained model is installed.
 
     The finest model that does not upsample the image (beyond :data:`UPSAMPLE_TOLERANCE`) wins:

@@ -83,7 +83,8 @@ def check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         if got.is_floating_point() != want.is_floating_point() or got.is_complex():
             raise ModelError(
                 f"{path}: tensor {key} is stored as {str(got.dtype).replace('torch.', '')} but the network needs "
-                f"{'floating-point' if want.is_floating_point() else 'integer'} values; the file is not DAN-NucNet weights"
+                f"{'floating-point' if want.is_floating_point() else 'integer'} values; "
+                "the file is not DAN-NucNet weights"
             )
         if not got.is_floating_point():
             continue

@@ -21,7 +21,7 @@ from dannucnet.errors import InputError
 from dannucnet.geometry.cells import expand_labels
 from dannucnet.geometry.instances import label_nuclei, split_map
 from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
-from dannucnet.geometry.polygons import labels_to_polygons, largest_polygon
+from dannucnet.geometry.polygons import labels_to_polygons
 from dannucnet.geometry.qupath_measurements import PROBABILITY, measure_cells
 from dannucnet.geometry.rasterize import rasterize_mask
 from dannucnet.pipeline.options import SegmentOptions

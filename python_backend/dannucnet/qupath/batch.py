@@ -128,7 +128,8 @@ def select_images(entries: Sequence[ImageEntryData], names: Sequence[str] | None
     missing = [n for n in wanted if not any(n in (e.name, e.entry_id) for e in found)]
     if missing:
         known = ", ".join(repr(e.name) for e in entries[:10])
-        raise InputError(f"no image named {missing} in the project (images: {known}{' …' if len(entries) > 10 else ''})")
+        more = " …" if len(entries) > 10 else ""
+        raise InputError(f"no image named {missing} in the project (images: {known}{more})")
     return found
 
 
@@ -234,8 +235,7 @@ def shift_nuclei(nuclei: list[Nucleus], dx: float, dy: float) -> list[Nucleus]:
 
 
 # The segmenters live with the other whole-image jobs; re-exported for this module's users.
-from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter  # noqa: E402,F401
-
+from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter  # noqa: E402
 
 # -- reporting ------------------------------------------------------------------
 

@@ -115,4 +115,5 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"format": "dannucnet-batch-ledger", "version": LEDGER_VERSION, "images": self.images})
+        atomic_write_json(self.path,
+                          {"format": "dannucnet-batch-ledger", "version": LEDGER_VERSION, "images": self.images})

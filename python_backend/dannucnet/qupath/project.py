@@ -116,7 +116,7 @@ def _object_id(obj: Any) -> str | None:
     """QuPath's object UUID (``PathObject.getID``, QuPath ≥ 0.4); paquo has no wrapper for it."""
     try:
         return str(obj.java_object.getID())
-    except Exception:  # older QuPath: no ids
+    except Exception:  # noqa: BLE001 - older QuPath: no ids
         return None
 
 
@@ -315,7 +315,8 @@ def run_batch(
             ledger.mark_done(data.entry_id, data.name, model, version, added, seconds)
             release(entry)
             rows.append(BatchRow(data.name, "done", added, seconds, removed))
-            echo(f"[{i}/{total}] {data.name}: {added} nuclei written ({removed} earlier ones replaced), {seconds:.1f} s")
+            echo(f"[{i}/{total}] {data.name}: {added} nuclei written ({removed} earlier ones replaced), "
+                 f"{seconds:.1f} s")
         except Exception as exc:  # one image failing (incl. Java exceptions) must not stop the others
             seconds = time.perf_counter() - t0
             if isinstance(exc, DanNucNetError):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 

@@ -9,7 +9,8 @@ Windowing, blending and resampling stay in the engine — nothing is copied.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 

@@ -7,7 +7,7 @@ response with thousands of nuclei this is most of the serialisation cost.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import shapely
@@ -97,7 +97,7 @@ def geometry_from_wkb(data: bytes, name: str) -> BaseGeometry:
     check_area_wkb(data, name)
     try:
         geom = shapely.from_wkb(data)
-    except Exception as exc:  # shapely.errors.GEOSException and friends
+    except Exception as exc:  # noqa: BLE001 - shapely.errors.GEOSException and friends
         raise invalid(f"{name} is not valid WKB ({len(data)} bytes): {exc}") from None
     if geom is None or geom.is_empty:
         raise invalid(f"{name} is an empty geometry: send the annotation's polygon")

@@ -292,16 +292,16 @@ class GatewayHandler(BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._handle("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
@@ -313,7 +313,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection thread silently
+        except Exception as exc:  # a bug must not kill the connection thread silently
             log.exception("HTTP %s %s failed", method, self.path)
             self._send_error(from_exception(exc))
         finally:
@@ -365,7 +365,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
         if not routes:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
-                f"no endpoint {url.path}; endpoints: GET /healthz, " + ", ".join(f"{r.method} {r.path}" for r in ROUTES),
+                f"no endpoint {url.path}; endpoints: GET /healthz, "
+                + ", ".join(f"{r.method} {r.path}" for r in ROUTES),
             )
         route = next((r for r in routes if r.method == method), None)
         if route is None:
@@ -385,7 +386,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another server")
         alt = params.get("alt", ["geojson" if route.render == "geojson" else "json"])[-1]
         if alt not in ("json", "geojson") or (alt == "geojson" and route.render != "geojson"):
-            raise invalid(f"alt={alt!r} is not supported here; use alt=json" + (" or alt=geojson" if route.render == "geojson" else ""))
+            also = " or alt=geojson" if route.render == "geojson" else ""
+            raise invalid(f"alt={alt!r} is not supported here; use alt=json{also}")
         call = Call(deadline=self._deadline(), is_active=lambda: _peer_alive(self.connection))
         service = self.server.service
         if route.rpc == "GetModelInfo":
@@ -529,7 +531,9 @@ class GatewayHandler(BaseHTTPRequestHandler):
         except ValueError:
             seconds = float("nan")
         if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
-            raise invalid(f"X-Timeout-Seconds {raw[:40]!r} must be a number of seconds between 0 and {MAX_TIMEOUT_SECONDS:g}")
+            raise invalid(
+                f"X-Timeout-Seconds {raw[:40]!r} must be a number of seconds between 0 and {MAX_TIMEOUT_SECONDS:g}"
+            )
         return time.monotonic() + seconds
 
     # ---- responses ------------------------------------------------------

@@ -120,7 +120,7 @@ def _decode_encoded(data: bytes, limits: Limits) -> np.ndarray:
             f"image.encoded is not a readable PNG, JPEG or TIFF file ({len(data):,} bytes starting "
             f"{data[:8]!r}); send an 8-bit RGB PNG, JPEG or TIFF"
         ) from None
-    except Exception as exc:  # Pillow raises assorted errors on corrupt headers
+    except Exception as exc:  # noqa: BLE001 - Pillow raises assorted errors on corrupt headers
         raise invalid(
             f"image.encoded is a corrupt or truncated image file ({type(exc).__name__}: {exc}); "
             "send a complete 8-bit RGB PNG, JPEG or TIFF"
@@ -136,7 +136,7 @@ def _decode_encoded(data: bytes, limits: Limits) -> np.ndarray:
             rgb = img.convert("RGB")
     except ServiceError:
         raise
-    except Exception as exc:  # truncated or corrupt pixel data
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
         raise invalid(
             f"{img.format} image ({width}×{height}) could not be decoded: {type(exc).__name__}: {exc}. "
             "The file is truncated or corrupt; re-encode it"
@@ -202,7 +202,9 @@ def window_budget(limits: Limits, tile: int, overlap: int) -> int:
     return windows_for(side, side, tile, overlap)
 
 
-def check_work(width: int, height: int, resampled: tuple[float, float], tile: int, overlap: int, limits: Limits) -> None:
+def check_work(
+    width: int, height: int, resampled: tuple[float, float], tile: int, overlap: int, limits: Limits
+) -> None:
     """Bound the model work of one request (windows), and its aspect ratio, not only its pixels."""
     aspect = max(width, height) / min(width, height)
     if aspect > limits.max_aspect:

@@ -6,9 +6,10 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -97,7 +98,8 @@ class Server:
                 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
             try:
-                card = self.batched.card  # tags every GeoJSON object dannucnet:<model>@<version> (what a rerun replaces)
+                # tags every GeoJSON object dannucnet:<model>@<version> (what a rerun replaces)
+                card = self.batched.card
                 self.gateway = build_gateway(cfg.host, cfg.http_port, self.service, self.checker, ssl_context=ctx,
                                              geojson_metadata={"model": card.name, "model_version": card.version})
             except OSError as exc:
@@ -152,19 +154,23 @@ class Server:
 
     def summary(self) -> str:
         card = self.batched.card
+        limits = self.config.limits
+        trained = "trained" if card.trained else "UNTRAINED: output is meaningless"
+        device = getattr(self.batched, "description", self.batched.device)
         lines = [
-            f"model   {card.name} {card.version} ({'trained' if card.trained else 'UNTRAINED: output is meaningless'}), "
+            f"model   {card.name} {card.version} ({trained}), "
             f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",
-            f"device  {getattr(self.batched, 'description', self.batched.device)}, micro-batches of up to {self.batched.max_batch} tiles",
+            f"device  {device}, micro-batches of up to {self.batched.max_batch} tiles",
             *([f"models  a request may name any installed model (GET /v1/models); without one: "
                f"{self.service.default_model or card.name}"] if self.models is not None else []),
             f"gRPC    {self.grpc_address}" + (" (TLS)" if self.config.tls_cert else ""),
             f"HTTP    {self.http_url}" if self.http_url else "HTTP    off",
             f"auth    {'bearer token required' if self.checker.enabled else 'none (loopback or --insecure)'}",
-            "slides  " + (", ".join(str(r) for r in self.service.slide_roots) or "SegmentSlide disabled (no --slide-root)"),
-            f"limits  {self.config.limits.max_pixels:,} px/request, {self.config.limits.max_message_bytes:,} bytes/message, "
-            f"{self.config.limits.max_polygons:,} nuclei/response, {self.config.limits.max_pending} pending requests, "
-            f"{self.config.limits.max_connections} HTTP connections, {self.config.limits.request_read_seconds:g} s/request upload",
+            "slides  "
+            + (", ".join(str(r) for r in self.service.slide_roots) or "SegmentSlide disabled (no --slide-root)"),
+            f"limits  {limits.max_pixels:,} px/request, {limits.max_message_bytes:,} bytes/message, "
+            f"{limits.max_polygons:,} nuclei/response, {limits.max_pending} pending requests, "
+            f"{limits.max_connections} HTTP connections, {limits.request_read_seconds:g} s/request upload",
         ]
         return "\n".join(lines)
 
@@ -180,7 +186,8 @@ def _connect_host(host: str) -> str:
 def _cannot_listen(what: str, address: str, flag: str, exc: OSError | None = None) -> Exception:
     from dannucnet.errors import InputError
 
-    why = exc.strerror if exc is not None and exc.strerror else "the port is in use or the address is not this machine's"
+    why = (exc.strerror if exc is not None and exc.strerror
+           else "the port is in use or the address is not this machine's")
     return InputError(f"cannot listen for {what} on {address}: {why}; choose another {flag} (0 picks a free one)")
 
 

@@ -15,9 +15,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -143,7 +144,9 @@ class SegmentationService:
         )
 
     # ---- ListModels ---------------------------------------------------
-    def list_models(self, request: pb.ListModelsRequest | None = None, call: Call | None = None) -> pb.ListModelsResponse:
+    def list_models(
+        self, request: pb.ListModelsRequest | None = None, call: Call | None = None
+    ) -> pb.ListModelsResponse:
         from dannucnet.model.registry import list_models
 
         loaded = {p.card.name for p in self.models.loaded()} if self.models is not None else {self.predictor.card.name}
@@ -370,7 +373,8 @@ class SegmentationService:
             changes["threshold"] = t
         if msg.HasField("min_area_microns2"):
             changes["min_area_um2"] = in_range(
-                msg.min_area_microns2, "options.minAreaMicrons2", 0.0, MAX_MIN_AREA_UM2, what=" µm² (a nucleus is 20-200)"
+                msg.min_area_microns2, "options.minAreaMicrons2", 0.0, MAX_MIN_AREA_UM2,
+                what=" µm² (a nucleus is 20-200)",
             )
         if msg.HasField("cell_expansion_microns"):
             changes["cell_expansion_um"] = in_range(

@@ -8,8 +8,8 @@ the refusal message is the same whether or not the outside file exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 
@@ -74,7 +74,9 @@ def _check_length(path: str) -> None:
         raise invalid(f"path is {len(encoded):,} bytes long, more than {MAX_PATH_BYTES:,} (the system's limit)")
     longest = max((len(part.encode("utf-8", "surrogateescape")) for part in path.split("/")), default=0)
     if longest > MAX_NAME_BYTES:
-        raise invalid(f"path has a {longest:,}-byte file or folder name, more than {MAX_NAME_BYTES} (the system's limit)")
+        raise invalid(
+            f"path has a {longest:,}-byte file or folder name, more than {MAX_NAME_BYTES} (the system's limit)"
+        )
 
 
 def _safe_resolve(path: Path) -> Path:

@@ -48,7 +48,8 @@ class _Reader:
     def count(self, order: str, item_bytes: int, what: str) -> int:
         (n,) = struct.unpack(order + "I", self.take(4))
         if n * item_bytes > len(self.data) - self.pos:
-            raise self.fail(f"it declares {n:,} {what} but only {len(self.data) - self.pos:,} bytes follow (truncated?)")
+            left = len(self.data) - self.pos
+            raise self.fail(f"it declares {n:,} {what} but only {left:,} bytes follow (truncated?)")
         return n
 
 

@@ -26,7 +26,7 @@ _WHITE = 255
 _BAND_BYTES = 1 << 26  # above this, downsampled reads go band by band
 
 
-def open_image(path: str | os.PathLike[str], mpp: float | None = None) -> "ImageSource":
+def open_image(path: str | os.PathLike[str], mpp: float | None = None) -> ImageSource:
     """Open ``path`` for region reads; ``mpp`` (µm/px) overrides the file's metadata."""
     p = Path(path)
     if not p.exists():
@@ -56,7 +56,7 @@ class ImageSource:
     network, so the lock costs little).
     """
 
-    def __init__(self, path: Path, backend: "_Backend", given_mpp: float | None) -> None:
+    def __init__(self, path: Path, backend: _Backend, given_mpp: float | None) -> None:
         self.path = path
         self._backend = backend
         self.width, self.height = backend.level_dimensions[0]
@@ -71,7 +71,7 @@ class ImageSource:
         self._closed = False
 
     # -- context manager -------------------------------------------------
-    def __enter__(self) -> "ImageSource":
+    def __enter__(self) -> ImageSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,7 +164,7 @@ class ImageSource:
                 data = self._backend.read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
             except InputError:
                 raise
-            except Exception as exc:  # decoder errors: corrupt or truncated data
+            except Exception as exc:  # noqa: BLE001 - decoder errors: corrupt or truncated data
                 raise InputError(
                     f"cannot decode pixels of {self.path.name} at x={x} y={y} (level {level}): "
                     f"the file is corrupt or truncated ({type(exc).__name__}: {exc})"
@@ -243,8 +243,8 @@ class _TiffBackend(_Backend):
     """tiffslide-backed reader for SVS, pyramidal/OME/plain TIFF."""
 
     def __init__(self, path: Path) -> None:
-        import tiffslide
         import tifffile
+        import tiffslide
 
         self._lock = threading.Lock()
         name = path.name
@@ -264,8 +264,10 @@ class _TiffBackend(_Backend):
             raise
         except NotImplementedError as exc:
             slide.close()
-            raise InputError(f"{name}: unsupported TIFF layout ({_short(exc)}); convert it to an RGB pyramidal TIFF") from None
-        except Exception as exc:
+            raise InputError(
+                f"{name}: unsupported TIFF layout ({_short(exc)}); convert it to an RGB pyramidal TIFF"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any other reader failure: the file is unreadable
             slide.close()
             raise InputError(f"{name} is not a readable TIFF (corrupt or truncated): {_short(exc)}") from None
         self._slide = slide

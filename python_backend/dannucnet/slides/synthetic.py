@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -179,14 +180,14 @@ class _Scene:
 
     # -- tissue ----------------------------------------------------------
     def _tissue_raw_points(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        L = self.tissue_lattice
+        lattice = self.tissue_lattice
         k1, k2 = _mix(self.key, 11), _mix(self.key, 12)
-        return 0.8 * noise_points(x, y, L, k1) + 0.2 * noise_points(x, y, L / 4, k2)
+        return 0.8 * noise_points(x, y, lattice, k1) + 0.2 * noise_points(x, y, lattice / 4, k2)
 
     def _tissue_raw_tile(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        L = self.tissue_lattice
+        lattice = self.tissue_lattice
         k1, k2 = _mix(self.key, 11), _mix(self.key, 12)
-        return 0.8 * noise_tile(x0, y0, w, h, L, k1) + 0.2 * noise_tile(x0, y0, w, h, L / 4, k2)
+        return 0.8 * noise_tile(x0, y0, w, h, lattice, k1) + 0.2 * noise_tile(x0, y0, w, h, lattice / 4, k2)
 
     def _tissue_threshold(self) -> float:
         if self.tissue_fraction >= 1.0:
@@ -255,7 +256,8 @@ class _Scene:
                     theta = np.concatenate([theta, ang + rng.normal(0, 0.3, partners.size)])
                     mark = np.concatenate([mark, mark[partners] + 1e-9])
                     pair = np.concatenate([pair, ids])
-                for k, v in (("cx", cx), ("cy", cy), ("d", d), ("q", q), ("theta", theta), ("mark", mark), ("pair", pair)):
+                named = (("cx", cx), ("cy", cy), ("d", d), ("q", q), ("theta", theta), ("mark", mark), ("pair", pair))
+                for k, v in named:
                     cols[k].append(v)
         c = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
         inside = (c["cx"] >= 0) & (c["cx"] < self.width) & (c["cy"] >= 0) & (c["cy"] < self.height)
@@ -562,7 +564,8 @@ def write_pyramidal_tiff(
     import tifffile
 
     path = Path(path)
-    src: StripSource = _ArrayStrips(rgb_or_tile_source) if isinstance(rgb_or_tile_source, np.ndarray) else rgb_or_tile_source
+    src: StripSource = (_ArrayStrips(rgb_or_tile_source) if isinstance(rgb_or_tile_source, np.ndarray)
+                        else rgb_or_tile_source)
     width, height = int(src.width), int(src.height)
     if tile_size % 16 or tile_size <= 0:
         raise InputError(f"tile size must be a positive multiple of 16, got {tile_size}")
@@ -590,7 +593,9 @@ def write_pyramidal_tiff(
             y1 = min(height, y0 + strip_h)
             rows = src.strip_rgb(y0, y1)
             if rows.shape != (y1 - y0, width, 3) or rows.dtype != np.uint8:
-                raise InputError(f"strip {y0}:{y1} has shape {rows.shape} {rows.dtype}, expected ({y1 - y0}, {width}, 3) uint8")
+                raise InputError(
+                    f"strip {y0}:{y1} has shape {rows.shape} {rows.dtype}, expected ({y1 - y0}, {width}, 3) uint8"
+                )
             if level1 is not None:
                 half = _halve(rows)
                 level1[y0 // 2 : y0 // 2 + half.shape[0]] = half

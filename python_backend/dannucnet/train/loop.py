@@ -14,9 +14,10 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +25,15 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from dannucnet import __version__
 from dannucnet.atomic import atomic_path, write_text
+from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
-from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.model.registry import load_model
 from dannucnet.model.weights import overflowed_channels
-from dannucnet.train.revive import revive_overflowed_channels
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
+from dannucnet.train.revive import revive_overflowed_channels
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
