@@ -15,7 +15,13 @@ from dannucnet.errors import InputError
 from dannucnet.formats.geojson import GeoJSONWriter, features_to_nuclei, nucleus_feature, object_name, read_features
 from dannucnet.geometry.cells import cell_margin_px, expand_labels
 from dannucnet.geometry.polygons import labels_to_polygons
-from dannucnet.geometry.qupath_measurements import TRACED_CORNER, hull_calipers, imagej_length, measure_cells, measurement_names
+from dannucnet.geometry.qupath_measurements import (
+    TRACED_CORNER,
+    hull_calipers,
+    imagej_length,
+    measure_cells,
+    measurement_names,
+)
 from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains, estimate_stains, parse_stains, stains_to_json
 from dannucnet.pipeline import SegmentOptions
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_cells
