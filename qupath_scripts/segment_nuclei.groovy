@@ -23,6 +23,9 @@ Map SETTINGS = [
     // that is not a nucleus; no annotation: the whole image), 'selected', 'annotations', 'image',
     // or 'class:Tumor' (every annotation of class Tumor).
     parents             : 'auto',
+    // Model: 'auto' lets the server choose (by default the installed model that suits the image's
+    // pixel size: `dannucnet models`), or a name it lists, e.g. 'dannucnet-monuseg-20x'.
+    model               : 'auto',
     // Cells: each nucleus grown by this many µm (QuPath's Cell detection default is 5);
     // 0 gives nucleus detections only.
     cellExpansionMicrons: 5.0,
@@ -88,7 +91,7 @@ class DnnCancelled extends RuntimeException {
 class DnnSettings {
 
     static final Map<String, Object> DEFAULTS = [
-        serverUrl: 'http://127.0.0.1:8765', token: '', parents: 'auto', cellExpansionMicrons: 5.0d, threshold: null,
+        serverUrl: 'http://127.0.0.1:8765', token: '', parents: 'auto', model: 'auto', cellExpansionMicrons: 5.0d, threshold: null,
         minAreaMicrons2: null, pixelSizeMicrons: null, chunkSizePx: null, parallelRequests: 2, timeoutSeconds: 300,
         className: 'Nucleus', replacePrevious: true,
     ].asImmutable()
@@ -123,6 +126,7 @@ class DnnSettings {
             throw new DnnError("Setting replacePrevious must be true or false, not '${s.replacePrevious}'.")
         }
         s.className = s.className ? String.valueOf(s.className).trim() : ''
+        s.model = s.model ? String.valueOf(s.model).trim() : 'auto'
         return s
     }
 
@@ -266,7 +270,7 @@ class DnnWire {
         if (s == null) {
             return [:]
         }
-        List vectors = (1..3).collect { int i -> s.getStain(i) }.findAll { it != null }.collect { v ->
+        List vectors = (1..3).collect { int i -> s.getStain(i) }.findAll { v -> v != null }.collect { v ->
             [name: v.getName(), r: v.getRed(), g: v.getGreen(), b: v.getBlue()]
         }
         return [name: s.getName(), stains: vectors, maxRed: s.getMaxRed(), maxGreen: s.getMaxGreen(), maxBlue: s.getMaxBlue()]
@@ -281,14 +285,22 @@ class DnnWire {
     }
 
     /** SegmentRegionRequest for one planned chunk read into `image`. */
-    static Map segment(BufferedImage image, Map chunk, double pixelSizeMicrons, Map options) {
+    static Map segment(BufferedImage image, Map chunk, double pixelSizeMicrons, Map options, String model = 'auto') {
         ByteArrayOutputStream png = new ByteArrayOutputStream()
         ImageIO.write(image, 'png', png)
         Map read = chunk.read
         Map body = [image: [encoded: png.toByteArray().encodeBase64().toString()], originX: read.x, originY: read.y,
                     downsample: (read.width as double) / image.width, pixelSizeMicrons: pixelSizeMicrons, core: chunk.core,
                     options: options]
+        if (model && model != 'auto') {
+            body.model = model
+        }
         return chunk.clipWkb ? body + [clipWkb: chunk.clipWkb] : body
+    }
+
+    /** What our objects are named: the model that made them (the answer says), else the server's default. */
+    static String tag(Map answer, String fallback) {
+        return answer.model ? "dannucnet:${answer.model}@${answer.modelVersion ?: ''}".toString() : fallback
     }
 
     /** SegmentRegionResponse (proto JSON) -> [id, nucleus, cell (null without), measurements] per nucleus. */
@@ -482,8 +494,8 @@ class DnnQuPath {
         RegionRequest request = RegionRequest.createInstance(server.getPath(), p.downsample as double, r.x as int, r.y as int,
                 r.width as int, r.height as int, p.plane.getZ(), p.plane.getT())
         BufferedImage pixels = server.readRegion(request)
-        Map answer = client.post('/v1/segment?alt=json', DnnWire.segment(pixels, job.chunk, p.mpp as double, options))
-        return DnnWire.nuclei(answer).collect { Map n -> toObject(n, p.plane, pathClass, tag) }
+        Map answer = client.post('/v1/segment?alt=json', DnnWire.segment(pixels, job.chunk, p.mpp as double, options, s.model))
+        return DnnWire.nuclei(answer).collect { Map n -> toObject(n, p.plane, pathClass, DnnWire.tag(answer, tag)) }
     }
 
     private PathObject toObject(Map n, ImagePlane plane, PathClass pathClass, String tag) {

@@ -214,6 +214,7 @@ def test_settings_are_parsed_strictly(unit_results):
     ok = [c.get("ok") for c in out["configs"]]
     errors = [c.get("error") for c in out["configs"]]
     assert ok[0]["serverUrl"] == "http://127.0.0.1:8765" and ok[0]["token"] == "from-env"
+    assert ok[0]["model"] == "auto"
     assert ok[0]["cellExpansionMicrons"] == 5.0 and ok[0]["parents"] == "auto" and ok[0]["replacePrevious"] is True
     assert ok[0]["threshold"] is None and ok[0]["chunkSizePx"] is None and ok[0]["className"] == "Nucleus"
     assert ok[1]["token"] == "from-settings" and ok[1]["serverUrl"] == "https://gpu-box:9000"
@@ -249,6 +250,8 @@ def test_requests_follow_the_gateway_contract(unit_results):
     assert set(out["planWhole"]) == {"imageWidth", "imageHeight", "chunkSize", "options"}  # uncalibrated, whole image
     seg = out["segment"]
     assert set(seg) == {"image", "originX", "originY", "downsample", "pixelSizeMicrons", "core", "clipWkb", "options"}
+    assert out["segmentModel"] == "dannucnet-monuseg-20x"  # a named model travels; 'auto' (above): the server's choice
+    assert out["tags"] == ["dannucnet:m@2", "f"]
     assert (seg["originX"], seg["originY"], seg["downsample"], seg["pixelSizeMicrons"]) == (10, 20, 2.0, 0.25)
     assert seg["core"] == {"x": 40, "y": 50, "width": 64, "height": 64} and seg["clipWkb"] == "AQMAAAA="
     assert "clipWkb" not in out["segmentNoClip"]
@@ -414,6 +417,8 @@ def test_cells_through_the_real_server(served):
     into cell objects: each cell holds its nucleus, cells never overlap, QuPath's Cell detection names come back."""
     out, _ = served
     assert out["cellOptions"]["cellExpansionMicrons"] == 5.0 and len(out["cellOptions"]["stains"]["stains"]) == 2
+    assert out["cellTag"] == "dannucnet:untrained@0"  # the answer names the model that ran
+    assert "HTTP 400" in out["namedModel"] and "no-such-model" in out["namedModel"]
     cells = out["cells"]
     assert len(cells) >= 3
     shapes = []

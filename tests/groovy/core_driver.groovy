@@ -79,6 +79,8 @@ if (cfg.mode == 'unit') {
     Map chunk = [read: [x: 10.0, y: 20.0, width: 2.0 * image.width, height: 2.0 * image.height],
                  core: [x: 40.0, y: 50.0, width: 64.0, height: 64.0], clipWkb: 'AQMAAAA=']
     out.segment = gson.fromJson(gson.toJson(DnnWire.segment(image, chunk, 0.25d, options)), Map)
+    out.segmentModel = gson.fromJson(gson.toJson(DnnWire.segment(image, chunk, 0.25d, options, 'dannucnet-monuseg-20x')), Map).model
+    out.tags = [DnnWire.tag([model: 'm', modelVersion: '2'], 'f'), DnnWire.tag([:], 'f')]
     out.segmentNoClip = gson.fromJson(gson.toJson(DnnWire.segment(image, chunk + [clipWkb: ''], 0.25d, options)), Map).keySet()
     out.parsed = plainNuclei(DnnWire.nuclei(gson.fromJson(new File(cfg.answer).getText('UTF-8'), Map)))
     out.progress = [DnnPool.progress(0, 40, 0, 0.5d), DnnPool.progress(12, 40, 3456, 35d), DnnPool.progress(40, 40, 9999, 120d)]
@@ -131,8 +133,12 @@ if (cfg.mode == 'server') {
     Map first = plan.chunks[0]
     Map fr = first.read
     java.awt.image.BufferedImage firstCrop = image.getSubimage(fr.x as int, fr.y as int, fr.width as int, fr.height as int)
-    out.cells = plainNuclei(DnnWire.nuclei(client.post('/v1/segment?alt=json',
-            DnnWire.segment(firstCrop, first, plan.pixelSizeMicrons as double, cellOptions)))).nuclei
+    Map cellAnswer = client.post('/v1/segment?alt=json', DnnWire.segment(firstCrop, first, plan.pixelSizeMicrons as double,
+            cellOptions, 'auto'))
+    out.cells = plainNuclei(DnnWire.nuclei(cellAnswer)).nuclei
+    out.cellTag = DnnWire.tag(cellAnswer, 'fallback')
+    out.namedModel = errorOf { client.post('/v1/segment?alt=json', DnnWire.segment(firstCrop, first,
+            plan.pixelSizeMicrons as double, cellOptions, 'no-such-model')) }
     out.cellOptions = cellOptions
     // "Kill running script": interrupt the waiting thread after the first chunk has come back.
     Thread caller = Thread.currentThread()

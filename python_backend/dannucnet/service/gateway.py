@@ -540,7 +540,9 @@ class GatewayHandler(BaseHTTPRequestHandler):
     def _geojson(self, outcome: RegionOutcome) -> dict[str, Any]:
         from dannucnet.formats.geojson import nucleus_feature
 
-        metadata = self.server.geojson_metadata
+        metadata = dict(self.server.geojson_metadata)
+        if outcome.model:  # the tag names the model that ran, which a request may choose
+            metadata.update(model=outcome.model, model_version=outcome.model_version)
         return {
             "type": "FeatureCollection",
             "features": [nucleus_feature(n, metadata) for n in outcome.nuclei],

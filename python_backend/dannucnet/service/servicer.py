@@ -56,10 +56,13 @@ class RegionOutcome:
 
     nuclei: list[Nucleus]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    model: str = ""  # card name and version of the model that ran (the request's choice or the server's)
+    model_version: str = ""
 
     def to_proto(self) -> pb.SegmentRegionResponse:
         return pb.SegmentRegionResponse(
-            nuclei=nuclei_to_proto(self.nuclei), nucleus_count=len(self.nuclei), timings_ms=self.timings_ms
+            nuclei=nuclei_to_proto(self.nuclei), nucleus_count=len(self.nuclei), timings_ms=self.timings_ms,
+            model=self.model, model_version=self.model_version,
         )
 
 
@@ -257,7 +260,8 @@ class SegmentationService:
         for key, value in (getattr(result, "timings", None) or {}).items():
             timings[key] = float(value) * 1000.0 if not key.endswith("_ms") else float(value)
         timings["total"] = (time.perf_counter() - t0) * 1000.0
-        return RegionOutcome(nuclei=nuclei, timings_ms=timings)
+        return RegionOutcome(nuclei=nuclei, timings_ms=timings, model=str(predictor.card.name),
+                             model_version=str(predictor.card.version))
 
     # ---- SegmentSlide -------------------------------------------------
     def segment_slide(self, request: pb.SegmentSlideRequest, call: Call) -> Iterator[pb.SegmentSlideResponse]:

@@ -157,7 +157,7 @@ class Nucleus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., polygon_wkb: _Optional[bytes] = ..., probability: _Optional[float] = ..., measurements: _Optional[_Mapping[str, float]] = ..., cell_wkb: _Optional[bytes] = ...) -> None: ...
 
 class SegmentRegionResponse(_message.Message):
-    __slots__ = ("nuclei", "nucleus_count", "timings_ms")
+    __slots__ = ("nuclei", "nucleus_count", "timings_ms", "model", "model_version")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,10 +168,14 @@ class SegmentRegionResponse(_message.Message):
     NUCLEI_FIELD_NUMBER: _ClassVar[int]
     NUCLEUS_COUNT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     nuclei: _containers.RepeatedCompositeFieldContainer[Nucleus]
     nucleus_count: int
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, nuclei: _Optional[_Iterable[_Union[Nucleus, _Mapping]]] = ..., nucleus_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, nuclei: _Optional[_Iterable[_Union[Nucleus, _Mapping]]] = ..., nucleus_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class SegmentSlideRequest(_message.Message):
     __slots__ = ("path", "region", "roi_wkb", "options", "pixel_size_microns", "model")
