@@ -19,7 +19,7 @@ from dannucnet.model import load_model
 from dannucnet.pipeline import SegmentOptions, segment_region
 from dannucnet.slides.nuclei_free import make_fat_like, make_stroma_like
 
-SIZE = 384  # 96 µm square at 0.25 µm/px: about one adipocyte, a dozen fibres
+SIZE = 256  # 64 µm square at 0.25 µm/px: parts of a few adipocytes, about ten fibres
 
 
 @pytest.fixture(scope="module")
