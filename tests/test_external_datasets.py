@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import data_root
 from PIL import Image
 
 from dannucnet.cli import main as cli_main
@@ -21,6 +20,7 @@ from dannucnet.formats.dataset import load_dataset
 from dannucnet.formats.gbm40 import read_gbm40_xml
 from dannucnet.geometry.polygons import labels_to_polygons
 from dannucnet.slides.synthetic import make_synthetic_he
+from conftest import data_root
 
 SIZE = 96
 
