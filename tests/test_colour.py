@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
+from dannucnet.engine.colour import (
+    ColourReference,
+    colour_transform,
+    dark_share,
+    lab_stats,
+    normalise_colour,
+    reference_from,
+)
 from dannucnet.slides.synthetic import make_synthetic_he
 
 
@@ -68,3 +77,49 @@ def test_predictor_refuses_a_broken_reference(untrained_predictor):
     card = replace(untrained_predictor.card, colour_reference={"method": "reinhard-lab", "mean": [1, 2]})
     with pytest.raises(ModelError, match="colour_reference"):
         Predictor(LoadedModel(untrained_predictor.model.network, card, "test"), device="cpu")
+
+
+def test_clamps_round_trip_and_are_validated():
+    ref = ColourReference(mean=(140.0, 150.0, 118.0), std=(40.0, 8.0, 7.0), max_scale=1.25, max_shift=10.0,
+                          min_dark_share=0.05)
+    assert ColourReference.from_dict(ref.to_dict()) == ref
+    old = ColourReference.from_dict({"method": "reinhard-lab", "mean": [1, 2, 3], "std": [1, 1, 1]})
+    assert (old.max_scale, old.max_shift, old.min_dark_share) == (2.0, None, 0.0)  # 1.x cards read as before
+    for bad in ({"max_scale": 0.5}, {"max_shift": -1}, {"min_dark_share": 1.0}):
+        with pytest.raises(ValueError, match="max_scale"):
+            ColourReference.from_dict({"method": "reinhard-lab", "mean": [1, 2, 3], "std": [1, 1, 1], **bad})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mean=st.tuples(*[st.floats(0, 255)] * 3),
+    std=st.tuples(*[st.floats(0.01, 80)] * 3),
+    max_scale=st.floats(1.0, 4.0),
+    max_shift=st.one_of(st.none(), st.floats(0, 60)),
+)
+def test_transform_never_leaves_its_clamp(mean, std, max_scale, max_shift):
+    ref = ColourReference(mean=(139.0, 159.3, 116.2), std=(37.9, 7.0, 7.2), max_scale=max_scale, max_shift=max_shift)
+    scale, shift = colour_transform(np.array(mean), np.array(std), ref)
+    assert np.all(scale <= max_scale * (1 + 1e-9)) and np.all(scale >= 1 / max_scale * (1 - 1e-9))
+    moved = np.array(mean) * scale + shift - np.array(mean)  # where the chunk's mean goes
+    if max_shift is not None:
+        assert np.all(np.abs(moved) <= max_shift + 1e-6)
+
+
+def test_a_faint_chunk_is_stretched_no_further_than_the_clamp(he):
+    """A nearly flat pink chunk (tiny a*/b* spread) would be scaled ×5 by plain Reinhard; the clamp holds it."""
+    pink = np.zeros((64, 64, 3), np.uint8) + np.array([236, 200, 214], np.uint8)
+    pink[::2] += np.array([0, 3, 2], np.uint8)  # a faint texture: spread ≈ 1 unit
+    ref = ColourReference(mean=(139.0, 159.3, 116.2), std=(37.9, 7.0, 7.2), max_scale=1.25, max_shift=10.0)
+    m0, s0, _ = lab_stats(pink)
+    m1, s1, _ = lab_stats(normalise_colour(pink, ref))
+    assert np.all(s1 <= s0 * 1.25 + 0.75)  # + rounding to 8 bits
+    assert np.all(np.abs(m1 - m0) <= 10.0 + 0.75)
+
+
+def test_a_chunk_without_dark_pixels_passes_unchanged(he):
+    ref = ColourReference(mean=(139.0, 159.3, 116.2), std=(37.9, 7.0, 7.2), min_dark_share=0.05)
+    pink = np.zeros((64, 64, 3), np.uint8) + np.array([225, 170, 200], np.uint8)
+    assert dark_share(pink, ref) == 0.0
+    assert np.array_equal(normalise_colour(pink, ref), pink)
+    assert dark_share(he, ref) > 0.05 and not np.array_equal(normalise_colour(he, ref), he)

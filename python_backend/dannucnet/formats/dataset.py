@@ -112,7 +112,11 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
     root = Path(root)
     images_dir, labels_dir = root / "images", root / "labels"
     if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise InputError(f"{root} is not an instance dataset folder: it needs images/ and labels/ subfolders")
+        external = _external_dataset(root)
+        if external is not None:
+            return external
+        raise InputError(f"{root} is not an instance dataset folder: it needs images/ and labels/ subfolders "
+                         "(or a NuInsSeg or GBM40 folder as published)")
     info: dict[str, Any] = {}
     if (root / "dataset.json").exists():
         try:
@@ -146,6 +150,17 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
         raise InputError(f"{root} holds no image with a matching labels/<stem>.tif")
     splits = {name: list(stems) for name, stems in info.get("splits", {}).items()}
     return Dataset(root=root, samples=samples, splits=splits, mpp=default_mpp, meta=info)
+
+
+def _external_dataset(root: Path) -> Dataset | None:
+    """A public data set's own layout, read in place (NuInsSeg, GBM40); None if it is neither."""
+    from dannucnet.formats import gbm40, nuinsseg
+
+    if nuinsseg.is_nuinsseg(root):
+        return nuinsseg.load_nuinsseg(root)
+    if gbm40.is_gbm40(root):
+        return gbm40.load_gbm40(root)
+    return None
 
 
 def _monuseg_info() -> dict[str, Any]:
