@@ -92,7 +92,8 @@ def score_free(predictor: Predictor, options: SegmentOptions, n: int = 4, size: 
     for make in (make_fat_like, make_stroma_like):
         found = sum(len(segment_region(predictor, make(size, seed), mpp=0.25, options=options).nuclei)
                     for seed in range(n))
-        out[make.__name__.removeprefix("make_").removesuffix("_like") + "_per_mm2"] = found / (n * (size * 0.25e-3) ** 2)
+        key = make.__name__.removeprefix("make_").removesuffix("_like") + "_per_mm2"
+        out[key] = found / (n * (size * 0.25e-3) ** 2)
     return out
 
 

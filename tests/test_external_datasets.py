@@ -14,13 +14,13 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import data_root
 from dannucnet.cli import main as cli_main
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import load_dataset
 from dannucnet.formats.gbm40 import read_gbm40_xml
 from dannucnet.geometry.polygons import labels_to_polygons
 from dannucnet.slides.synthetic import make_synthetic_he
-from conftest import data_root
 
 SIZE = 96
 
@@ -57,8 +57,10 @@ def _gbm40(root: Path, synthetic, extra: str = "") -> Path:
     (root / "raw_image").mkdir(parents=True)
     (root / "contour_annotation_xml").mkdir()
     tifffile.imwrite(root / "raw_image" / "01.tif", synthetic.rgb)
-    shapes = "".join(_shape("Polygon", _points(p)) for p in labels_to_polygons(synthetic.labels, simplify_px=0).values())
-    xml = f'<!--Document--><Document FileVersion="1.0"><Layers><Layer Name="Layer1"><Shapes>{shapes}{extra}</Shapes></Layer></Layers></Document>'
+    polygons = labels_to_polygons(synthetic.labels, simplify_px=0).values()
+    shapes = "".join(_shape("Polygon", _points(p)) for p in polygons)
+    xml = (f'<!--Document--><Document FileVersion="1.0"><Layers><Layer Name="Layer1"><Shapes>{shapes}{extra}</Shapes>'
+           '</Layer></Layers></Document>')
     (root / "contour_annotation_xml" / "01_data.xml").write_text(xml)
     return root
 
@@ -99,7 +101,8 @@ def test_bad_gbm40_files_give_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a readable GBM40 annotation XML"):
         read_gbm40_xml(broken)
     bad = tmp_path / "b_data.xml"
-    bad.write_text('<Document><Shape Type="Polygon"><Data><Points><Point X="a" Y="1"/></Points></Data></Shape></Document>')
+    bad.write_text('<Document><Shape Type="Polygon"><Data><Points><Point X="a" Y="1"/></Points></Data></Shape>'
+                   '</Document>')
     with pytest.raises(InputError, match="without numeric coordinates"):
         read_gbm40_xml(bad)
     (tmp_path / "raw_image").mkdir()

@@ -79,7 +79,9 @@ class ColourReference:
         max_shift = data.get("max_shift")
         min_dark = float(data.get("min_dark_share", 0.0))
         if not max_scale >= 1 or (max_shift is not None and not float(max_shift) >= 0) or not 0 <= min_dark < 1:
-            raise ValueError(f"colour reference needs max_scale >= 1, max_shift >= 0, 0 <= min_dark_share < 1, got {data}")
+            raise ValueError(
+                f"colour reference needs max_scale >= 1, max_shift >= 0, 0 <= min_dark_share < 1, got {data}"
+            )
         return cls(mean=mean, std=std, max_scale=max_scale,  # type: ignore[arg-type]
                    max_shift=None if max_shift is None else float(max_shift), min_dark_share=min_dark)
 
