@@ -47,7 +47,9 @@ DEFAULT_BUDGET_S = 540
 EVAL_RESERVE_S, BENCH_RESERVE_S = 90, 120
 BENCH_SIZES = (8192, 16384)
 PART_BYTES = 12_000_000  # the tool returns files of at most 16 MB; the weights are 18.5 MB
-JPEG_QUALITY = 90  # 30 Kumar images: 67 MB of LZW TIFF → ≈ 9 MB, so tree + data fit the tool's 64 MiB
+# 30 Kumar images: 67 MB of LZW TIFF → 14 MB of JPEG (PSNR 37.7 dB mean, 33.3 worst), so the 37 MiB tree,
+# data and wheels (16.8 MiB together) fit the tool's 64 MiB
+JPEG_QUALITY = 90
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,13 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "../shared/data/monuseg-train)")
     p.add_argument("--out", help="where results go (default: $OUT, else out/gpu_session)")
     p.add_argument("--pack", action="store_true", help="prepare .gpu_session/ here (data as JPEG, wheels)")
-    p.add_argument("--pack-data", default=str(REPO.parent / "shared" / "data" / "monuseg-train"))
+    p.add_argument("--pack-data", default=os.environ.get("DANNUCNET_DATA") or str(
+        REPO.parent / "shared" / "data" / "monuseg-train"), help="MoNuSeg folder to pack (../shared/data/...)")
     return p.parse_args(argv)
 
 
 def find_data(args: argparse.Namespace) -> Path:
-    for candidate in (args.data, os.environ.get("DANNUCNET_DATA"), PACK / "monuseg-train",
-                      REPO / "shared" / "data" / "monuseg-train", REPO.parent / "shared" / "data" / "monuseg-train"):
+    # the original images where they are (here); on the GPU machine only the carried JPEG copy is there
+    for candidate in (args.data, os.environ.get("DANNUCNET_DATA"), REPO.parent / "shared" / "data" / "monuseg-train",
+                      REPO / "shared" / "data" / "monuseg-train", PACK / "monuseg-train"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return Path(args.data or os.environ.get("DANNUCNET_DATA") or PACK / "monuseg-train")
@@ -135,7 +139,7 @@ class Session:
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
             self.log.close()
-        return 0 if all(r["status"] == "ok" for r in self.rows) else 1
+        return 0 if all(r["status"] in ("ok", "skipped") for r in self.rows) else 1
 
     def setup_wheels(self) -> None:
         """Install the carried wheels (--pack) into a private folder when a module they hold is missing."""
