@@ -183,14 +183,10 @@ class AtomicFile:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """``with atomic_path(p) as tmp: library.save(tmp)``: ``p`` appears only if the block succeeds.
-
-    An ``OSError`` in the block becomes one :class:`OutputError` naming ``target``.
-    """
-    file = AtomicFile(target)
+def _all_or_nothing(file: AtomicFile) -> Iterator[None]:
+    """Commit ``file`` if the block succeeds, else remove it; an ``OSError`` becomes one :class:`OutputError`."""
     try:
-        yield file.tmp
+        yield
     except OSError as exc:
         file.abort()
         raise _error(file.target, exc) from None
@@ -201,18 +197,22 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp: library.save(tmp)``: ``p`` appears only if the block succeeds.
+
+    An ``OSError`` in the block becomes one :class:`OutputError` naming ``target``.
+    """
+    file = AtomicFile(target)
+    with _all_or_nothing(file):
+        yield file.tmp
+
+
+@contextlib.contextmanager
 def atomic_open(target: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """``with atomic_open(p, "w", encoding="utf-8") as fh: ...``: like ``open`` but all-or-nothing."""
     file = AtomicFile(target)
-    try:
+    with _all_or_nothing(file):
         yield file.open(mode, **kwargs)
-    except OSError as exc:
-        file.abort()
-        raise _error(file.target, exc) from None
-    except BaseException:
-        file.abort()
-        raise
-    file.commit()
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:

@@ -173,6 +173,11 @@ def measure_nuclei(
     if labels is not None and (prob is not None or rgb is not None):
         columns.update(_label_means(np.asarray(labels), ids, prob, rgb))
 
+    return rows_by_id(ids, columns)
+
+
+def rows_by_id(ids: np.ndarray, columns: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
+    """Per-object dicts from one array per measurement, non-finite values left out (QuPath shows NaN as missing)."""
     names = list(columns)
     table = np.column_stack([columns[n] for n in names]).astype(np.float64)
     finite = np.isfinite(table)

@@ -38,6 +38,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
+from dannucnet.geometry.measurements import rows_by_id
 from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains
 
 __all__ = ["measure_cells", "measurement_names", "hull_calipers", "SHAPE_NAMES", "PROBABILITY", "SOLIDITY"]
@@ -282,11 +283,4 @@ def measure_cells(
     if prob is not None:
         cols[PROBABILITY] = gn.stats(np.asarray(prob, dtype=np.float64)[..., None])["mean"][:, 0]
 
-    names = list(cols)
-    table = np.column_stack([cols[n] for n in names]).astype(np.float64)
-    finite = np.isfinite(table)
-    out: dict[int, dict[str, float]] = {}
-    for i, nid in enumerate(ids.tolist()):
-        row, ok = table[i].tolist(), finite[i]
-        out[nid] = {n: v for n, v, good in zip(names, row, ok) if good}
-    return out
+    return rows_by_id(ids, cols)
