@@ -176,24 +176,14 @@ class AtomicFile:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """All or nothing: commit if the block succeeded, else remove the file; an ``OSError`` in the
+        block becomes one :class:`OutputError` naming the target."""
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
-
-
-@contextlib.contextmanager
-def _all_or_nothing(file: AtomicFile) -> Iterator[None]:
-    """Commit ``file`` if the block succeeds, else remove it; an ``OSError`` becomes one :class:`OutputError`."""
-    try:
-        yield
-    except OSError as exc:
-        file.abort()
-        raise _error(file.target, exc) from None
-    except BaseException:
-        file.abort()
-        raise
-    file.commit()
+            return
+        self.abort()
+        if isinstance(exc, OSError):
+            raise _error(self.target, exc) from None
 
 
 @contextlib.contextmanager
@@ -202,16 +192,14 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
     An ``OSError`` in the block becomes one :class:`OutputError` naming ``target``.
     """
-    file = AtomicFile(target)
-    with _all_or_nothing(file):
+    with AtomicFile(target) as file:
         yield file.tmp
 
 
 @contextlib.contextmanager
 def atomic_open(target: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """``with atomic_open(p, "w", encoding="utf-8") as fh: ...``: like ``open`` but all-or-nothing."""
-    file = AtomicFile(target)
-    with _all_or_nothing(file):
+    with AtomicFile(target) as file:
         yield file.open(mode, **kwargs)
 
 

@@ -210,6 +210,21 @@ def _shape(geoms: np.ndarray, mpp: float) -> dict[str, np.ndarray]:
     return {"Area": area, "Perimeter": perimeter, "Circularity": circ, "Max caliper": mx * mpp, "Min caliper": mn * mpp}
 
 
+def _shape_columns(prefix: str, geoms: np.ndarray, grouped: _Grouped, mpp: float) -> dict[str, np.ndarray]:
+    """One compartment's shape measurements, in QuPath's order (Area ... Min caliper, Eccentricity)."""
+    cols = {f"{prefix}: {k}": v for k, v in _shape(geoms, mpp).items()}
+    cols[f"{prefix}: Eccentricity"] = grouped.eccentricity()
+    return cols
+
+
+def _intensity_columns(
+    prefix: str, grouped: _Grouped, conc: np.ndarray, stain_names: list[str], stats: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """One compartment's OD statistics per stain, named ``<prefix>: <stain> OD <stat>`` in QuPath's order."""
+    st = grouped.stats(conc)
+    return {f"{prefix}: {s} OD {name}": st[name][:, j] for j, s in enumerate(stain_names) for name in stats}
+
+
 def _as_array(polys: Mapping[int, BaseGeometry], ids: np.ndarray) -> np.ndarray:
     arr = np.empty(len(ids), dtype=object)
     arr[:] = [polys[int(i)] for i in ids]
@@ -250,36 +265,26 @@ def measure_cells(
     stain_names = [stains.names[i] for i in stains.measured]
     conc = stains.deconvolve(rgb) if rgb is not None else None
 
-    cols: dict[str, np.ndarray] = {}
     nuc = _as_array(nuclei, ids)
     gn = _Grouped(labels, ids)
-    for k, v in _shape(nuc, mpp).items():
-        cols[f"Nucleus: {k}"] = v
-    cols["Nucleus: Eccentricity"] = gn.eccentricity()
+    cols = _shape_columns("Nucleus", nuc, gn, mpp)
     if conc is not None:
-        st = gn.stats(conc)
-        for j, s in enumerate(stain_names):
-            for name in NUCLEUS_STATS:
-                cols[f"Nucleus: {s} OD {name}"] = st[name][:, j]
+        cols.update(_intensity_columns("Nucleus", gn, conc, stain_names, NUCLEUS_STATS))
+    nuc_area = shapely.area(nuc)
     if cells is not None and cell_labels is not None:
         cl = np.asarray(cell_labels)
         cel = _as_array(cells, ids)
         gc = _Grouped(cl, ids)
-        for k, v in _shape(cel, mpp).items():
-            cols[f"Cell: {k}"] = v
-        cols["Cell: Eccentricity"] = gc.eccentricity()
+        cols.update(_shape_columns("Cell", cel, gc, mpp))
         if conc is not None:
             cyto = np.where(labels > 0, 0, cl)
             for prefix, grouped in (("Cell", gc), ("Cytoplasm", _Grouped(cyto, ids))):
-                st = grouped.stats(conc)
-                for j, s in enumerate(stain_names):
-                    for name in CELL_STATS:
-                        cols[f"{prefix}: {s} OD {name}"] = st[name][:, j]
+                cols.update(_intensity_columns(prefix, grouped, conc, stain_names, CELL_STATS))
         with np.errstate(divide="ignore", invalid="ignore"):
-            cols[RATIO] = np.minimum(shapely.area(nuc) / shapely.area(cel), 1.0)
+            cols[RATIO] = np.minimum(nuc_area / shapely.area(cel), 1.0)
     hull_area = shapely.area(shapely.convex_hull(nuc))
     with np.errstate(divide="ignore", invalid="ignore"):
-        cols[SOLIDITY] = np.where(hull_area > 0, np.minimum(shapely.area(nuc) / hull_area, 1.0), np.nan)
+        cols[SOLIDITY] = np.where(hull_area > 0, np.minimum(nuc_area / hull_area, 1.0), np.nan)
     if prob is not None:
         cols[PROBABILITY] = gn.stats(np.asarray(prob, dtype=np.float64)[..., None])["mean"][:, 0]
 
