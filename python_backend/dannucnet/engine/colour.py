@@ -90,16 +90,30 @@ def _tissue(rgb: np.ndarray) -> np.ndarray:
     return (rgb < GLASS_LEVEL).any(axis=2) & (rgb > 0).any(axis=2)
 
 
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
+
+
+def _stats(lab: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    share = float(keep.mean()) if keep.size else 0.0
+    if not keep.any():
+        return np.zeros(3), np.ones(3), 0.0
+    values = lab[keep].astype(np.float64)
+    return values.mean(axis=0), values.std(axis=0) + 1e-6, share
+
+
+def _dark_share(lab: np.ndarray, keep: np.ndarray, reference: ColourReference) -> float:
+    if not keep.any():
+        return 0.0
+    return float(np.mean(lab[..., 0][keep] < reference.mean[0] - reference.std[0]))
+
+
 def lab_stats(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean and std of L*a*b* over tissue pixels (and ``mask``), and the tissue share."""
     keep = _tissue(rgb)
     if mask is not None:
         keep &= mask.astype(bool)
-    share = float(keep.mean()) if keep.size else 0.0
-    if not keep.any():
-        return np.zeros(3), np.ones(3), 0.0
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)[keep].astype(np.float64)
-    return lab.mean(axis=0), lab.std(axis=0) + 1e-6, share
+    return _stats(_lab(rgb), keep)
 
 
 def reference_from(stats: Iterable[tuple[np.ndarray, np.ndarray]]) -> ColourReference:
@@ -117,10 +131,7 @@ def dark_share(rgb: np.ndarray, reference: ColourReference) -> float:
     """Share of tissue pixels darker than the reference's mean L* minus one spread (≈ L* 101 of 255
     for 1.6's reference): haematoxylin-dark, nucleus-like pixels. 0 for an image without tissue."""
     keep = _tissue(rgb)
-    if not keep.any():
-        return 0.0
-    lightness = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)[..., 0][keep]
-    return float(np.mean(lightness < reference.mean[0] - reference.std[0]))
+    return _dark_share(_lab(rgb), keep, reference) if keep.any() else 0.0
 
 
 def colour_transform(
@@ -146,18 +157,18 @@ def normalise_colour(
     """
     if reference is None or rgb.size == 0:
         return rgb
+    keep, lab8 = _tissue(rgb), _lab(rgb)  # once per chunk: statistics, the dark gate and the transform share them
     if stats is None:
-        mean, std, share = lab_stats(rgb)
+        mean, std, share = _stats(lab8, keep)
         if share < MIN_TISSUE_SHARE:
             return rgb
-        if reference.min_dark_share and dark_share(rgb, reference) < reference.min_dark_share:
+        if reference.min_dark_share and _dark_share(lab8, keep, reference) < reference.min_dark_share:
             return rgb
     else:
         mean, std = np.asarray(stats[0], np.float64), np.asarray(stats[1], np.float64)
     scale, shift = colour_transform(mean, std, reference)
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB).astype(np.float32)
-    lab = lab * scale.astype(np.float32) + shift.astype(np.float32)
+    lab = lab8.astype(np.float32) * scale.astype(np.float32) + shift.astype(np.float32)
     out = cv2.cvtColor(np.clip(lab + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
-    glass = ~_tissue(rgb)
+    glass = ~keep
     out[glass] = rgb[glass]
     return out
