@@ -26,7 +26,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dannucnet.errors import InputError, ModelError
+from dannucnet.atomic import atomic_path
+from dannucnet.errors import InputError, ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -130,31 +130,26 @@ def onnx_path(network: torch.nn.Module, source: str | None = None, tile: int = 2
         for folder in dirs:
             try:
                 return _export(network, folder / name, tile)
-            except OSError as exc:
+            except OSError as exc:  # the folder cannot be made
                 errors.append(f"{folder}: {exc.strerror or exc}")
+            except OutputError as exc:  # the file cannot be written there
+                errors.append(str(exc))
     raise ModelError(f"cannot write the ONNX export anywhere ({'; '.join(errors)}); "
                      "set DANNUCNET_CACHE to a writable folder")
 
 
 def _export(network: torch.nn.Module, path: Path, tile: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        cpu = _cpu_copy(network)
-        x = torch.zeros((1, 3, tile, tile))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer chatter about the shape check and constant folding
-            torch.onnx.export(
-                cpu, (x,), tmp, input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET,
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-            )
-        os.replace(tmp, path)
-        log.info("exported the network to %s", path)
-        return path
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    cpu = _cpu_copy(network)
+    x = torch.zeros((1, 3, tile, tile))
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about the shape check and constant folding
+        torch.onnx.export(
+            cpu, (x,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET,
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )
+    log.info("exported the network to %s", path)
+    return path
 
 
 def _cpu_copy(network: torch.nn.Module) -> torch.nn.Module:
