@@ -131,11 +131,23 @@ def test_wkb_bomb_is_refused_and_the_server_lives_on(model_dir, tmp_path):  # no
         resp = conn.getresponse()
         payload = json.loads(resp.read())
         assert resp.status == 400 and "GeometryCollection" in payload["error"]["message"], payload
+        # PlanRegion (the QuPath script's first call) carries the parent's ROI as WKB too
+        conn.request("POST", "/v1/plan", json.dumps({"imageWidth": 256, "imageHeight": 256,
+                                                      "imagePixelWidthMicrons": 0.25, "imagePixelHeightMicrons": 0.25,
+                                                      "roiWkb": base64.b64encode(bomb).decode()}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = json.loads(resp.read())
+        assert resp.status == 400 and "roiWkb" in payload["error"]["message"], payload
         with grpc.insecure_channel(grpc_address) as channel:
             stub = pb_grpc.SegmentationStub(channel)
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.SegmentSlide(pb.SegmentSlideRequest(path="s.tif", roi_wkb=[bomb]), timeout=30))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "roiWkb[0]" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PlanRegion(pb.PlanRegionRequest(image_width=256, image_height=256, pixel_size_microns=0.25,
+                                                     roi_wkb=bomb), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "roiWkb" in err.value.details()
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).name == "darkness"
         conn.request("GET", "/healthz")
         assert conn.getresponse().status == 200 and proc.poll() is None

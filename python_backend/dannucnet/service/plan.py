@@ -26,6 +26,7 @@ from dannucnet.qupath.regions import fix_geometry
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.convert import rect_from_proto, rect_to_proto
 from dannucnet.service.status import invalid
+from dannucnet.service.wkb import check_area_wkb
 from dannucnet.slides.mpp import combine_xy
 
 __all__ = ["plan_region", "pixel_size_verdict"]
@@ -96,7 +97,12 @@ def _image_size(request: pb.PlanRegionRequest) -> tuple[int, int]:
 
 
 def _roi(data: bytes) -> BaseGeometry:
-    """The parent's area from WKB, repaired when drawn self-intersecting; refused when it has none."""
+    """The parent's area from WKB, repaired when drawn self-intersecting; refused when it has none.
+
+    The bytes are walked (:func:`~dannucnet.service.wkb.check_area_wkb`) before shapely parses them, as for
+    every WKB a request carries: a deeply nested GeometryCollection would crash GEOS (rc −11).
+    """
+    check_area_wkb(data, "roiWkb")
     try:
         geom = shapely.from_wkb(data)
     except Exception as exc:  # noqa: BLE001 - shapely raises GEOSException and friends
