@@ -160,8 +160,9 @@ def test_parent_outside_the_image_plans_nothing(server):
 @pytest.mark.parametrize(("body", "message"), [
     ({"imageWidth": 0, "imageHeight": 600}, "imageWidth"),
     ({"imageWidth": 800, "imageHeight": 600, "roiWkb": base64.b64encode(b"nonsense").decode()},
-     "roiWkb is not valid WKB"),
-    ({"imageWidth": 800, "imageHeight": 600, "roiWkb": wkb64(shapely.LineString([(0, 0), (5, 5)]))}, "without area"),
+     "roiWkb is not valid area WKB"),  # the walk every WKB field gets (service.wkb), before shapely
+    ({"imageWidth": 800, "imageHeight": 600, "roiWkb": wkb64(shapely.LineString([(0, 0), (5, 5)]))},
+     "holds a LineString; send a Polygon or MultiPolygon (an area)"),
     ({"imageWidth": 800, "imageHeight": 600, "chunkSize": 64}, "chunk size"),
     ({"imageWidth": 800, "imageHeight": 600, "options": {"threshold": 2}}, "options.threshold"),
     ({"imageWidth": 800, "imageHeight": 600, "chunks": 3}, "PlanRegionRequest"),
