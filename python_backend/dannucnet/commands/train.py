@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-from", type=int, metavar="EPOCH",
                    help="from this epoch on, also average the epoch-end weights; the mean is shipped when its "
                         "validation loss beats the best epoch's")
+    p.add_argument("--extra-data", action="append", default=[], metavar="DIR[:SPLIT]",
+                   help="another training set (whole images of SPLIT, default all); repeatable")
+    p.add_argument("--negatives", type=float, default=0.0, metavar="SHARE",
+                   help="share of patches made nucleus-free: haematoxylin stripped, empty target (issue 20)")
     p.add_argument("--distance-weight", type=float, default=0.25, help="distance loss weight beside Eq. 5")
     p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
 
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_clobbering(
         [("--data", args.data), ("--data", Path(args.data) / "dataset.json"),
+         *(("--extra-data", spec.split(":")[0]) for spec in args.extra_data),
          *model_inputs(args.init_from, "--init-from")],
         [("--out", args.out), *(("--out", Path(args.out) / name) for name in MODEL_FILES)],
     )
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         colour_normalise=not args.no_colour_normalise, architecture=architecture,
         resume=not args.no_resume, distance_weight=args.distance_weight,
         distance_only=args.distance_only, freeze_bn=args.freeze_bn,
-        average_from=args.average_from, command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        average_from=args.average_from, extra_data=args.extra_data, negatives=args.negatives,
+        command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)
     return 0

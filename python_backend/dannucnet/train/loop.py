@@ -28,9 +28,9 @@ from dannucnet.atomic import atomic_path, write_text
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
-from dannucnet.formats.dataset import load_dataset
+from dannucnet.formats.dataset import Sample, load_dataset
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
-from dannucnet.model.registry import load_model
+from dannucnet.model.registry import load_model, resolve_model_dir
 from dannucnet.model.weights import overflowed_channels
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 from dannucnet.train.revive import revive_overflowed_channels
@@ -74,6 +74,8 @@ class TrainConfig:
     distance_weight: float = 0.25  # weight of the distance head's loss beside Eq. 5 (only with that head)
     distance_only: bool = False  # train only the distance branch; the rest stays frozen as loaded
     freeze_bn: bool = False  # keep BatchNorm statistics as loaded (fine-tuning with small batches)
+    extra_data: list[str] = field(default_factory=list)  # more training sets, each "DIR" or "DIR:SPLIT"
+    negatives: float = 0.0  # share of patches made nucleus-free (haematoxylin stripped, empty target)
     average_from: int | None = None  # from this epoch on, also keep the running mean of the epoch-end weights
     resume: bool = True
     command: str = ""
@@ -134,6 +136,7 @@ def _prepare_images(
     distance = bool(cfg.architecture.get("distance_head", False))
     split = cfg.split or _default_split(dataset.splits)
     train_samples = dataset.select(split)
+    extra = [_extra_samples(spec) for spec in cfg.extra_data]
     if cfg.val_split:
         val_samples = dataset.select(cfg.val_split)
         train = [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in train_samples]
@@ -149,13 +152,15 @@ def _prepare_images(
             val = []
             how = ("none (--val-fraction 0): every row of every training image is trained on; the last epoch is "
                    "kept, or the weight mean with --average-from")
-    reference = None
+    for _, samples in extra:  # whole images: the extra sets are validated, if at all, on their own held-out split
+        train += [load_train_image(s, cfg.mpp, (0.0, 1.0), cfg.instance_gaps, distance) for s in samples]
+    reference = _initial_reference(cfg.init_from) if cfg.colour_normalise and cfg.init_from else None
     if cfg.colour_normalise:
         # One reference for the run (the training images' average L*a*b* statistics); every image,
         # training and validation, is mapped onto it with its own statistics, as inference will do.
         images = {id(t.rgb): t for t in train + val}  # held-out rows share their training image's array
         stats = {key: lab_stats(t.rgb, t.valid)[:2] for key, t in images.items()}
-        reference = reference_from(stats[id(t.rgb)] for t in train)
+        reference = reference or reference_from(stats[id(t.rgb)] for t in train)
         normalised = {key: normalise_colour(t.rgb, reference, stats[key]) for key, t in images.items()}
         train = [replace(t, rgb=normalised[id(t.rgb)]) for t in train]
         val = [replace(t, rgb=normalised[id(t.rgb)]) for t in val]
@@ -165,8 +170,27 @@ def _prepare_images(
         "split": split or "all",
         "images": [s.stem for s in train_samples],
         "validation": how,
+        **({"extra_data": [info for info, _ in extra]} if extra else {}),
     }
     return train, val, info, reference
+
+
+def _extra_samples(spec: str) -> tuple[dict[str, Any], list[Sample]]:
+    """``DIR`` or ``DIR:SPLIT`` → (what the card records, the samples)."""
+    folder, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    dataset = load_dataset(folder)
+    samples = dataset.select(split or None)
+    provenance = dataset.meta.get("provenance", {})
+    return ({"dataset": folder, "dataset_name": provenance.get("name", Path(folder).name),
+             "licence": provenance.get("licence"), "split": split or "all",
+             "images": [s.stem for s in samples]}, samples)
+
+
+def _initial_reference(init_from: str) -> ColourReference | None:
+    """The colour reference of the model a fine-tune starts from: its weights were trained on that input
+    distribution, and new training sets (another lab's average) must not move it under them."""
+    card = ModelCard.load(resolve_model_dir(init_from))
+    return None if card.colour_reference is None else ColourReference.from_dict(card.colour_reference)
 
 
 @torch.no_grad()
@@ -209,13 +233,15 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         raise InputError(f"--average-from {cfg.average_from}: epochs count from 1")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError(f"--val-fraction {cfg.val_fraction}: must be at least 0 and below 1")
+    if not 0.0 <= cfg.negatives < 1.0:
+        raise InputError(f"--negatives {cfg.negatives}: must be at least 0 and below 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour_reference = _prepare_images(cfg)
-    sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment)
+    sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
         keep = np.linspace(0, len(val_patches) - 1, cfg.max_val_patches).round().astype(int)
@@ -492,7 +518,9 @@ def _save_best(
 
 
 def _licence_for(data_info: dict[str, Any]) -> str:
+    extra = [e for e in data_info.get("extra_data", []) if e.get("licence")]
+    also = "".join(f" Also trained on {e['dataset_name']} ({e['licence']})." for e in extra)
     if "MoNuSeg" in str(data_info.get("dataset_name", "")):
         return ("Weights derived from MoNuSeg 2018 / Kumar 2017 data (CC BY-NC-SA 4.0): "
-                "non-commercial use only, share-alike.")
-    return "Weights inherit the licence terms of the training data."
+                "non-commercial use only, share-alike." + also)
+    return "Weights inherit the licence terms of the training data." + also

@@ -139,8 +139,34 @@ def dihedral(arrays: list[np.ndarray], k: int, flip: bool) -> list[np.ndarray]:
     return [np.ascontiguousarray(a) for a in out]
 
 
+#: Haematoxylin left in a negative patch: 0-10 % of its own (a faint nucleus in a real slide keeps ≥ 30 %).
+NEGATIVE_H_SCALE = 0.1
+
+
+def strip_haematoxylin(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same tissue with its haematoxylin removed (scaled to 0-10 %): eosin-only, nucleus-free.
+
+    The false nuclei of issue 20 are pink: cytoplasm, collagen and fat septa
+    stretched or simply dark enough to pass for a nucleus. A real training patch
+    with its haematoxylin taken out keeps the texture, the eosin and the ghost
+    outlines of its nuclei, and its target is empty: it teaches "pink is not a
+    nucleus, however dark or round", which the annotated images, where almost
+    every dark blob is a nucleus, never say.
+    """
+    conc = rgb_to_hed(rgb)
+    conc[..., 0] *= rng.uniform(0.0, NEGATIVE_H_SCALE)
+    return hed_to_rgb(conc)
+
+
 class PatchSampler:
-    """Draws augmented training patches from images held in memory."""
+    """Draws augmented training patches from images held in memory.
+
+    Images are picked in proportion to their area (uniformly when, as in the
+    Kumar set, all have one size), so adding a set of small images does not let
+    them crowd out the large ones. With ``negatives`` > 0 that share of the
+    patches are made nucleus-free by :func:`strip_haematoxylin`, with an empty
+    target.
+    """
 
     def __init__(
         self,
@@ -149,28 +175,43 @@ class PatchSampler:
         seed: int = 0,
         augment: bool = True,
         keep_empty: float = 0.1,
+        negatives: float = 0.0,
     ) -> None:
         self.images = [im for im in images if im.rows[1] - im.rows[0] >= size and im.rgb.shape[1] >= size]
         if not self.images:
             raise ValueError(f"no image has a {size}x{size} area to sample patches from")
+        if not 0.0 <= negatives < 1.0:
+            raise ValueError(f"negative share {negatives} must be at least 0 and below 1")
         self.size = size
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.keep_empty = keep_empty
+        self.negatives = negatives
+        areas = np.array([(im.rows[1] - im.rows[0]) * im.rgb.shape[1] for im in self.images], np.float64)
+        self._weights = None if np.all(areas == areas[0]) else areas / areas.sum()
+
+    def _pick(self) -> TrainImage:
+        if self._weights is None:
+            return self.images[self.rng.integers(len(self.images))]
+        return self.images[self.rng.choice(len(self.images), p=self._weights)]
 
     def sample(self) -> tuple[np.ndarray, ...]:
         """(rgb, mask, valid) — plus the distance target when the images carry one."""
+        negative = self.negatives > 0 and self.rng.random() < self.negatives
         for _ in range(50):
-            im = self.images[self.rng.integers(len(self.images))]
+            im = self._pick()
             y = self.rng.integers(im.rows[0], im.rows[1] - self.size + 1)
             x = self.rng.integers(0, im.rgb.shape[1] - self.size + 1)
             window = (slice(y, y + self.size), slice(x, x + self.size))
             mask, valid = im.mask[window], im.valid[window]
             if valid.mean() < 0.05:
                 continue
-            if mask.any() or self.rng.random() < self.keep_empty:
+            if negative or mask.any() or self.rng.random() < self.keep_empty:
                 break
         parts = [im.rgb[window], mask, valid] + ([] if im.depth is None else [im.depth[window]])
+        if negative:
+            parts = [strip_haematoxylin(parts[0], self.rng), np.zeros_like(mask), np.ones_like(valid),
+                     *(np.zeros_like(p) for p in parts[3:])]
         if self.augment:
             parts = dihedral(parts, int(self.rng.integers(4)), bool(self.rng.integers(2)))
             parts[0] = colour_jitter(stain_jitter(parts[0], self.rng), self.rng)
