@@ -9,7 +9,7 @@ avx512_bf16, AMX), shipped weights, batch 2 of 256² windows, 2 threads, one pro
 (``benchmarks/bench_runtime.py --threads``): OpenVINO at its default CPU precision (bf16
 there) 68 ms per window, PyTorch eager fp32 195, ONNX Runtime fp32 213 — so ``auto`` never
 picks ONNX Runtime; it is there for exact fp32 results from an exported model. Kumar test:
-OpenVINO bf16 within 0.07 points of PyTorch fp32 on pixel F1, AJI and PQ (README). A runtime
+OpenVINO bf16 within 0.07 points of PyTorch fp32 on pixel F1, AJI and PQ (docs/performance.md). A runtime
 that is asked for but absent, or whose CPU plugin does not load, falls back to PyTorch with
 one log line.
 
