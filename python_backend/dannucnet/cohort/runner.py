@@ -65,7 +65,7 @@ class CohortReport:
         return "\n".join(lines)
 
 
-Progress = Callable[[int, int, SlideOutcome], None]  # finished, total, the slide just finished
+SlideProgress = Callable[[int, int, SlideOutcome], None]  # slides finished, slides total, the slide just finished
 
 
 def default_workers(device: str) -> int:
@@ -97,7 +97,7 @@ def run_cohort(
     retries: int = 1,
     force: bool = False,
     batch_size: int | None = None,
-    progress: Progress | None = None,
+    progress: SlideProgress | None = None,
     server: str | None = None,
     token: str | None = None,
     pipelined: bool = False,

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 from shapely.geometry import Polygon
 
 from dannucnet.errors import DanNucNetError, InputError
+from dannucnet.protocols import Segmenter
 from dannucnet.qupath.batch import (
     BACKUP_DIR,
     NUCLEUS_CLASS,
     BatchRow,
-    Segmenter,
     backup_entry,
     detection_tag,
     measurements_for_qupath,
