@@ -36,12 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from tqdm import tqdm
 
     from dannucnet.cohort import find_slides, run_cohort
-    from dannucnet.commands._common import UNTRAINED_WARNING
+    from dannucnet.commands._common import UNTRAINED_WARNING, server_token
     from dannucnet.errors import InputError
 
     if args.server and args.tta:
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
             retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
             output_format=args.format, tta=args.tta, runtime=args.runtime,
-            server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
+            server=args.server, token=server_token(args), pipelined=args.pipelined,
         )
     finally:
         bar.close()
