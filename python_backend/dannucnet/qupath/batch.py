@@ -35,7 +35,7 @@ from dannucnet.protocols import Progress
 from dannucnet.qupath.entries import ANNOTATION, ImageEntryData
 from dannucnet.qupath.ledger import Ledger
 from dannucnet.qupath.regions import OWN_TAG_PREFIX, RegionRules, fix_geometry, is_own_detection
-from dannucnet.qupath.report import format_table
+from dannucnet.tables import format_table
 
 if TYPE_CHECKING:  # the pipeline package pulls in torch; the QuPath logic does not need it
     from dannucnet.pipeline.types import Nucleus

@@ -30,9 +30,9 @@ from dannucnet.qupath.regions import (
     patch_windows,
     rasterize_region,
 )
-from dannucnet.qupath.report import format_table
 from dannucnet.slides import open_image
 from dannucnet.slides.mpp import validate_given_mpp
+from dannucnet.tables import format_table
 
 log = logging.getLogger(__name__)
 
