@@ -29,7 +29,7 @@ def test_an_empty_table_is_its_header():
 
 
 def test_the_cohort_report_prints_through_it():
-    """batch-slides' end-of-run table: same column rules as every other summary (the note last, uncut)."""
+    """batch-slides' end-of-run table: same column rules as every other summary, the note last."""
     from dannucnet.cohort.runner import CohortReport, SlideOutcome
 
     report = CohortReport([SlideOutcome("/x/s1.tif", "o", "done", 120, 3.21),

@@ -249,8 +249,9 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     """``pipeline.SegmentOptions``, a mapping, or None → the proto options."""
     if options is None:
         return pb.SegmentOptions()
-    if dataclasses.is_dataclass(options):
-        values = dataclasses.asdict(options)
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        # field by field, not asdict(): that would turn the Stains inside into a plain dict
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     elif isinstance(options, Mapping):
         values = dict(options)
     else:
@@ -264,7 +265,7 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     expansion = values.get("cell_expansion_um", values.get("cell_expansion_microns"))
     if expansion:
         msg.cell_expansion_microns = float(expansion)
-    stains = options.stains if dataclasses.is_dataclass(options) else values.get("stains")
+    stains = values.get("stains")
     if stains is not None:
         from dannucnet.geometry.qupath_stains import Stains, parse_stains
         from dannucnet.service.convert import stains_to_proto

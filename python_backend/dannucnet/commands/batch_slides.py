@@ -88,11 +88,11 @@ def _refuse_clobbering(args: argparse.Namespace, slides: list) -> None:
     from dannucnet.cohort.inputs import output_path_for
     from dannucnet.cohort.records import DONE_SUFFIX, FAILED_SUFFIX
     from dannucnet.cohort.runner import OUTPUT_SUFFIX
-    from dannucnet.outputs import model_inputs, refuse_clobbering
+    from dannucnet.outputs import Named, model_inputs, refuse_clobbering
 
     listing = Path(args.slides)
     inputs = [("slide", s) for s in slides] + [("slide list", listing)] * listing.is_file() + model_inputs(args.model)
-    outputs = []
+    outputs: list[Named] = []
     for slide in slides:
         out = output_path_for(slide, Path(args.output), OUTPUT_SUFFIX[args.format])
         outputs += [("output", out), ("record", f"{out}{DONE_SUFFIX}"), ("record", f"{out}{FAILED_SUFFIX}")]

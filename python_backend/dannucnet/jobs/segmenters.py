@@ -46,10 +46,11 @@ class LocalSegmenter(_CollectMixin):
         self.pool = predictor if isinstance(predictor, PredictorPool) else None
         self.pipelined = pipelined
         self.options = options
+        self.predictor: Any = None  # the engine's Predictor in use
+        self._chosen_for: float | None = None
         if self.pool is None:
             self._use(predictor)
         else:  # named once the first image's pixel size is known (choose_for)
-            self.predictor, self._chosen_for = None, None
             self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
 
     def _use(self, predictor: Any) -> None:

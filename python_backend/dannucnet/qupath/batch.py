@@ -156,11 +156,11 @@ def plan_images(
 # -- backups ------------------------------------------------------------------
 
 
-def backup_entry(entry_path: Path, backup_root: Path, entry_id: str, kept: int = BACKUPS_KEPT) -> Path:
+def backup_entry(entry_path: Path | None, backup_root: Path, entry_id: str, kept: int = BACKUPS_KEPT) -> Path:
     """Copy an entry's data folder to ``backup_root/<id>/<timestamp>``; keep the newest ``kept``."""
-    entry_path = Path(entry_path)
-    if not entry_path.is_dir():
+    if entry_path is None or not Path(entry_path).is_dir():
         raise InputError(f"the data folder of image {entry_id} is missing: {entry_path}")
+    entry_path = Path(entry_path)
     target_parent = Path(backup_root) / str(entry_id)
     target_parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
