@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions
-from dannucnet.protocols import Segmenter
+from dannucnet.protocols import Progress, Segmenter
 
 log = logging.getLogger("dannucnet")
 AUTO = "auto"  # = model.registry.AUTO (not imported here: that imports torch, and every command imports this)
@@ -119,7 +119,7 @@ def predictor_pool(args: argparse.Namespace):  # -> engine.pool.PredictorPool
     return PredictorPool(lambda name: load_predictor(args, model=AUTO if name is None else name), default=args.model)
 
 
-def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
+def chunk_progress(desc: str, enabled: bool = True) -> tuple[Progress, Callable[[], None]]:
     """A tqdm bar over chunks showing nuclei found; returns (callback, close).
 
     The bar appears with the first chunk count: with ``--model auto`` the model is loaded once the
