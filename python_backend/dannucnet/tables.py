@@ -1,4 +1,4 @@
-"""The one plain-text table every end-of-run summary prints (export, batch, batch-slides, models, evaluate).
+"""The one plain-text table every summary prints (export, batch, batch-slides, models, evaluate, the benchmarks).
 
 Markdown tables (the evaluation report) are a document format, not this; they live with the report.
 """
