@@ -40,10 +40,12 @@ demo: setup
 test: lint groovy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Python style and correctness (rules in pyproject.toml [tool.ruff]); `make test` runs it first.
-# The Groovy scripts have their own linter: lint-groovy.
+# Python style and correctness (rules in pyproject.toml [tool.ruff]), then types (mypy on the public,
+# torch-free modules listed in [tool.mypy]); `make test` runs it first. The Groovy scripts have their
+# own linter: lint-groovy.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # QuPath scripts: npm-groovy-lint (from the npm registry, pinned in package-lock.json) brings
 # CodeNarc and the Groovy 4 that tests/test_qupath_scripts.py runs the scripts' QuPath-free parts

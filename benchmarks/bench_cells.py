@@ -60,6 +60,7 @@ def main() -> None:
     from dannucnet.model import load_model
     from dannucnet.pipeline import SegmentOptions
     from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
+    from dannucnet.tables import format_table
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(args.model)
@@ -99,12 +100,12 @@ def main() -> None:
     model_s = statistics.median(times["model"])
     per_k = 1000.0 / max(count, 1)
     print(f"{count} nuclei; median of {args.repeats} (alternating order)\n")
-    print(f"{'stage':32s} {'s':>8s} {'ms / 1,000 nuclei':>18s} {'x model':>8s}")
     rows = [("model (bare predict)", model_s)]
     rows += [(k, statistics.median(v)) for k, v in times.items() if k != "model"]
     rows += [(k, statistics.median(v)) for k, v in stages.items()]
-    for name, s in rows:
-        print(f"{name:32s} {s:8.3f} {1000 * s * per_k:18.1f} {s / model_s:8.3f}")
+    print(format_table(["stage", "s", "ms / 1,000 nuclei", "x model"],
+                       [[name, f"{s:.3f}", f"{1000 * s * per_k:.1f}", f"{s / model_s:.3f}"] for name, s in rows],
+                       rule=False, align="<>>>"))
     extra = statistics.median(times["cells"]) - statistics.median(times["nuclei only"])
     print(f"\ncells at {args.expansion:g} µm add {1000 * extra * per_k:.1f} ms per 1,000 nuclei "
           f"({extra / model_s:.1%} of the model's time) to the nuclei-only post-processing")

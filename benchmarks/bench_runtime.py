@@ -160,16 +160,15 @@ def machine() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'slide':6} {'runtime':28} {'MP':>6} {'e2e s':>7} {'MP/s':>6} {'× torch':>8} {'× QuPath':>9} "
-            f"{'model s':>8} {'other s':>8} {'nuclei':>7} {'load':>5}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['slide']:6} {r['description']:28} {r['mp']:6.2f} {r['seconds']:7.1f} {r['mp_s']:6.3f} "
-              f"{r['vs_torch']:8.2f} {r['mp_s'] / QUPATH_MP_S:9.2f} {r['model_seconds']:8.1f} "
-              f"{r['seconds'] - r['model_seconds']:8.1f} {r['nuclei']:7d} {r['load_1min']:5.1f}")
-    print(f"{'':6} {'QuPath cell detection':28} {'':6} {'':7} {QUPATH_MP_S:6.3f} {'':8} {1.0:9.2f}"
-          "   (reference, issue 18)")
+    from dannucnet.tables import format_table
+
+    header = ["slide", "runtime", "MP", "e2e s", "MP/s", "× torch", "× QuPath", "model s", "other s", "nuclei", "load"]
+    cells = [[r["slide"], r["description"], f"{r['mp']:.2f}", f"{r['seconds']:.1f}", f"{r['mp_s']:.3f}",
+              f"{r['vs_torch']:.2f}", f"{r['mp_s'] / QUPATH_MP_S:.2f}", f"{r['model_seconds']:.1f}",
+              f"{r['seconds'] - r['model_seconds']:.1f}", r["nuclei"], f"{r['load_1min']:.1f}"] for r in rows]
+    cells.append(["", "QuPath cell detection (reference, issue 18)", "", "", f"{QUPATH_MP_S:.3f}", "", "1.00",
+                  "", "", "", ""])
+    print(format_table(header, cells, align="<<" + ">" * (len(header) - 2)))
 
 
 def main(argv: list[str] | None = None) -> int:

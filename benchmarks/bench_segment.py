@@ -152,16 +152,18 @@ def measure(slide: Path, model: str | None, device: str, batch_size: int | None,
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'size':>7} {'chunks':>6} {'tiles':>6} {'bare s':>8} {'e2e s':>8} {'e2e/bare':>8} "
-            f"{'tiles/s':>8} {'bare t/s':>8} {'MP/s':>7} {'nuclei':>7} {'nuc/s':>7} {'RSS MB':>7}")
-    print(head)
-    print("-" * len(head))
+    from dannucnet.tables import format_table
+
+    header = ["size", "chunks", "tiles", "bare s", "e2e s", "e2e/bare", "tiles/s", "bare t/s", "MP/s", "nuclei",
+              "nuc/s", "RSS MB"]
+    cells = []
     for r in rows:
         mp = r["size"] * r["height"] / 1e6
-        print(f"{r['size']:>6}² {r['chunks']:>6} {r['tiles']:>6} {r['bare_seconds']:>8.1f} {r['e2e_seconds']:>8.1f} "
-              f"{r['e2e_seconds'] / max(r['bare_seconds'], 1e-9):>8.2f} {r['tiles'] / r['e2e_seconds']:>8.2f} "
-              f"{r['tiles'] / max(r['bare_seconds'], 1e-9):>8.2f} {mp / r['e2e_seconds']:>7.2f} {r['nuclei']:>7} "
-              f"{r['nuclei'] / r['e2e_seconds']:>7.1f} {r['rss_e2e_mb']:>7.0f}")
+        cells.append([f"{r['size']}²", r["chunks"], r["tiles"], f"{r['bare_seconds']:.1f}", f"{r['e2e_seconds']:.1f}",
+                      f"{r['e2e_seconds'] / max(r['bare_seconds'], 1e-9):.2f}", f"{r['tiles'] / r['e2e_seconds']:.2f}",
+                      f"{r['tiles'] / max(r['bare_seconds'], 1e-9):.2f}", f"{mp / r['e2e_seconds']:.2f}", r["nuclei"],
+                      f"{r['nuclei'] / r['e2e_seconds']:.1f}", f"{r['rss_e2e_mb']:.0f}"])
+    print(format_table(header, cells, align=">" * len(header)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,18 +312,17 @@ def print_report(rows: list[dict], bare: dict | None) -> None:
           f"precision {r0['precision']}{', compiled' if r0['compiled'] else ''}, {r0['readers']} readers, "
           f"{r0['post_workers']} post workers, {r0['torch_threads']} torch threads, "
           f"load average {os.getloadavg()[0]:.1f}")
-    head = (f"{'size':>8} {'tissue MP':>9} {'chunks':>6} {'tiles':>7} {'e2e s':>8} {'tiles/s':>8} "
-            f"{'decode MP/s':>11} {'model t/s':>9} {'post nuc/s':>10} {'model wait s':>12} {'nuclei':>8} "
-            f"{'RSS MB':>7} {'GPU %':>6}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['size']:>7}² {r['tissue_mp']:>9.1f} {r['chunks']:>6} {r['tiles']:>7} {r['e2e_seconds']:>8.1f} "
-              f"{r['tiles'] / r['e2e_seconds']:>8.2f} "
-              f"{r['decode_megapixels'] / max(r['decode_seconds'], 1e-9):>11.1f} "
-              f"{r['tiles'] / max(r['model_seconds'], 1e-9):>9.2f} "
-              f"{r['nuclei'] / max(r['post_seconds'], 1e-9):>10.1f} {r['model_idle_seconds']:>12.1f} "
-              f"{r['nuclei']:>8} {r['rss_mb']:>7.0f} {_fmt(r.get('gpu_util_mean'), '6.0f'):>6}")
+    from dannucnet.tables import format_table
+
+    header = ["size", "tissue MP", "chunks", "tiles", "e2e s", "tiles/s", "decode MP/s", "model t/s", "post nuc/s",
+              "model wait s", "nuclei", "RSS MB", "GPU %"]
+    cells = [[f"{r['size']}²", f"{r['tissue_mp']:.1f}", r["chunks"], r["tiles"], f"{r['e2e_seconds']:.1f}",
+              f"{r['tiles'] / r['e2e_seconds']:.2f}",
+              f"{r['decode_megapixels'] / max(r['decode_seconds'], 1e-9):.1f}",
+              f"{r['tiles'] / max(r['model_seconds'], 1e-9):.2f}",
+              f"{r['nuclei'] / max(r['post_seconds'], 1e-9):.1f}", f"{r['model_idle_seconds']:.1f}",
+              r["nuclei"], f"{r['rss_mb']:.0f}", _fmt(r.get("gpu_util_mean"), ".0f")] for r in rows]
+    print(format_table(header, cells, align=">" * len(header)))
     print("(decode MP/s per reader thread, post nuc/s per worker; model t/s = tiles / device busy time; "
           "model wait = model thread waiting for decoded chunks)")
     for r in rows:

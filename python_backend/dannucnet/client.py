@@ -28,6 +28,7 @@ from shapely.geometry.base import BaseGeometry
 from dannucnet.errors import CancelledError, DanNucNetError, InputError
 from dannucnet.geometry.ownership import Rect, plan_chunks
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.protocols import Progress
 from dannucnet.service import API_VERSION
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
@@ -179,7 +180,7 @@ class DanNucNetClient:
         rois: Sequence[BaseGeometry] | None = None,
         options: Any = None,
         mpp: float | None = None,
-        progress: Callable[[int, int, int], None] | None = None,
+        progress: Progress | None = None,
         timeout: float | None = None,
     ) -> SlideStream:
         """Stream the nuclei of a slide the *server* reads (path under its --slide-root).
@@ -203,7 +204,7 @@ class DanNucNetClient:
 class SlideStream:
     """Iterator over a SegmentSlide call: lists of nuclei, one per chunk; cancellable."""
 
-    def __init__(self, call: Any, progress: Callable[[int, int, int], None] | None, error: Callable) -> None:
+    def __init__(self, call: Any, progress: Progress | None, error: Callable) -> None:
         self._call = call
         self._progress = progress
         self._error = error
@@ -248,8 +249,9 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     """``pipeline.SegmentOptions``, a mapping, or None → the proto options."""
     if options is None:
         return pb.SegmentOptions()
-    if dataclasses.is_dataclass(options):
-        values = dataclasses.asdict(options)
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        # field by field, not asdict(): that would turn the Stains inside into a plain dict
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     elif isinstance(options, Mapping):
         values = dict(options)
     else:
@@ -263,7 +265,7 @@ def options_to_proto(options: Any) -> pb.SegmentOptions:
     expansion = values.get("cell_expansion_um", values.get("cell_expansion_microns"))
     if expansion:
         msg.cell_expansion_microns = float(expansion)
-    stains = options.stains if dataclasses.is_dataclass(options) else values.get("stains")
+    stains = values.get("stains")
     if stains is not None:
         from dannucnet.geometry.qupath_stains import Stains, parse_stains
         from dannucnet.service.convert import stains_to_proto
@@ -383,7 +385,7 @@ def segment_image_via_server(
     region: Rect | None = None,
     options: Any = None,
     rois: Sequence[BaseGeometry] | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     concurrency: int = 2,
 ) -> Iterator[list[Nucleus]]:

@@ -35,6 +35,7 @@ from dannucnet.errors import InputError
 PathLike = Union[str, "os.PathLike[str]"]
 #: (label shown to the user, path); a ``None`` path (an option not given) is skipped.
 Named = tuple[str, PathLike | None]
+Given = tuple[str, PathLike]  # a Named whose path was given
 #: What a model folder holds (``model.card.CARD_FILE``, ``WEIGHTS_FILE``, ``train.loop.CHECKPOINT``;
 #: spelled out because importing those modules imports torch, 2-4 s before a refusal could be printed).
 MODEL_FILES = ("model_card.json", "weights.safetensors", "checkpoint.pt")
@@ -60,10 +61,10 @@ class _Known:
     """Paths seen so far, found again by resolved name or by inode."""
 
     def __init__(self) -> None:
-        self.by_name: dict[str, Named] = {}
-        self.by_inode: dict[tuple[int, int], Named] = {}
+        self.by_name: dict[str, Given] = {}
+        self.by_inode: dict[tuple[int, int], Given] = {}
 
-    def find(self, identity: tuple[str, tuple[int, int] | None]) -> Named | None:
+    def find(self, identity: tuple[str, tuple[int, int] | None]) -> Given | None:
         name, inode = identity
         hit = self.by_name.get(name)
         if hit is None and inode is not None:
@@ -77,7 +78,7 @@ class _Known:
             self.by_inode.setdefault(inode, (label, path))
 
 
-def _given(paths: Iterable[Named]) -> list[tuple[str, PathLike]]:
+def _given(paths: Iterable[Named]) -> list[Given]:
     return [(label, path) for label, path in paths if path is not None and os.fspath(path) != ""]
 
 

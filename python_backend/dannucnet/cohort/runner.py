@@ -20,6 +20,7 @@ from dannucnet.cohort.records import is_done, write_failure
 from dannucnet.cohort.worker import TaskSpec, segment_slide_task
 from dannucnet.errors import InputError, OutputError
 from dannucnet.pipeline import SegmentOptions
+from dannucnet.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,18 @@ class CohortReport:
 
     def table(self) -> str:
         """A plain-text table, one row per slide, then the totals."""
-        rows = [("slide", "status", "nuclei", "seconds", "note")]
+        rows = []
         for o in self.outcomes:
             note = f"{o.error}: {o.message}" if o.status == "failed" else ""
             rows.append((Path(o.input).name, o.status, "" if o.nuclei is None else str(o.nuclei),
                          "" if o.seconds is None else f"{o.seconds:.1f}", note[:100]))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
+        lines = [format_table(("slide", "status", "nuclei", "seconds", "note"), rows, rule=False)]
         lines.append(f"{self.count('done')} done, {self.count('skipped')} skipped (already done with "
                      f"{self.model} {self.model_version}), {self.count('failed')} failed in {self.seconds:.1f} s")
         return "\n".join(lines)
 
 
-Progress = Callable[[int, int, SlideOutcome], None]  # finished, total, the slide just finished
+SlideProgress = Callable[[int, int, SlideOutcome], None]  # slides finished, slides total, the slide just finished
 
 
 def default_workers(device: str) -> int:
@@ -97,7 +97,7 @@ def run_cohort(
     retries: int = 1,
     force: bool = False,
     batch_size: int | None = None,
-    progress: Progress | None = None,
+    progress: SlideProgress | None = None,
     server: str | None = None,
     token: str | None = None,
     pipelined: bool = False,

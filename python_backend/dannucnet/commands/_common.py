@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions
+from dannucnet.protocols import Progress, Segmenter
 
 log = logging.getLogger("dannucnet")
 AUTO = "auto"  # = model.registry.AUTO (not imported here: that imports torch, and every command imports this)
@@ -118,7 +119,7 @@ def predictor_pool(args: argparse.Namespace):  # -> engine.pool.PredictorPool
     return PredictorPool(lambda name: load_predictor(args, model=AUTO if name is None else name), default=args.model)
 
 
-def chunk_progress(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
+def chunk_progress(desc: str, enabled: bool = True) -> tuple[Progress, Callable[[], None]]:
     """A tqdm bar over chunks showing nuclei found; returns (callback, close).
 
     The bar appears with the first chunk count: with ``--model auto`` the model is loaded once the
@@ -153,19 +154,30 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                         "(fastest on a GPU; same nuclei)")
 
 
-def make_segmenter(args: argparse.Namespace):  # -> jobs.segmenters.Segmenter
-    """In-process, or on ``--server`` when given: the same nuclei either way."""
+def server_token(args: argparse.Namespace) -> str | None:
+    """``--token``, else the DANNUCNET_TOKEN environment variable (kept off the command line, where ``ps`` shows it)."""
     import os
 
+    return getattr(args, "token", None) or os.environ.get("DANNUCNET_TOKEN")
+
+
+def make_segmenter(args: argparse.Namespace, one_model: bool = False) -> Segmenter:
+    """In-process, or on ``--server`` when given: the same nuclei either way.
+
+    ``one_model``: the run uses one model, named before the first image (the QuPath batch tags its detections
+    and its ledger with it), so ``--model auto`` is settled once: in this process without a pixel size, on a
+    server as the server's default model. Otherwise ``auto`` picks per image.
+    """
     from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter
 
     options = segment_options(args)
     if getattr(args, "server", None) and args.tta:
         raise InputError("--tta runs the model in this process; it cannot be combined with --server")
     if getattr(args, "server", None):
-        segmenter = ServerSegmenter(args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"),
-                                    options=options, model=args.model)
+        model = None if one_model and args.model == AUTO else args.model
+        segmenter = ServerSegmenter(args.server, token=server_token(args), options=options, model=model)
         if not segmenter.model_trained:
             print(UNTRAINED_WARNING.format(name=segmenter.model_name), file=sys.stderr)
         return segmenter
-    return LocalSegmenter(predictor_pool(args), options, pipelined=getattr(args, "pipelined", False))
+    predictor = load_predictor(args) if one_model else predictor_pool(args)
+    return LocalSegmenter(predictor, options, pipelined=getattr(args, "pipelined", False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dannucnet.commands._common import add_model_arguments, add_segment_options, load_predictor, segment_options
+from dannucnet.commands._common import add_model_arguments, add_segment_options, make_segmenter
 from dannucnet.qupath.regions import DEFAULT_NUCLEUS_CLASSES
 
 NAME = "batch"
@@ -30,23 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_segment_options(parser)
     parser.add_argument("--server", metavar="HOST:PORT", help="segment through a running 'dannucnet serve'")
-    parser.add_argument("--token", help="bearer token for --server")
+    parser.add_argument("--token", help="server token (default: the DANNUCNET_TOKEN environment variable)")
     parser.add_argument("--mpp", type=float, metavar="UM_PER_PX", help="pixel size for images that have none")
     parser.add_argument("--force", action="store_true", help="redo images already done with this model version")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dannucnet.qupath.batch import LocalSegmenter, ServerSegmenter, format_summary
+    from dannucnet.qupath.batch import format_summary
     from dannucnet.qupath.project import open_project, project_file, run_batch
     from dannucnet.qupath.regions import RegionRules
 
     pfile = project_file(args.project)
     _refuse_clobbering(args, pfile)
-    open_project(pfile, mode="r")  # fail on a missing QuPath before loading a model
-    if args.server:
-        segmenter = ServerSegmenter(args.server, token=args.token, options=segment_options(args))
-    else:
-        segmenter = LocalSegmenter(load_predictor(args), segment_options(args))
+    # One model for the whole run: the detections and the ledger are tagged with its name and version.
+    # A server is asked first (a wrong address, token or model fails before QuPath starts, and costs no
+    # model load); a model in this process loads only once QuPath has opened the project.
+    segmenter = make_segmenter(args, one_model=True) if args.server else None
+    open_project(pfile, mode="r")
+    if segmenter is None:
+        segmenter = make_segmenter(args, one_model=True)
     print(f"model {segmenter.model_name} {segmenter.model_version}")
     rows = run_batch(
         pfile, segmenter, images=args.images, parents=args.parents, whole_image=args.whole_image,

@@ -36,12 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from tqdm import tqdm
 
     from dannucnet.cohort import find_slides, run_cohort
-    from dannucnet.commands._common import UNTRAINED_WARNING
+    from dannucnet.commands._common import UNTRAINED_WARNING, server_token
     from dannucnet.errors import InputError
 
     if args.server and args.tta:
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             options=segment_options(args), scheduler=args.scheduler, workers=args.workers,
             retries=args.retries, force=args.force, batch_size=args.batch_size, progress=progress,
             output_format=args.format, tta=args.tta, runtime=args.runtime,
-            server=args.server, token=args.token or os.environ.get("DANNUCNET_TOKEN"), pipelined=args.pipelined,
+            server=args.server, token=server_token(args), pipelined=args.pipelined,
         )
     finally:
         bar.close()
@@ -90,11 +88,11 @@ def _refuse_clobbering(args: argparse.Namespace, slides: list) -> None:
     from dannucnet.cohort.inputs import output_path_for
     from dannucnet.cohort.records import DONE_SUFFIX, FAILED_SUFFIX
     from dannucnet.cohort.runner import OUTPUT_SUFFIX
-    from dannucnet.outputs import model_inputs, refuse_clobbering
+    from dannucnet.outputs import Named, model_inputs, refuse_clobbering
 
     listing = Path(args.slides)
     inputs = [("slide", s) for s in slides] + [("slide list", listing)] * listing.is_file() + model_inputs(args.model)
-    outputs = []
+    outputs: list[Named] = []
     for slide in slides:
         out = output_path_for(slide, Path(args.output), OUTPUT_SUFFIX[args.format])
         outputs += [("output", out), ("record", f"{out}{DONE_SUFFIX}"), ("record", f"{out}{FAILED_SUFFIX}")]

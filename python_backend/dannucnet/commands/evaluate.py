@@ -61,18 +61,17 @@ def _pixel_size(samples: list[Sample]) -> float | None:
 
 def summary_table(result: EvaluationResult) -> str:
     """Plain-text table of overall, per-organ means for final polygons and the raw mask."""
-    header = f"{'':28s}" + "".join(f"{h:>8s}" for _, h in SUMMARY_COLUMNS)
-    lines = [header]
+    from dannucnet.tables import format_table
 
-    def row(label: str, scores: dict[str, float]) -> str:
-        return f"{label[:28]:28s}" + "".join(f"{100 * scores.get(k, float('nan')):8.2f}" for k, _ in SUMMARY_COLUMNS)
+    def row(label: str, scores: dict[str, float]) -> list[str]:
+        return [label[:28], *(f"{100 * scores.get(k, float('nan')):.2f}" for k, _ in SUMMARY_COLUMNS)]
 
     n = len(result.images)
-    lines.append(row(f"final polygons ({n})", result.mean("final")))
-    lines.append(row(f"raw mask ({n})", result.mean("raw")))
+    rows = [row(f"final polygons ({n})", result.mean("final")), row(f"raw mask ({n})", result.mean("raw"))]
     for organ, scores in result.by_organ("final").items():
-        lines.append(row(f"  {organ} ({int(scores['n_images'])})", scores))
-    return "\n".join(lines)
+        rows.append(row(f"  {organ} ({int(scores['n_images'])})", scores))
+    header = ["", *(h for _, h in SUMMARY_COLUMNS)]
+    return format_table(header, rows, rule=False, align="<" + ">" * len(SUMMARY_COLUMNS))
 
 
 def run(args: argparse.Namespace) -> int:

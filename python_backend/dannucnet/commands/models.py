@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
 def table(entries: list[CatalogueEntry]) -> str:
     """One line per model; scores are the final polygons' pixel F1 / AJI / PQ in per cent."""
-    rows = [("NAME", "VERSION", "µm/px", "F1/AJI/PQ", "LICENCE", "PATH")]
+    from dannucnet.tables import format_table
+
+    rows = []
     for e in entries:
         m = e.metrics
         scores = "/".join(f"{100 * m[k]:.1f}" for k in ("f1", "aji", "pq") if k in m) or "-"
@@ -56,5 +58,4 @@ def table(entries: list[CatalogueEntry]) -> str:
         short = re.search(r"\(([^)]*)\)", e.licence)  # "... data (CC BY-NC-SA 4.0): ..." → the licence's name
         licence = (short.group(1) if short else e.licence[:40]) or "-"
         rows.append((e.name + state, e.version, f"{e.mpp:g}", scores, licence, e.path))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+    return format_table(("NAME", "VERSION", "µm/px", "F1/AJI/PQ", "LICENCE", "PATH"), rows, rule=False)

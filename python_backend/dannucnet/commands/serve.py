@@ -8,8 +8,16 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from dannucnet.commands._common import add_runtime_argument
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+    from typing import Any
+
+    SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None  # signal.signal's
 
 NAME = "serve"
 HELP = "serve the model over gRPC and HTTP/JSON (QuPath scripts, dannucnet.client, remote `segment --server`)"
@@ -132,7 +140,7 @@ class _StopSignal:
         self._first = 0.0
         self.name = ""
 
-    def install(self) -> dict[int, object]:
+    def install(self) -> dict[int, SignalHandler]:
         if threading.current_thread() is not threading.main_thread():
             return {}  # signal.signal only works there (run() called from a worker thread)
         return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -154,6 +162,6 @@ class _StopSignal:
         return self._event.wait(seconds)
 
 
-def _restore(previous: dict[int, object]) -> None:
+def _restore(previous: dict[int, SignalHandler]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)

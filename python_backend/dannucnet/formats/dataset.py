@@ -243,6 +243,7 @@ class ResampledSample(Sample):
     source_mpp: float = 0.0
 
     def _size(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        assert self.mpp is not None  # resampled() gives every resampled sample its pixel size
         scale = self.source_mpp / float(self.mpp)
         return max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale))
 

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -64,12 +64,18 @@ _json_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=
 try:  # orjson is ~20x faster on float-heavy features; stdlib json is the fallback
     import orjson as _orjson
 
+    _HAVE_ORJSON = True
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    _HAVE_ORJSON = False
+
+_loads: Callable[[bytes], Any]
+if _HAVE_ORJSON:
+
     def _dumps(obj: Any) -> bytes:
         return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
 
     _loads = _orjson.loads
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    _orjson = None
+else:  # pragma: no cover
 
     def _dumps(obj: Any) -> bytes:
         return _json_encode(obj).encode("utf-8")
@@ -187,7 +193,7 @@ def _fast_rings(geoms: list[Any]) -> dict[int, Any]:
             a = a[~dup[starts[k] : ends[k]]]
         if not ccw[k]:
             a = a[::-1]
-        rings_of[i] = np.ascontiguousarray(a) if _orjson is not None else a.tolist()
+        rings_of[i] = np.ascontiguousarray(a) if _HAVE_ORJSON else a.tolist()
     return rings_of
 
 
@@ -242,7 +248,7 @@ class GeoJSONWriter:
         self._gzip = self.path.name.endswith(".gz")
         self._compresslevel = compresslevel
         self._file: AtomicFile | None = None
-        self._fh: IO[bytes] | None = None
+        self._fh: IO[bytes] | gzip.GzipFile | None = None
         self._raw: IO[bytes] | None = None
 
     def __enter__(self) -> GeoJSONWriter:
@@ -260,9 +266,10 @@ class GeoJSONWriter:
         try:
             raw = self._file.open("wb", buffering=1 << 20)
             self._raw = raw
-            self._fh = (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0)
-                        if self._gzip else raw)
-            self._fh.write(b'{"type":"FeatureCollection","features":[')
+            fh = (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self._compresslevel, mtime=0)
+                  if self._gzip else raw)
+            self._fh = fh
+            fh.write(b'{"type":"FeatureCollection","features":[')
         except BaseException:  # ``with`` calls __exit__ only once __enter__ has returned
             self.abort()
             raise
@@ -370,8 +377,7 @@ def read_features(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     try:
         with open(p, "rb") as fh:
             head = fh.read(2)
-        opener = gzip.open if head == b"\x1f\x8b" else open
-        with opener(p, "rb") as fh:  # type: ignore[operator]
+        with (gzip.open(p, "rb") if head == b"\x1f\x8b" else open(p, "rb")) as fh:
             data = _loads(fh.read())
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{p.name} is not valid GeoJSON (corrupt or truncated): {e}") from None

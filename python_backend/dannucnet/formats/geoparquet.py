@@ -103,7 +103,7 @@ class GeoParquetWriter:
             self._pending.append(nucleus)
             n += 1
             if len(self._pending) >= ROW_GROUP:
-                self._flush()
+                self._flush(self._file)
         return n
 
     def _schema(self, columns: list[str]) -> Any:
@@ -119,7 +119,7 @@ class GeoParquetWriter:
         meta = {b"geo": json.dumps(geo).encode(), b"dannucnet": json.dumps(self.metadata).encode()}
         return pa.schema(fields, metadata=meta)
 
-    def _flush(self) -> int:
+    def _flush(self, file: AtomicFile) -> int:
         batch, self._pending = self._pending, []
         if not batch:
             return 0
@@ -136,7 +136,7 @@ class GeoParquetWriter:
             names = [PROBABILITY_KEY] if PROBABILITY_KEY not in keep[0].measurements else []
             self._columns = names + list(keep[0].measurements)
             try:
-                self._writer = self._pq.ParquetWriter(str(self._file.tmp), self._schema(self._columns),
+                self._writer = self._pq.ParquetWriter(str(file.tmp), self._schema(self._columns),
                                                       compression="zstd")
             except OSError as e:
                 raise OutputError(f"cannot write {self.path}: {e}") from None
@@ -179,7 +179,7 @@ class GeoParquetWriter:
         if self._file is None:
             raise OutputError("GeoParquetWriter is not open")
         try:
-            self._flush()
+            self._flush(self._file)
             if self._writer is None:  # no nucleus at all: still a valid, empty file
                 self._columns = [PROBABILITY_KEY]
                 self._writer = self._pq.ParquetWriter(str(self._file.tmp), self._schema(self._columns))

@@ -22,7 +22,7 @@ writes stains as JSON (the ``setColorDeconvolutionStains`` string and the 0.6
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +55,7 @@ class Stains:
 
     @classmethod
     def make(cls, name: str, stains: list[tuple[str, np.ndarray]],
-             background: tuple[float, float, float] = (255.0, 255.0, 255.0)) -> Stains:
+             background: Sequence[float] = (255.0, 255.0, 255.0)) -> Stains:
         """Normalise two or three ``(name, rgb)`` stains; a missing third becomes the residual."""
         if len(stains) not in (2, 3):
             raise InputError(f"give two or three stain vectors, got {len(stains)}")
@@ -73,8 +73,9 @@ class Stains:
             raise InputError(f"stain background must be three positive numbers, got {list(background)}")
         if abs(np.linalg.det(np.stack(rows))) < 1e-9:
             raise InputError("the stain vectors are linearly dependent; give clearly different stain colours")
-        return cls(name=str(name), names=tuple(names), vectors=tuple(tuple(float(x) for x in r) for r in rows),
-                   background=bg, residual=residual)  # type: ignore[arg-type]
+        vectors = tuple((float(r[0]), float(r[1]), float(r[2])) for r in rows)  # each _unit: shape (3,)
+        return cls(name=str(name), names=(names[0], names[1], names[2]), vectors=vectors,
+                   background=(bg[0], bg[1], bg[2]), residual=residual)
 
     @property
     def measured(self) -> list[int]:
@@ -166,12 +167,12 @@ def parse_stains(text_or_obj: str | Mapping) -> Stains:
             else:
                 stains.append((name, _numbers(raw, f"stains 'Values {i}'")))
         bg = _numbers(obj.get(_BACKGROUND_KEY, "255 255 255"), "stains 'Background'")
-        return Stains.make(str(obj.get("Name", "Custom")), stains, tuple(bg))  # type: ignore[arg-type]
+        return Stains.make(str(obj.get("Name", "Custom")), stains, tuple(bg))
     bg_key = next((k for k in obj if str(k).lower() == _BACKGROUND_KEY.lower()), None)
     bg = _numbers(obj[bg_key], "stains 'Background'") if bg_key else np.array([255.0, 255.0, 255.0])
     stains = [(str(k), _numbers(v, f"stain {k!r}")) for k, v in obj.items() if k != bg_key and str(k).lower() != "name"]
     name = str(obj.get("Name", obj.get("name", "Custom")))
-    return Stains.make(name, stains, tuple(bg))  # type: ignore[arg-type]
+    return Stains.make(name, stains, tuple(bg))
 
 
 def stains_to_json(stains: Stains) -> str:

@@ -18,11 +18,9 @@ from dannucnet.formats.geojson import GeoJSONWriter, ensure_writable
 from dannucnet.formats.geoparquet import PARQUET_SUFFIXES, GeoParquetWriter
 from dannucnet.formats.overlay import OverlayCanvas
 from dannucnet.geometry.ownership import Rect
-from dannucnet.jobs.segmenters import Segmenter
 from dannucnet.outputs import refuse_clobbering
+from dannucnet.protocols import Progress, Segmenter
 from dannucnet.slides import open_image
-
-Progress = Callable[[int, int, int], None]
 
 
 @dataclass

@@ -11,40 +11,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import DanNucNetError, InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.protocols import Progress, Segmenter
 
 log = logging.getLogger(__name__)
-ProgressFn = Callable[[int, int, int], None]
-
-
-class Segmenter(Protocol):
-    model_name: str
-    model_version: str
-    model_trained: bool
-    device: str
-
-    def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-    ) -> Iterator[list[Nucleus]]: ...
-
-    def segment(
-        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
-    ) -> list[Nucleus]: ...
 
 
 class _CollectMixin:
     def segment(
-        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
+        self: Segmenter, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: Progress | None
     ) -> list[Nucleus]:
         """All nuclei of an image at once (the QuPath batch writes an image in one go)."""
-        return [n for batch in self.stream(path, rois=rois, mpp=mpp, progress=progress) for n in batch]  # type: ignore[attr-defined]
+        return [n for batch in self.stream(path, rois=rois, mpp=mpp, progress=progress) for n in batch]
 
 
 class LocalSegmenter(_CollectMixin):
@@ -62,10 +46,11 @@ class LocalSegmenter(_CollectMixin):
         self.pool = predictor if isinstance(predictor, PredictorPool) else None
         self.pipelined = pipelined
         self.options = options
+        self.predictor: Any = None  # the engine's Predictor in use
+        self._chosen_for: float | None = None
         if self.pool is None:
             self._use(predictor)
         else:  # named once the first image's pixel size is known (choose_for)
-            self.predictor, self._chosen_for = None, None
             self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
 
     def _use(self, predictor: Any) -> None:
@@ -89,7 +74,7 @@ class LocalSegmenter(_CollectMixin):
 
     def stream(
         self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+        mpp: float | None = None, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
         from dannucnet.pipeline import SegmentOptions, segment_slide
         from dannucnet.pipeline.pipelined import segment_slide_pipelined
@@ -135,7 +120,7 @@ class ServerSegmenter(_CollectMixin):
 
     def stream(
         self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+        mpp: float | None = None, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
         options = self.options
         if getattr(options, "auto_stains", False):  # --stains auto: estimated here, sent as vectors

@@ -41,10 +41,10 @@ from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.slide import SlidePlan, plan_slide
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.protocols import Progress
 from dannucnet.slides import ImageSource, open_image
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int, int], None]  # chunks done, chunks total, nuclei so far
 
 
 @dataclass(frozen=True)

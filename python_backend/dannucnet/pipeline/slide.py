@@ -12,7 +12,7 @@ memory stays flat in slide size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,10 +27,10 @@ from dannucnet.geometry.ownership import Chunk, Rect, plan_chunks
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.region import segment_region
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.protocols import Progress
 from dannucnet.slides import ImageSource
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int, int], None]  # chunks done, chunks total, nuclei so far
 
 
 @dataclass

@@ -23,17 +23,19 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from shapely.affinity import translate
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
 from dannucnet.formats.geojson import PROBABILITY_KEY
+from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter  # re-exported for this module's users
+from dannucnet.protocols import Progress
 from dannucnet.qupath.entries import ANNOTATION, ImageEntryData
 from dannucnet.qupath.ledger import Ledger
 from dannucnet.qupath.regions import OWN_TAG_PREFIX, RegionRules, fix_geometry, is_own_detection
-from dannucnet.qupath.report import format_table
+from dannucnet.tables import format_table
 
 if TYPE_CHECKING:  # the pipeline package pulls in torch; the QuPath logic does not need it
     from dannucnet.pipeline.types import Nucleus
@@ -43,8 +45,6 @@ log = logging.getLogger(__name__)
 BACKUP_DIR = "dannucnet-backups"
 BACKUPS_KEPT = 3
 NUCLEUS_CLASS = "Nucleus"
-
-ProgressFn = Callable[[int, int], None]
 
 __all__ = [
     "BatchRow",
@@ -156,11 +156,11 @@ def plan_images(
 # -- backups ------------------------------------------------------------------
 
 
-def backup_entry(entry_path: Path, backup_root: Path, entry_id: str, kept: int = BACKUPS_KEPT) -> Path:
+def backup_entry(entry_path: Path | None, backup_root: Path, entry_id: str, kept: int = BACKUPS_KEPT) -> Path:
     """Copy an entry's data folder to ``backup_root/<id>/<timestamp>``; keep the newest ``kept``."""
-    entry_path = Path(entry_path)
-    if not entry_path.is_dir():
+    if entry_path is None or not Path(entry_path).is_dir():
         raise InputError(f"the data folder of image {entry_id} is missing: {entry_path}")
+    entry_path = Path(entry_path)
     target_parent = Path(backup_root) / str(entry_id)
     target_parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -206,18 +206,7 @@ def restore_interrupted(ledger: Ledger) -> list[str]:
     return restored
 
 
-# -- segmenters -----------------------------------------------------------------
-
-
-class Segmenter(Protocol):
-    """Segments one image file; ROIs and results in the *file's* pixel coordinates."""
-
-    model_name: str
-    model_version: str
-
-    def segment(
-        self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
-    ) -> list[Nucleus]: ...
+# -- file coordinates (QuPath may offset an image by its bounds) ------------------
 
 
 def shift_rois(rois: list[BaseGeometry] | None, dx: float, dy: float) -> list[BaseGeometry] | None:
@@ -233,9 +222,6 @@ def shift_nuclei(nuclei: list[Nucleus], dx: float, dy: float) -> list[Nucleus]:
         n.polygon = translate(n.polygon, dx, dy)
     return nuclei
 
-
-# The segmenters live with the other whole-image jobs; re-exported for this module's users.
-from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter  # noqa: E402
 
 # -- reporting ------------------------------------------------------------------
 
@@ -261,20 +247,16 @@ def format_summary(rows: Sequence[BatchRow]) -> str:
            f"{sum(r.nuclei for r in rows)} nuclei written in {sum(r.seconds for r in rows):.1f} s"
 
 
-def progress_printer(index: int, total: int, name: str, echo: Callable[[str], None]) -> ProgressFn:
-    """Per-image progress lines (chunks) prefixed with the overall position (image i/n)."""
+def progress_printer(index: int, total: int, name: str, echo: Callable[[str], None]) -> Progress:
+    """Per-image progress lines (chunks) prefixed with the overall position (image i/n), about every 10 %."""
     last = [-1.0]
 
-    def report(done: Any = None, total_chunks: Any = None, nuclei: Any = None, *_: Any, **__: Any) -> None:
-        if hasattr(done, "chunks_done"):  # a progress message rather than numbers
-            done, total_chunks, nuclei = done.chunks_done, done.chunks_total, getattr(done, "nuclei_found", None)
-        try:
-            frac = float(done) / float(total_chunks)
-        except (TypeError, ValueError, ZeroDivisionError):
+    def report(done: int, total_chunks: int, nuclei: int) -> None:
+        if total_chunks <= 0:  # nothing planned (an empty region): no percentage to tell
             return
+        frac = done / total_chunks
         if frac - last[0] >= 0.1 - 1e-9 or (frac >= 1.0 > last[0]):
             last[0] = frac
-            found = f", {nuclei} nuclei" if nuclei is not None else ""
-            echo(f"[{index}/{total}] {name}: {100 * frac:.0f}% ({done}/{total_chunks} chunks{found})")
+            echo(f"[{index}/{total}] {name}: {100 * frac:.0f}% ({done}/{total_chunks} chunks, {nuclei} nuclei)")
 
     return report

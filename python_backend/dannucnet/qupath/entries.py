@@ -98,8 +98,8 @@ def _length_um(entry: Any) -> float | None:
         return None
     unit = str(entry.get("unit", "")).strip().lower()
     try:
-        value = float(entry.get("value"))
-    except (TypeError, ValueError):
+        value = float(entry["value"])
+    except (KeyError, TypeError, ValueError):
         return None
     if unit not in _MICRON_UNITS:
         return None

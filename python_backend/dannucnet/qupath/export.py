@@ -30,9 +30,9 @@ from dannucnet.qupath.regions import (
     patch_windows,
     rasterize_region,
 )
-from dannucnet.qupath.report import format_table
 from dannucnet.slides import open_image
 from dannucnet.slides.mpp import validate_given_mpp
+from dannucnet.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _split_of(key: str, val_fraction: float) -> str:
 def assign_splits(regions: dict[str, list[str]], val_fraction: float) -> dict[str, list[str]]:
     """train/val/all splits by whole regions (deterministic hash); at least one val region when there are two."""
     regions = {k: v for k, v in regions.items() if v}
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for key in regions:
         (val if _split_of(key, val_fraction) == "val" else train).append(key)
     if not val and len(train) >= 2 and val_fraction > 0:

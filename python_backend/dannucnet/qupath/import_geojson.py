@@ -94,7 +94,8 @@ def check_belongs(data: GeoJSONNuclei, entry: ImageEntryData, force: bool = Fals
             f"the GeoJSON was made from {named[0]!r}, not from {entry.name!r} ({image_file}); "
             "pick the matching image or pass --force"
         )
-    inside, outside = [], []
+    inside: list[Nucleus] = []
+    outside: list[Nucleus] = []
     for n in data.nuclei:
         x, y = n.centroid
         (inside if 0 <= x < entry.width and 0 <= y < entry.height else outside).append(n)

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 from shapely.geometry import Polygon
 
 from dannucnet.errors import DanNucNetError, InputError
+from dannucnet.protocols import Segmenter
 from dannucnet.qupath.batch import (
     BACKUP_DIR,
     NUCLEUS_CLASS,
     BatchRow,
-    Segmenter,
     backup_entry,
     detection_tag,
     measurements_for_qupath,
@@ -325,7 +325,7 @@ def run_batch(
                 msg = f"{type(exc).__name__}: {exc}"
                 log.debug("image %s failed", data.name, exc_info=True)
             release(entry)
-            if backup is not None:  # failed while writing: put the image's data back as it was
+            if backup is not None and data.entry_path is not None:  # failed while writing: put it back as it was
                 restore_entry(backup, data.entry_path)
                 msg += " (image data restored from backup)"
             ledger.mark_failed(data.entry_id, data.name, model, version, msg)

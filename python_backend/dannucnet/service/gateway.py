@@ -150,15 +150,16 @@ class _DeadlineIO(socket.SocketIO):
 
     def __init__(self, sock: socket.socket, idle: float) -> None:
         super().__init__(sock, "rb")
+        self.sock = sock
         self.idle = idle
         self.deadline: float | None = None
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: Any) -> int | None:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request was not received in time")
-            self._sock.settimeout(min(left, self.idle))
+            self.sock.settimeout(min(left, self.idle))
         return super().readinto(b)
 
 
@@ -333,7 +334,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         # Head and body in one send (plus TCP_NODELAY): two small writes per keep-alive reply met
         # the client's delayed ACK, 40 ms each (keep-alive was 9× slower than new connections).
         head = b"".join(getattr(self, "_headers_buffer", [])) + b"\r\n"
-        self._headers_buffer = []
+        self._headers_buffer: list[bytes] = []  # BaseHTTPRequestHandler's header buffer: sent above
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _send_error(self, exc: ServiceError, extra_headers: dict[str, str] | None = None) -> None:

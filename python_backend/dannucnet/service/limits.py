@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dannucnet.service.status import ServiceError, invalid
+from dannucnet.slides.mpp import MPP_MAX, MPP_MIN, is_plausible
 
 MIN_SIDE = 16  # px; a nucleus is ~20-40 px at 0.25 µm/px, anything smaller holds none
-MPP_RANGE = (0.05, 10.0)  # µm/px; outside: a dpi tag, not a microscope calibration
 _FORMATS = ("PNG", "JPEG", "TIFF")
 
 # ---- bounds on every number a request carries (all refused with INVALID_ARGUMENT / 400) ----
@@ -156,11 +156,11 @@ def finite(value: float, name: str, *, positive: bool = False, non_negative: boo
 
 
 def check_mpp(value: float, name: str = "pixelSizeMicrons") -> float:
+    """A pixel size a request sends, held to the one plausibility rule (:func:`dannucnet.slides.mpp.is_plausible`)."""
     finite(value, name, positive=True)
-    lo, hi = MPP_RANGE
-    if not lo <= value <= hi:
+    if not is_plausible(value):
         raise invalid(
-            f"{name} is {value} µm/px, outside the plausible microscope range {lo}–{hi} µm/px "
+            f"{name} is {value} µm/px, outside the plausible microscope range {MPP_MIN}–{MPP_MAX} µm/px "
             "(values like 352.8 come from a 72-dpi tag, not a calibration): send the real level-0 pixel size"
         )
     return float(value)

@@ -78,7 +78,10 @@ def plan_region(request: pb.PlanRegionRequest, model_mpp: float, options: Segmen
 
         answer.downsample = 1.0 / scale_to_model(mpp, model_mpp)  # plan_slide's rule
         return answer  # nothing of the parent lies in the image: nothing to read
-    plan = plan_slide(_Extent(width, height, mpp), model_mpp, region, [roi] if roi is not None else None, options)
+    # an _Extent is not an ImageSource, but plan_slide reads only width, height and require_mpp() of one
+    # when skip_background is off (set above)
+    plan = plan_slide(_Extent(width, height, mpp), model_mpp, region,  # type: ignore[arg-type]
+                      [roi] if roi is not None else None, options)
     answer.downsample = plan.downsample
     for chunk in plan.chunks:
         planned = _planned(chunk, plan.clip)

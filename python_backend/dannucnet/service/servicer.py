@@ -289,14 +289,15 @@ class SegmentationService:
         except DanNucNetError as exc:  # name the file as the client did, not by its server path
             raise type(exc)(str(exc).replace(str(path), request.path)) from None
         try:
-            predictor = self._predictor_for(request.model, source.require_mpp())
+            mpp = source.require_mpp()
+            predictor = self._predictor_for(request.model, mpp)
             if region is not None and region.intersection(Rect(0, 0, source.width, source.height)).is_empty:
                 raise invalid(f"region {region.bounds()} lies outside the slide ({source.width}×{source.height})")
             yield pb.SegmentSlideResponse(
                 slide=pb.SlideInfo(
                     width=source.width,
                     height=source.height,
-                    pixel_size_microns=float(source.mpp),
+                    pixel_size_microns=mpp,
                     pixel_size_source=str(source.mpp_source),
                 )
             )

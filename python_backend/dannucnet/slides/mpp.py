@@ -7,6 +7,11 @@ or 84.7 µm/px, and a segmentation run would rescale the image by a factor of
 (beyond optical resolution) and 10 µm/px (a low-power overview), so anything
 outside that range is treated as *missing* and the reason is reported.
 
+This is the one plausibility rule (:data:`MPP_MIN`, :data:`MPP_MAX`, :func:`is_plausible`): slide
+reading, ``--mpp``, QuPath project entries and the server's requests (``service.limits.check_mpp``)
+and chunk plans (``service.plan``) all apply it; the QuPath script holds no copy, it asks the
+server's ``/v1/plan`` (tests/test_pixel_size_rule.py holds every door to it).
+
 How tiffslide (3.x) exposes the pixel size, as read in its source
 (``tiffslide/tiffslide.py``, ``_PropertyParser``):
 
@@ -46,7 +51,7 @@ _UNIT_TO_UM = {
 
 
 def is_plausible(mpp: float | None) -> bool:
-    """True when ``mpp`` could be a microscope calibration (0.05–10 µm/px)."""
+    """True when ``mpp`` could be a microscope calibration (:data:`MPP_MIN`–:data:`MPP_MAX` µm/px)."""
     return mpp is not None and math.isfinite(mpp) and MPP_MIN <= mpp <= MPP_MAX
 
 

@@ -529,6 +529,17 @@ def _halve(img: np.ndarray) -> np.ndarray:
     return cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
+def _upper_levels(level1: np.ndarray | None, n_levels: int) -> Iterator[np.ndarray]:
+    """Pyramid levels 1 … n_levels-1, each the one before halved (none when there is no level 1)."""
+    if level1 is None:
+        return
+    cur = level1
+    for lvl in range(1, n_levels):
+        if lvl > 1:
+            cur = _halve(cur)
+        yield cur
+
+
 def _tiles(img_rows: Iterator[np.ndarray], width: int, tile: int, fill: int) -> Iterator[np.ndarray]:
     """Tiles in row-major order from strips that are exactly one tile-row high (last may be short)."""
     for rows in img_rows:
@@ -626,13 +637,10 @@ def write_pyramidal_tiff(
             )
             tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
                       description=desc, metadata=None, software=False, **res, **common)
-            thumb = _thumbnail(level1 if level1 is not None else None, src, 768)
+            thumb = _thumbnail(level1, src, 768)
             tif.write(thumb, photometric="rgb", compression=comp, metadata=None, software=False,
                       description=desc)
-            cur = level1
-            for lvl in range(1, n_levels):
-                if lvl > 1:
-                    cur = _halve(cur)
+            for cur in _upper_levels(level1, n_levels):
                 tif.write(cur, metadata=None, software=False, description=desc, **res, **common)
         else:
             meta: dict | None = None
@@ -642,10 +650,7 @@ def write_pyramidal_tiff(
                     meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
             tif.write(_level0_tiles(level0_strips(), width, tile_size), shape=(height, width, 3),
                       subifds=n_levels - 1, metadata=meta, software=False, **res, **common)
-            cur = level1
-            for lvl in range(1, n_levels):
-                if lvl > 1:
-                    cur = _halve(cur)
+            for cur in _upper_levels(level1, n_levels):
                 tif.write(cur, subfiletype=1, metadata=None, software=False, **res, **common)
     return path
 
