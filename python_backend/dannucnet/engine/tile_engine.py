@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dannucnet.engine.predictor import Predictor, forward_map
-from dannucnet.engine.tiling import Window, blend_weights, map_shape, norm_shape
+from dannucnet.engine.tiling import Window, WindowedImage, blend_weights, map_shape, norm_shape, predict_windows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,11 @@ class ChunkBlend:
 
 
 class TileEngine:
-    """The predictor's network, fed in fixed-size batches from pinned host buffers."""
+    """The predictor's network, fed in fixed-size batches from pinned host buffers.
+
+    A :class:`~dannucnet.engine.tiling.BatchRunner`: the window loop
+    (``tiling.WindowStream``) copies windows into :meth:`host_buffer` and calls :meth:`run`.
+    """
 
     def __init__(
         self,
@@ -182,21 +186,8 @@ class TileEngine:
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """One H×W×3 uint8 image → H×W probabilities (what ``Predictor.predict`` returns), via this engine."""
-        from dannucnet.engine.tiling import pad_to_tile, plan_windows
-
-        padded, (h, w) = pad_to_tile(self.predictor.prepare(rgb), self.tile)
-        windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.predictor.overlap)
-        blend = self.new_blend(padded.shape[0], padded.shape[1])
-        t = self.tile
-        for start in range(0, len(windows), self.batch_size):
-            part = windows[start : start + self.batch_size]
-            host = self.host_buffer()
-            for k, wd in enumerate(part):
-                host[k] = padded[wd.y : wd.y + t, wd.x : wd.x + t]
-            probs = self.run(len(part))
-            for k, wd in enumerate(part):
-                blend.add(wd, probs[k])
-        return blend.result()[:h, :w]
+        image = WindowedImage(self.predictor.prepare(rgb), self.tile, self.predictor.overlap, self.new_blend)
+        return predict_windows(image, self)
 
     def new_blend(self, height: int, width: int) -> ChunkBlend:
         return ChunkBlend(height, width, self.weights, self.device, self.predictor.channels)
