@@ -17,7 +17,7 @@ and the doors that have no client call (command line, cohort jobs) pass their ow
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +34,7 @@ TileFunction = Callable[[np.ndarray], np.ndarray]
 WindowProgress = Callable[[int, int], None]
 
 
+@runtime_checkable
 class Predictor(Protocol):
     """A model ready to turn RGB at its own pixel size into a probability map."""
 
