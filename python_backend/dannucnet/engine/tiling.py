@@ -167,8 +167,9 @@ class WindowStream:
     way); :meth:`add` and :meth:`flush` return the images whose last window has just been
     blended, in the order they finished. ``cancel`` is asked before each batch is cut (a
     cancelled run stops within one batch) and ``on_batch`` is called after each batch is
-    blended. Every window is cut, run and blended in the same order as a plain loop over
-    the windows, so the maps are identical whatever the batch boundaries.
+    blended. Windows are cut, run and blended in the order of a plain loop over them; the
+    batch boundaries decide only which windows share a forward pass (a per-window network
+    gives identical maps for any batch size: ``tests/test_windows.py``).
     """
 
     def __init__(
