@@ -9,28 +9,31 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 from dannucnet.errors import ModelError
 from dannucnet.model.registry import AUTO, choose_model, resolve_model_dir
+from dannucnet.predictor_protocol import Predictor
 
 log = logging.getLogger(__name__)
 
+P = TypeVar("P", bound=Predictor)
 
-class PredictorPool:
+
+class PredictorPool(Generic[P]):
     """``factory(name_or_path_or_None)`` builds a predictor; the pool keeps one per model folder.
 
     ``default`` is what an image gets when nothing else is asked: a model name or path,
     or ``"auto"`` (choose by the image's pixel size, :func:`~dannucnet.model.registry.choose_model`).
     """
 
-    def __init__(self, factory: Callable[[str | None], Any], default: str | None = AUTO) -> None:
+    def __init__(self, factory: Callable[[str | None], P], default: str | None = AUTO) -> None:
         self.factory = factory
         self.default = default or AUTO
-        self._predictors: dict[str, Any] = {}
+        self._predictors: dict[str, P] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str | None) -> Any:
+    def get(self, name: str | None) -> P:
         """The predictor of this model (``None``: the default model), loading it the first time."""
         key = _key(name)
         with self._lock:  # one load per model, even when requests ask for it at once
@@ -40,12 +43,12 @@ class PredictorPool:
                 self._predictors[key] = predictor
             return predictor
 
-    def add(self, name: str | None, predictor: Any) -> None:
+    def add(self, name: str | None, predictor: P) -> None:
         """Hand the pool a predictor already built (the server's startup model)."""
         with self._lock:
             self._predictors[_key(name)] = predictor
 
-    def for_image(self, mpp: float | None, requested: str | None = None) -> tuple[Any, str]:
+    def for_image(self, mpp: float | None, requested: str | None = None) -> tuple[P, str]:
         """(predictor, why) for an image of ``mpp`` µm/px; ``requested`` overrides the pool's default."""
         name = requested or self.default
         if name != AUTO:
@@ -55,7 +58,7 @@ class PredictorPool:
             return self.get(None), reason + ": the default model"
         return self.get(entry.path), f"--model auto: {reason}"
 
-    def loaded(self) -> list[Any]:
+    def loaded(self) -> list[P]:
         with self._lock:
             return list(self._predictors.values())
 

@@ -3,9 +3,10 @@
 One object per device holds the network (eval mode, channels_last, autocast
 on GPU) and the runtime that executes it (``engine.runtime``: PyTorch, or its ONNX
 export on OpenVINO or ONNX Runtime; ``runtime="auto"`` picks OpenVINO on a CPU).
-``predict`` cuts overlapping windows, runs them in batches and blends them back;
-``predict_tiles`` is the bare batched call, exposed so that a server can batch
-windows from many requests into one forward pass.
+``predict`` cuts overlapping windows, runs them in batches and blends them back
+(the one window loop, ``engine.tiling.WindowStream``); ``predict_tiles`` is the bare
+batched call, exposed so that a server can batch windows from many requests into one
+forward pass. What callers may rely on is the torch-free ``dannucnet.predictor_protocol.Predictor``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import torch
 from dannucnet.engine.colour import ColourReference, normalise_colour
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.engine.runtime import build_forward, resolve_runtime
-from dannucnet.engine.tiling import BlendAccumulator, pad_to_tile, plan_windows
-from dannucnet.errors import CancelledError, InputError, ModelError
+from dannucnet.engine.tiling import BlendAccumulator, TileFunctionRunner, WindowedImage, predict_windows
+from dannucnet.errors import InputError, ModelError
 from dannucnet.model import LoadedModel, ModelCard
+from dannucnet.predictor_protocol import Cancel, TileFunction, WindowProgress
 
 log = logging.getLogger(__name__)
 
-TileFunction = Callable[[np.ndarray], np.ndarray]
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
-
+Progress = WindowProgress  # the names callers imported from here before dannucnet.predictor_protocol held them
+__all__ = ["FLIPS", "Cancel", "Predictor", "Progress", "TileFunction", "forward_map", "model_map"]
 
 
 def model_map(prob: torch.Tensor) -> torch.Tensor:
@@ -134,29 +134,25 @@ class Predictor:
         self,
         rgb: np.ndarray,
         tile_fn: TileFunction | None = None,
-        progress: Progress | None = None,
+        progress: WindowProgress | None = None,
         cancel: Cancel | None = None,
+        batch_size: int | None = None,
     ) -> np.ndarray:
         """H×W×3 uint8 (already at the model's pixel size) → H×W float32 probabilities.
 
         With a distance head the map is H×W×2: probability, then normalised distance.
+        ``tile_fn`` replaces :meth:`predict_tiles` (the server's micro-batcher, a test's
+        stand-in network), handed ``batch_size`` windows at a time (default: this
+        predictor's ``batch_size``).
         """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
-        tile_fn = tile_fn or self.predict_tiles
-        padded, (h, w) = pad_to_tile(self.prepare(rgb), self.tile)
-        windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.overlap)
-        acc = BlendAccumulator(padded.shape[0], padded.shape[1], self.tile, self.overlap, self.channels)
-        t = self.tile
-        for start in range(0, len(windows), self.batch_size):
-            if cancel is not None and cancel():
-                raise CancelledError("cancelled")
-            batch = windows[start : start + self.batch_size]
-            tiles = np.stack([padded[wd.y : wd.y + t, wd.x : wd.x + t] for wd in batch])
-            for wd, values in zip(batch, tile_fn(tiles)):
-                acc.add(wd, values)
-            if progress is not None:
-                progress(min(start + self.batch_size, len(windows)), len(windows))
-        return acc.result()[:h, :w]
+        image = WindowedImage(self.prepare(rgb), self.tile, self.overlap, self.new_blend)
+        runner = TileFunctionRunner(tile_fn or self.predict_tiles, batch_size or self.batch_size, self.tile)
+        return predict_windows(image, runner, progress=progress, cancel=cancel)
+
+    def new_blend(self, height: int, width: int) -> BlendAccumulator:
+        """The accumulator one image's windows blend into (host memory, this predictor's weights)."""
+        return BlendAccumulator(height, width, self.tile, self.overlap, self.channels)

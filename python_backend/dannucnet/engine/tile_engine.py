@@ -20,7 +20,16 @@ import numpy as np
 import torch
 
 from dannucnet.engine.predictor import Predictor, forward_map
-from dannucnet.engine.tiling import Window, blend_weights, map_shape, norm_shape
+from dannucnet.engine.tiling import (
+    Blend,
+    BlendAccumulator,
+    Window,
+    WindowedImage,
+    blend_weights,
+    map_shape,
+    norm_shape,
+    predict_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,44 +44,38 @@ class EngineStats:
 
 
 class ChunkBlend:
-    """Accumulator of one chunk's weighted windows, with BlendAccumulator's arithmetic.
+    """Accumulator of one chunk's weighted windows on the GPU, with BlendAccumulator's arithmetic.
 
-    On a GPU it lives on the device (only the finished map is copied back). On
-    the CPU it is plain numpy: small torch ops would each wake the OpenMP team,
-    whose spinning threads then starve the reader and post-processing threads.
+    It lives on the device; only the finished map is copied back. On the CPU the engine
+    blends with :class:`~dannucnet.engine.tiling.BlendAccumulator` itself (plain numpy):
+    small torch ops would each wake the OpenMP team, whose spinning threads then starve
+    the reader and post-processing threads.
     """
 
     def __init__(
         self, height: int, width: int, weights: torch.Tensor, device: torch.device, channels: int = 1
     ) -> None:
-        self.on_device = device.type != "cpu"
-        shape, sums = map_shape(height, width, channels), norm_shape(height, width, channels)
         self.tile = weights.shape[0]
-        if channels > 1:
-            weights = weights[..., None]  # broadcasts over the channels, as in BlendAccumulator
-        if self.on_device:
-            self.total = torch.zeros(shape, dtype=torch.float32, device=device)
-            self.norm = torch.zeros(sums, dtype=torch.float32, device=device)
-            self.weights = weights
-        else:
-            self.total = np.zeros(shape, dtype=np.float32)
-            self.norm = np.zeros(sums, dtype=np.float32)
-            self.weights = weights.cpu().numpy()
+        self.total = torch.zeros(map_shape(height, width, channels), dtype=torch.float32, device=device)
+        self.norm = torch.zeros(norm_shape(height, width, channels), dtype=torch.float32, device=device)
+        self.weights = weights[..., None] if channels > 1 else weights  # broadcasts over the channels
 
-    def add(self, window: Window, values) -> None:
+    def add(self, window: Window, values: torch.Tensor) -> None:
         t = self.tile
         sl = (slice(window.y, window.y + t), slice(window.x, window.x + t))
         self.total[sl] += values * self.weights
         self.norm[sl] += self.weights
 
     def result(self) -> np.ndarray:
-        if self.on_device:
-            return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
-        return self.total / np.maximum(self.norm, 1e-12)
+        return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
 
 
 class TileEngine:
-    """The predictor's network, fed in fixed-size batches from pinned host buffers."""
+    """The predictor's network, fed in fixed-size batches from pinned host buffers.
+
+    A :class:`~dannucnet.engine.tiling.BatchRunner`: the window loop
+    (``tiling.WindowStream``) copies windows into :meth:`host_buffer` and calls :meth:`run`.
+    """
 
     def __init__(
         self,
@@ -182,21 +185,11 @@ class TileEngine:
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """One H×W×3 uint8 image → H×W probabilities (what ``Predictor.predict`` returns), via this engine."""
-        from dannucnet.engine.tiling import pad_to_tile, plan_windows
+        image = WindowedImage(self.predictor.prepare(rgb), self.tile, self.predictor.overlap, self.new_blend)
+        return predict_windows(image, self)
 
-        padded, (h, w) = pad_to_tile(self.predictor.prepare(rgb), self.tile)
-        windows = plan_windows(padded.shape[0], padded.shape[1], self.tile, self.predictor.overlap)
-        blend = self.new_blend(padded.shape[0], padded.shape[1])
-        t = self.tile
-        for start in range(0, len(windows), self.batch_size):
-            part = windows[start : start + self.batch_size]
-            host = self.host_buffer()
-            for k, wd in enumerate(part):
-                host[k] = padded[wd.y : wd.y + t, wd.x : wd.x + t]
-            probs = self.run(len(part))
-            for k, wd in enumerate(part):
-                blend.add(wd, probs[k])
-        return blend.result()[:h, :w]
-
-    def new_blend(self, height: int, width: int) -> ChunkBlend:
+    def new_blend(self, height: int, width: int) -> Blend:
+        """The accumulator of one image's windows: on the device on a GPU, numpy on the CPU."""
+        if self.device.type == "cpu":
+            return BlendAccumulator(height, width, self.tile, self.predictor.overlap, self.predictor.channels)
         return ChunkBlend(height, width, self.weights, self.device, self.predictor.channels)

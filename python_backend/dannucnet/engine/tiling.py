@@ -5,13 +5,22 @@ border, where a convolutional network sees the least context. Weights are
 normalised by their sum, so an identity network reconstructs its input
 exactly — the property the tests check — and no per-window normalisation of
 the *input* ever happens (that is what makes visible seams).
+
+This module is also the one window loop (:class:`WindowedImage`, :class:`WindowStream`):
+``Predictor.predict``, ``TileEngine.predict`` and the pipelined runner's model thread all
+cut, batch and blend through it; they differ only in what runs a batch
+(:class:`BatchRunner`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+
+from dannucnet.errors import CancelledError
 
 
 @dataclass(frozen=True)
@@ -92,3 +101,140 @@ class BlendAccumulator:
 
     def result(self) -> np.ndarray:
         return self.total / np.maximum(self.norm, 1e-12)
+
+
+# ---- the one window loop: images → windows → batches → blended maps ----------------------------
+class Blend(Protocol):
+    """Where one image's window predictions are summed: :class:`BlendAccumulator`, or the tile
+    engine's on-device ``ChunkBlend`` (the same arithmetic)."""
+
+    def add(self, window: Window, values: Any) -> None: ...
+
+    def result(self) -> np.ndarray: ...
+
+
+class BatchRunner(Protocol):
+    """Runs windows in batches: the windows are copied into :meth:`host_buffer`, then :meth:`run`."""
+
+    batch_size: int
+
+    def host_buffer(self) -> np.ndarray:
+        """A writable B×T×T×3 array for the next batch (B = ``batch_size``)."""
+        ...
+
+    def run(self, n: int) -> Sequence[Any]:
+        """The maps of the first ``n`` windows of the buffer last handed out (T×T or T×T×C each)."""
+        ...
+
+
+class WindowedImage:
+    """One image cut into the model's overlapping windows, and the map blended back from them.
+
+    ``prepared`` is what the network sees (colour-normalised, at the model's pixel size); an
+    image smaller than a window is padded (:func:`pad_to_tile`) and the padding is cut off
+    again by :meth:`result`. ``tag`` is the caller's: it travels with the image through a
+    :class:`WindowStream` and comes back with it when its last window has been blended.
+    """
+
+    def __init__(
+        self, prepared: np.ndarray, tile: int, overlap: int, new_blend: Callable[[int, int], Blend],
+        tag: Any = None,
+    ) -> None:
+        self.padded, (self.height, self.width) = pad_to_tile(prepared, tile)
+        self.tile = tile
+        self.windows = plan_windows(self.padded.shape[0], self.padded.shape[1], tile, overlap)
+        self.blend = new_blend(self.padded.shape[0], self.padded.shape[1])
+        self.done = 0  # windows blended so far
+        self.tag = tag
+
+    def cut(self, window: Window) -> np.ndarray:
+        return self.padded[window.y : window.y + self.tile, window.x : window.x + self.tile]
+
+    def add(self, window: Window, values: Any) -> bool:
+        """Blend one window's map in; True when it was this image's last window."""
+        self.blend.add(window, values)
+        self.done += 1
+        return self.done == len(self.windows)
+
+    def result(self) -> np.ndarray:
+        return self.blend.result()[: self.height, : self.width]
+
+
+class WindowStream:
+    """Windows of one image or of many, in order, through fixed-size batches of ``runner``.
+
+    Batches run across image borders (the pipelined runner keeps a GPU's batches full that
+    way); :meth:`add` and :meth:`flush` return the images whose last window has just been
+    blended, in the order they finished. ``cancel`` is asked before each batch is cut (a
+    cancelled run stops within one batch) and ``on_batch`` is called after each batch is
+    blended. Windows are cut, run and blended in the order of a plain loop over them; the
+    batch boundaries decide only which windows share a forward pass (a per-window network
+    gives identical maps for any batch size: ``tests/test_windows.py``).
+    """
+
+    def __init__(
+        self, runner: BatchRunner, cancel: Callable[[], bool] | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.cancel = cancel
+        self.on_batch = on_batch
+        self._slots: list[tuple[WindowedImage, Window]] = []
+        self._buffer: np.ndarray | None = None
+
+    def add(self, image: WindowedImage) -> list[WindowedImage]:
+        finished: list[WindowedImage] = []
+        for window in image.windows:
+            if not self._slots:
+                if self.cancel is not None and self.cancel():
+                    raise CancelledError("cancelled")
+                self._buffer = self.runner.host_buffer()
+            assert self._buffer is not None
+            self._buffer[len(self._slots)] = image.cut(window)
+            self._slots.append((image, window))
+            if len(self._slots) == self.runner.batch_size:
+                finished += self.flush()
+        return finished
+
+    def flush(self) -> list[WindowedImage]:
+        """Run the windows waiting in a part-filled batch (none: nothing happens)."""
+        if not self._slots:
+            return []
+        slots, self._slots = self._slots, []
+        maps = self.runner.run(len(slots))
+        finished = [image for k, (image, window) in enumerate(slots) if image.add(window, maps[k])]
+        if self.on_batch is not None:
+            self.on_batch()
+        return finished
+
+
+class TileFunctionRunner:
+    """A :class:`BatchRunner` over a plain function ``N×T×T×3 uint8 → N maps`` (a predictor's
+    ``predict_tiles``, the server's micro-batcher, or a test's stand-in network)."""
+
+    def __init__(self, tile_fn: Callable[[np.ndarray], Sequence[Any]], batch_size: int, tile: int) -> None:
+        self.tile_fn = tile_fn
+        self.batch_size = batch_size
+        self.tile = tile
+        self._buffer: np.ndarray | None = None
+
+    def host_buffer(self) -> np.ndarray:
+        # a fresh array per batch: tile_fn may keep views of its input (the micro-batcher holds them until run)
+        self._buffer = np.empty((self.batch_size, self.tile, self.tile, 3), dtype=np.uint8)
+        return self._buffer
+
+    def run(self, n: int) -> Sequence[Any]:
+        assert self._buffer is not None
+        return self.tile_fn(self._buffer[:n])
+
+
+def predict_windows(
+    image: WindowedImage, runner: BatchRunner, progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """One image's blended map: its windows through ``runner``; ``progress(windows done, windows)`` per batch."""
+    report = None if progress is None else (lambda: progress(image.done, len(image.windows)))
+    stream = WindowStream(runner, cancel=cancel, on_batch=report)
+    stream.add(image)
+    stream.flush()
+    return image.result()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shapely.geometry.base import BaseGeometry
 
@@ -19,6 +19,10 @@ from dannucnet.errors import DanNucNetError, InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Progress, Segmenter
+
+if TYPE_CHECKING:
+    from dannucnet.engine.pool import PredictorPool
+    from dannucnet.predictor_protocol import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ class LocalSegmenter(_CollectMixin):
     name the model of the image being segmented.
     """
 
-    def __init__(self, predictor: Any, options: Any = None, pipelined: bool = False) -> None:
+    def __init__(
+        self, predictor: Predictor | PredictorPool[Any], options: Any = None, pipelined: bool = False
+    ) -> None:
         from dannucnet.engine.pool import PredictorPool
 
         self.pool = predictor if isinstance(predictor, PredictorPool) else None
@@ -53,12 +59,12 @@ class LocalSegmenter(_CollectMixin):
         else:  # named once the first image's pixel size is known (choose_for)
             self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
 
-    def _use(self, predictor: Any) -> None:
+    def _use(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.model_name = str(predictor.card.name)
         self.model_version = str(predictor.card.version)
         self.model_trained = bool(predictor.card.trained)
-        self.device = str(getattr(predictor, "description", predictor.device))
+        self.device = predictor.description
 
     def choose_for(self, mpp: float | None) -> str:
         """Pick the model for an image of ``mpp`` µm/px (a no-op with one fixed predictor); returns why."""

@@ -34,7 +34,7 @@ from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, heap, resample_rgb, scale_to_model
 from dannucnet.engine.tile_engine import TileEngine
-from dannucnet.engine.tiling import pad_to_tile, plan_windows
+from dannucnet.engine.tiling import WindowedImage, WindowStream
 from dannucnet.errors import CancelledError
 from dannucnet.geometry.ownership import Chunk, Rect
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
@@ -198,7 +198,6 @@ def segment_slide_pipelined(
 
     def model_loop() -> None:
         try:
-            t, overlap = engine.tile, engine.predictor.overlap
             pending: deque[Future] = deque()
             nxt = 0
             depth = config.prefetch or config.readers + 1
@@ -210,28 +209,13 @@ def segment_slide_pipelined(
                                                        card.mpp, plan.mpp, predictor.prepare))
                     nxt += 1
 
+            def finish(images: list[WindowedImage]) -> None:
+                for image in images:  # tag: the unnormalised pixels (for measurements) and the chunk's place
+                    model_rgb, where = image.tag
+                    put(post.submit(chunk_nuclei, image.result(), model_rgb, where, plan.clip, options))
+
             top_up()
-            batch: list[tuple[dict, object]] = []  # (chunk state, window) per slot of the host buffer
-            host = engine.host_buffer()
-
-            def flush() -> None:
-                nonlocal batch, host
-                if not batch:
-                    return
-                probs = engine.run(len(batch))
-                for k, (state, window) in enumerate(batch):
-                    state["blend"].add(window, probs[k])
-                    state["left"] -= 1
-                    if state["left"] == 0:
-                        finish(state)
-                batch = []
-                host = engine.host_buffer()
-
-            def finish(state: dict) -> None:
-                prob = state["blend"].result()[: state["h"], : state["w"]]
-                fut = post.submit(chunk_nuclei, prob, state["rgb"], state["where"], plan.clip, options)
-                put(fut)
-
+            stream = WindowStream(engine)  # batches run across chunk borders
             for index in range(total):
                 if stop.is_set():
                     return
@@ -243,19 +227,12 @@ def segment_slide_pipelined(
                 stats.decode_seconds += seconds
                 stats.decode_megapixels += read.width * read.height / 1e6
                 top_up()
-                padded, (h, w) = pad_to_tile(network_rgb, t)  # measurements use the unnormalised model_rgb
-                windows = plan_windows(padded.shape[0], padded.shape[1], t, overlap)
                 chunk = plan.chunks[index]
                 where = ChunkGeometry(origin=(read.x, read.y), to_level0=effective / scale, mpp=plan.mpp,
                                       core=chunk.core, threshold=threshold, min_area_px=min_area_px)
-                state = {"blend": engine.new_blend(padded.shape[0], padded.shape[1]), "left": len(windows),
-                         "h": h, "w": w, "rgb": model_rgb, "where": where}
-                for window in windows:
-                    host[len(batch)] = padded[window.y : window.y + t, window.x : window.x + t]
-                    batch.append((state, window))
-                    if len(batch) == engine.batch_size:
-                        flush()
-            flush()
+                finish(stream.add(WindowedImage(network_rgb, engine.tile, engine.predictor.overlap,
+                                                engine.new_blend, tag=(model_rgb, where))))
+            finish(stream.flush())
             put(_STOP)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(exc)

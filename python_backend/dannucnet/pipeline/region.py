@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from dannucnet.engine import Predictor, resample_rgb, scale_to_model
-from dannucnet.engine.predictor import Cancel, TileFunction
+from dannucnet.engine import resample_rgb, scale_to_model
 from dannucnet.errors import InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.predictor_protocol import Cancel, Predictor, TileFunction
 
 
 @dataclass

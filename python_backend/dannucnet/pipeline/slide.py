@@ -20,13 +20,13 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from dannucnet.engine import Predictor, scale_to_model
-from dannucnet.engine.predictor import Cancel, TileFunction
+from dannucnet.engine import scale_to_model
 from dannucnet.errors import CancelledError, InputError
 from dannucnet.geometry.ownership import Chunk, Rect, plan_chunks
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.region import segment_region
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.predictor_protocol import Cancel, Predictor, TileFunction
 from dannucnet.protocols import Progress
 from dannucnet.slides import ImageSource
 

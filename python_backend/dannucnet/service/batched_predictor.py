@@ -1,4 +1,4 @@
-"""A Predictor look-alike whose network calls go through the shared micro-batcher.
+"""A predictor whose network calls go through the shared micro-batcher.
 
 The engine's ``Predictor.predict`` cuts a region into overlapping windows and
 hands them to a ``tile_fn`` in groups; here that function submits the windows
@@ -9,51 +9,85 @@ Windowing, blending and resampling stay in the engine — nothing is copied.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dannucnet.predictor_protocol import Cancel, TileFunction, WindowProgress
 from dannucnet.service.batcher import MicroBatcher
-from dannucnet.service.calls import current_call
+
+if TYPE_CHECKING:
+    import torch
+
+    from dannucnet.engine.predictor import Predictor as EnginePredictor
+    from dannucnet.model.card import ModelCard
 
 
 class BatchedPredictor:
-    """Wraps an engine ``Predictor``; every tile goes through one batching worker."""
+    """A ``dannucnet.predictor_protocol.Predictor`` around an engine ``Predictor``; every window goes through one
+    batching worker.
 
-    def __init__(self, predictor: Any, *, max_batch: int | None = None, max_queue: int = 1024) -> None:
+    It composes, and leaves the predictor it wraps as it found it: what it shows of it are the
+    properties below, and its own batch size travels as an argument. ``max_batch`` defaults to the
+    wrapped predictor's batch size (2 on a CPU, 32 on a GPU); ``predict`` submits that many windows
+    of a request together, so the worker fills its batches sooner.
+    """
+
+    def __init__(self, predictor: EnginePredictor, *, max_batch: int | None = None, max_queue: int = 1024) -> None:
         self.inner = predictor
-        self.max_batch = int(max_batch or getattr(predictor, "batch_size", 2))
-        if hasattr(predictor, "batch_size"):
-            # predict() hands tile_fn up to batch_size windows at a time; submitting a
-            # request's windows together lets the worker fill batches sooner.
-            predictor.batch_size = self.max_batch
+        self.max_batch = int(max_batch or predictor.batch_size)
         self.batcher = MicroBatcher(
             self._run_batch, max_batch=self.max_batch, max_queue=max_queue, name=str(predictor.device)
         )
 
-    def __getattr__(self, name: str) -> Any:  # card, device, tile, overlap, model, ...
-        return getattr(self.inner, name)
+    # ---- what it shows of the wrapped predictor -------------------------
+    @property
+    def card(self) -> ModelCard:
+        return self.inner.card
 
+    @property
+    def tile(self) -> int:
+        return self.inner.tile
+
+    @property
+    def overlap(self) -> int:
+        return self.inner.overlap
+
+    @property
+    def channels(self) -> int:
+        return self.inner.channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        return self.inner.prepare(rgb)
+
+    # ---- the network, through the batcher --------------------------------
     def _run_batch(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.inner.predict_tiles(np.stack(tiles)))
 
-    def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        return np.stack(self.batcher.submit_many(list(tiles)))
+    def predict_tiles(self, tiles: np.ndarray, cancel: Cancel | None = None) -> np.ndarray:
+        """The windows' maps, batched with other requests' windows; dropped unrun once ``cancel()`` is true."""
+        return np.stack(self.batcher.submit_many(list(tiles), cancel))
 
     def predict(
         self,
         rgb: np.ndarray,
-        tile_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        cancel: Callable[[], bool] | None = None,
+        tile_fn: TileFunction | None = None,
+        progress: WindowProgress | None = None,
+        cancel: Cancel | None = None,
     ) -> np.ndarray:
-        call = current_call()
+        def submit(tiles: np.ndarray) -> np.ndarray:
+            return self.predict_tiles(tiles, cancel)
 
-        def stop() -> bool:
-            return (cancel is not None and cancel()) or (call is not None and not call.alive())
-
-        return self.inner.predict(rgb, tile_fn=tile_fn or self.predict_tiles, progress=progress, cancel=stop)
+        return self.inner.predict(rgb, tile_fn=tile_fn or submit, progress=progress, cancel=cancel,
+                                  batch_size=self.max_batch)
 
     def close(self) -> None:
         self.batcher.close()

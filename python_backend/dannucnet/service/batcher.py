@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from dannucnet.service.calls import Call, current_call
+from dannucnet.predictor_protocol import Cancel
+from dannucnet.service.calls import Call
 from dannucnet.service.status import ServiceError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ RunBatch = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
 @dataclass
 class _Item:
     array: np.ndarray
-    call: Call | None
+    cancel: Cancel | None  # the submitting request's: true once nobody waits for the result
     future: Future = field(default_factory=Future)
 
 
@@ -74,9 +75,13 @@ class MicroBatcher:
         self._thread.start()
 
     # ---- request side -------------------------------------------------
-    def submit_many(self, arrays: Sequence[np.ndarray], call: Call | None = None) -> list[np.ndarray]:
-        """Run ``arrays`` through the model (batched with other requests' items)."""
-        call = call if call is not None else current_call()
+    def submit_many(self, arrays: Sequence[np.ndarray], cancel: Cancel | None = None) -> list[np.ndarray]:
+        """Run ``arrays`` through the model (batched with other requests' items).
+
+        Once ``cancel()`` is true the items not yet run are dropped and the wait ends with the
+        call's status (a :class:`~dannucnet.service.calls.Call` knows CANCELLED from
+        DEADLINE_EXCEEDED; any other cancel callable means CANCELLED).
+        """
         if self._stop.is_set():
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another server")
         with self._pending_lock:
@@ -87,14 +92,14 @@ class MicroBatcher:
                     "the server is busy (its model queue is full); retry in a moment",
                 )
             self._pending += len(arrays)
-        items = [_Item(array, call) for array in arrays]
+        items = [_Item(array, cancel) for array in arrays]
         for item in items:
             item.future.add_done_callback(self._release)
             self._queue.put_nowait(item)
         return [self._wait(item) for item in items]
 
-    def submit(self, array: np.ndarray, call: Call | None = None) -> np.ndarray:
-        return self.submit_many([array], call)[0]
+    def submit(self, array: np.ndarray, cancel: Cancel | None = None) -> np.ndarray:
+        return self.submit_many([array], cancel)[0]
 
     def _release(self, _future: Future) -> None:
         with self._pending_lock:
@@ -105,9 +110,9 @@ class MicroBatcher:
             try:
                 return item.future.result(timeout=0.05)
             except TimeoutError:
-                if item.call is not None and not item.call.alive():
+                if item.cancel is not None and item.cancel():
                     item.future.cancel()  # the worker skips it if it has not started
-                    item.call.check()
+                    raise _stopped(item.cancel) from None
 
     # ---- worker side --------------------------------------------------
     def _take_batch(self) -> list[_Item]:
@@ -136,7 +141,7 @@ class MicroBatcher:
                 return
             live = []
             for item in items:
-                if item.future.cancelled() or (item.call is not None and not item.call.alive()):
+                if item.future.cancelled() or (item.cancel is not None and item.cancel()):
                     item.future.cancel()
                     self.stats.dropped += 1
                 elif item.future.set_running_or_notify_cancel():
@@ -170,3 +175,10 @@ class MicroBatcher:
         """Finish queued work, then stop the worker."""
         self._stop.set()
         self._thread.join(timeout)
+
+
+def _stopped(cancel: Cancel) -> ServiceError:
+    """The status a request's wait ends with once ``cancel()`` is true."""
+    if isinstance(cancel, Call):
+        cancel.check()  # raises CANCELLED or DEADLINE_EXCEEDED, whichever ended the call
+    return ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the request")

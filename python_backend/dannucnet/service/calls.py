@@ -1,17 +1,16 @@
 """The state of one client call (deadline, cancellation), independent of transport.
 
-The servicer sets the current call in a context variable so that code deep in
-the pipeline (the batched predictor) can skip work nobody waits for any more
-without every function growing a ``context`` parameter.
+A :class:`Call` is also the pipeline's cancel callable (``dannucnet.predictor_protocol.Cancel``): the
+servicer hands it down as ``cancel=call`` and the pipeline, the window loop and the
+micro-batcher ask it between batches whether anyone still waits for the work (the one
+way cancellation travels; ``dannucnet.predictor_protocol`` says why not a context variable).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 
@@ -46,6 +45,10 @@ class Call:
     def alive(self) -> bool:
         return not self.cancelled and not self.expired
 
+    def __call__(self) -> bool:
+        """True once the work should stop (cancelled, disconnected or past the deadline): a ``Cancel``."""
+        return not self.alive()
+
     def check(self) -> None:
         """Raise the status that ends this call if it should stop."""
         if self.cancelled:
@@ -57,18 +60,3 @@ class Call:
         """Sleep up to ``seconds``; True if the call was cancelled meanwhile."""
         return self._cancelled.wait(seconds)
 
-
-_current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("dannucnet_call", default=None)
-
-
-def current_call() -> Call | None:
-    return _current.get()
-
-
-@contextlib.contextmanager
-def bind(call: Call) -> Iterator[Call]:
-    token = _current.set(call)
-    try:
-        yield call
-    finally:
-        _current.reset(token)

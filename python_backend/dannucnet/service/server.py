@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -21,6 +21,10 @@ from dannucnet.service.grpc_server import SERVICE_NAME, build_grpc_server
 from dannucnet.service.limits import Limits
 from dannucnet.service.servicer import SegmentationService
 from dannucnet.service.slide_roots import prepare_roots
+
+if TYPE_CHECKING:
+    from dannucnet.engine.pool import PredictorPool
+    from dannucnet.engine.predictor import Predictor as EnginePredictor
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ class Server:
     """The running service; ``start()`` binds both transports, ``stop()`` drains them."""
 
     def __init__(
-        self, predictor: Any, config: ServerConfig, model_source: str = "",
-        model_factory: Callable[[str | None], Any] | None = None, default_model: str = "",
+        self, predictor: EnginePredictor, config: ServerConfig, model_source: str = "",
+        model_factory: Callable[[str | None], EnginePredictor] | None = None, default_model: str = "",
     ) -> None:
         """``model_factory(name)`` builds the engine predictor of another installed model: given it,
         requests may name any installed model (or "auto"), loaded on first use, each with its own
@@ -53,7 +57,7 @@ class Server:
         check_bind_policy(config.host, config.token, config.insecure)
         self.config = config
         self.batched = BatchedPredictor(predictor, max_batch=config.max_batch)
-        self.models = None
+        self.models: PredictorPool[BatchedPredictor] | None = None
         if model_factory is not None:
             from dannucnet.engine.pool import PredictorPool
 
@@ -156,7 +160,7 @@ class Server:
         card = self.batched.card
         limits = self.config.limits
         trained = "trained" if card.trained else "UNTRAINED: output is meaningless"
-        device = getattr(self.batched, "description", self.batched.device)
+        device = self.batched.description
         lines = [
             f"model   {card.name} {card.version} ({trained}), "
             f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -27,9 +27,10 @@ from dannucnet import __version__
 from dannucnet.errors import DanNucNetError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
+from dannucnet.predictor_protocol import Predictor
 from dannucnet.service import API_VERSION
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
-from dannucnet.service.calls import Call, bind
+from dannucnet.service.calls import Call
 from dannucnet.service.convert import geometry_from_wkb, nuclei_to_proto, rect_from_proto
 from dannucnet.service.limits import (
     DOWNSAMPLE_RANGE,
@@ -46,6 +47,9 @@ from dannucnet.service.limits import (
 )
 from dannucnet.service.slide_roots import resolve_slide
 from dannucnet.service.status import ServiceError, from_exception, invalid
+
+if TYPE_CHECKING:
+    from dannucnet.engine.pool import PredictorPool
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,12 @@ class SegmentationService:
 
     def __init__(
         self,
-        predictor: Any,
+        predictor: Predictor,
         *,
         limits: Limits | None = None,
         slide_roots: Sequence[Path] = (),
         model_source: str = "",
-        models: Any = None,
+        models: PredictorPool[Any] | None = None,
         default_model: str = "",
     ) -> None:
         self.predictor = predictor
@@ -101,8 +105,7 @@ class SegmentationService:
         Re-entrant per call: the HTTP gateway admits before it reads the body, the RPC again inside.
         """
         if call.admitted:
-            with bind(call):
-                yield
+            yield
             return
         if not self._pending.acquire(blocking=False):
             raise ServiceError(
@@ -113,8 +116,7 @@ class SegmentationService:
             self.active += 1
         call.admitted = True
         try:
-            with bind(call):
-                yield
+            yield
         finally:
             call.admitted = False
             with self._lock:
@@ -135,7 +137,7 @@ class SegmentationService:
             pixel_size_microns=float(card.mpp),
             tile_size=int(card.tile_size),
             threshold=float(card.threshold),
-            device=str(getattr(self.predictor, "description", getattr(self.predictor, "device", "cpu"))),
+            device=self.predictor.description,
             server_version=__version__,
             api_version=API_VERSION,
             trained=bool(card.trained),
@@ -169,7 +171,7 @@ class SegmentationService:
             ],
         )
 
-    def _predictor_for(self, requested: str, mpp: float | None) -> Any:
+    def _predictor_for(self, requested: str, mpp: float | None) -> Predictor:
         """The predictor a request's ``model`` field asks for (see :meth:`list_models`)."""
         from dannucnet.model.registry import AUTO, list_models
 
@@ -250,7 +252,7 @@ class SegmentationService:
             core=core,
             clip=clip,
             options=options,
-            cancel=lambda: not call.alive(),
+            cancel=call,
         )
         call.check()
         nuclei = list(result.nuclei)
@@ -310,7 +312,7 @@ class SegmentationService:
                 rois=rois,
                 options=options,
                 progress=progress,
-                cancel=lambda: not call.alive(),
+                cancel=call,
             )
             try:
                 for batch in batches:
@@ -345,7 +347,9 @@ class SegmentationService:
             raise self._status(exc, "PlanRegion") from None
 
     # ---- helpers --------------------------------------------------------
-    def _check_resampled(self, width: int, height: int, region_mpp: float, predictor: Any = None) -> None:
+    def _check_resampled(
+        self, width: int, height: int, region_mpp: float, predictor: Predictor | None = None
+    ) -> None:
         """The engine rescales to the model's pixel size: coarse pixels grow, so check that size too,
         and the windows (model work) that size needs."""
         predictor = predictor or self.predictor
@@ -358,9 +362,7 @@ class SegmentationService:
                 f"{card.mpp} µm/px they become {pixels:,.0f} px, more than this server's limit "
                 f"of {self.limits.max_pixels:,}: send a smaller region or a smaller downsample"
             )
-        tile = int(getattr(predictor, "tile", None) or card.tile_size)
-        overlap = int(getattr(predictor, "overlap", 0))
-        check_work(width, height, (width * scale, height * scale), tile, overlap, self.limits)
+        check_work(width, height, (width * scale, height * scale), predictor.tile, predictor.overlap, self.limits)
 
     def _options(self, msg: pb.SegmentOptions | None):
         from dannucnet.pipeline import SegmentOptions
