@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import DanNucNetError, InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
+
+if TYPE_CHECKING:
+    from dannucnet.slides import ImageSource
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int], None]
@@ -30,9 +33,11 @@ class Segmenter(Protocol):
     device: str
 
     def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-    ) -> Iterator[list[Nucleus]]: ...
+        self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[list[Nucleus]]:
+        """The nuclei of an opened image (its ``--mpp`` already applied), one list per chunk."""
+        ...
 
     def segment(
         self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
@@ -44,7 +49,10 @@ class _CollectMixin:
         self, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: ProgressFn | None
     ) -> list[Nucleus]:
         """All nuclei of an image at once (the QuPath batch writes an image in one go)."""
-        return [n for batch in self.stream(path, rois=rois, mpp=mpp, progress=progress) for n in batch]  # type: ignore[attr-defined]
+        from dannucnet.slides import open_image
+
+        with open_image(path, mpp=mpp) as source:
+            return [n for batch in self.stream(source, rois=rois, progress=progress) for n in batch]  # type: ignore[attr-defined]
 
 
 class LocalSegmenter(_CollectMixin):
@@ -88,21 +96,19 @@ class LocalSegmenter(_CollectMixin):
         return reason
 
     def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+        self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
         from dannucnet.pipeline import SegmentOptions, segment_slide
         from dannucnet.pipeline.pipelined import segment_slide_pipelined
         from dannucnet.pipeline.slide import resolve_stains
-        from dannucnet.slides import open_image
 
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide
-        with open_image(path, mpp=mpp) as source:
-            self.choose_for(source.mpp)
-            options = resolve_stains(source, options)  # --stains auto: this image's own
-            yield from run(self.predictor, source, region=region, rois=rois, options=options,
-                                     progress=progress, cancel=cancel)
+        self.choose_for(source.mpp)
+        options = resolve_stains(source, options)  # --stains auto: this image's own
+        yield from run(self.predictor, source, region=region, rois=rois, options=options,
+                       progress=progress, cancel=cancel)
 
 
 class ServerSegmenter(_CollectMixin):
@@ -134,21 +140,20 @@ class ServerSegmenter(_CollectMixin):
         self.by_path = bool(self.info.slide_segmentation_enabled)
 
     def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+        self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[list[Nucleus]]:
         options = self.options
         if getattr(options, "auto_stains", False):  # --stains auto: estimated here, sent as vectors
             from dannucnet.pipeline.slide import resolve_stains
-            from dannucnet.slides import open_image
 
-            with open_image(path, mpp=mpp) as source:
-                options = resolve_stains(source, options)
+            options = resolve_stains(source, options)
+        path = source.path
         if self.by_path and region is None:
             sent = False
             try:
                 for batch in self.client.segment_slide(
-                    str(Path(path).resolve()), rois=rois, options=options, mpp=mpp, progress=progress
+                    str(Path(path).resolve()), rois=rois, options=options, mpp=source.given_mpp, progress=progress
                 ):
                     sent = True
                     yield batch
@@ -160,9 +165,7 @@ class ServerSegmenter(_CollectMixin):
                     raise
                 log.info("server cannot read %s itself (%s): sending pixels instead", path, exc)
                 self.by_path = False
-        from dannucnet.client import segment_image_via_server
-        from dannucnet.slides import open_image
+        from dannucnet.pipeline.remote import segment_image_via_server
 
-        with open_image(path, mpp=mpp) as source:
-            yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
-                                                progress=progress, cancel=cancel)
+        yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
+                                            progress=progress, cancel=cancel)
