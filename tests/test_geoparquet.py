@@ -78,7 +78,8 @@ def test_failure_leaves_nothing_and_empty_runs_give_a_valid_file(tmp_path):
 
 
 def test_segment_writes_the_same_nuclei_as_geojson(tmp_path, untrained_predictor):
-    from dannucnet.jobs.segment_file import segment_to_geojson
+    from dannucnet.formats.geoparquet import GeoParquetWriter
+    from dannucnet.jobs.segment_file import segment_to_file, segment_to_geojson
     from dannucnet.jobs.segmenters import LocalSegmenter
     from dannucnet.pipeline import SegmentOptions
     from dannucnet.slides.synthetic import write_synthetic_slide
@@ -86,7 +87,7 @@ def test_segment_writes_the_same_nuclei_as_geojson(tmp_path, untrained_predictor
     slide = write_synthetic_slide(tmp_path / "s.tif", 320, seed=3, mpp=0.25)
     segmenter = LocalSegmenter(untrained_predictor, SegmentOptions(threshold=0.3, min_area_um2=0))
     a = segment_to_geojson(segmenter, slide.path, tmp_path / "s.geojson")
-    b = segment_to_geojson(segmenter, slide.path, tmp_path / "s.parquet")
+    b = segment_to_file(segmenter, slide.path, tmp_path / "s.parquet", GeoParquetWriter)
     assert a.nuclei == b.nuclei > 0
     from_json = features_to_nuclei(read_features(tmp_path / "s.geojson"))
     from_parquet, meta = read_geoparquet(tmp_path / "s.parquet")

@@ -22,7 +22,7 @@ from dannucnet.engine.tiling import (
     predict_windows,
 )
 from dannucnet.errors import CancelledError
-from dannucnet.predictor_protocol import Predictor
+from dannucnet.protocols import Predictor
 from dannucnet.service.batched_predictor import BatchedPredictor
 from dannucnet.service.batcher import MicroBatcher
 from dannucnet.service.calls import Call
@@ -99,7 +99,7 @@ def test_cancel_is_asked_before_each_batch_and_progress_after():
 def test_the_protocol_module_does_not_load_torch():
     backend = Path(__file__).resolve().parents[1] / "python_backend"
     env = {**os.environ, "PYTHONPATH": str(backend)}
-    code = "import sys, dannucnet.predictor_protocol; print('torch' in sys.modules)"
+    code = "import sys, dannucnet.protocols; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -1,14 +1,14 @@
-"""Python client for ``dannucnet serve`` (gRPC), and chunked segmentation through it.
+"""Python client for ``dannucnet serve`` (gRPC): the wire only.
 
 >>> from dannucnet.client import DanNucNetClient
 >>> with DanNucNetClient("127.0.0.1:50051", token=None) as client:
 ...     info = client.model_info()
 ...     nuclei = client.segment_region(rgb, origin=(x, y), downsample=1.0, mpp=0.25)
 
-``segment_large_region`` splits an array too big for one request into
-overlapping chunks with disjoint cores, and ``segment_image_via_server`` does
-the same for a slide on this machine (same chunk plan as the standalone
-``segment_slide``), so both return exactly one copy of every nucleus.
+The chunk loops through a server (``segment_large_region`` for an array too
+big for one request, ``segment_image_via_server`` for a slide on this machine)
+live in :mod:`dannucnet.pipeline.remote` with the other chunk loops; both
+names stay importable from here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +25,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import CancelledError, DanNucNetError, InputError
-from dannucnet.geometry.ownership import Rect, plan_chunks
+from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Progress
 from dannucnet.service import API_VERSION
@@ -38,8 +37,6 @@ __all__ = [
     "DanNucNetClient",
     "ServerError",
     "SlideStream",
-    "segment_image_via_server",
-    "segment_large_region",
 ]
 
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
@@ -315,113 +312,14 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# ---- chunked helpers ----------------------------------------------------
-def _map_ordered(fn: Callable, items: Sequence, concurrency: int) -> Iterator:
-    """``map`` with up to ``concurrency`` calls in flight, results in input order."""
-    if concurrency <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dannucnet-client") as pool:
-        pending = []
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= concurrency:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+# ---- chunk loops through a server: they live with the other chunk loops ----------
+_MOVED = {"segment_image_via_server", "segment_large_region"}
 
 
-def segment_large_region(
-    client: DanNucNetClient,
-    rgb: np.ndarray,
-    origin: tuple[float, float] = (0.0, 0.0),
-    downsample: float = 1.0,
-    mpp: float | None = None,
-    clip: BaseGeometry | None = None,
-    options: Any = None,
-    chunk_size: int = 1024,
-    margin: int = 128,
-    concurrency: int = 2,
-) -> list[Nucleus]:
-    """Segment an array of any size as overlapping chunks whose cores partition it.
+def __getattr__(name: str) -> Any:
+    """``segment_image_via_server`` and ``segment_large_region`` moved to ``pipeline.remote``; still importable here."""
+    if name in _MOVED:
+        from dannucnet.pipeline import remote
 
-    ``chunk_size`` and ``margin`` are in pixels of ``rgb``; the margin must
-    exceed the largest nucleus. Each nucleus is returned exactly once, by the
-    chunk whose core holds its centroid. With cells in ``options`` the margin
-    grows by twice the cell expansion, so cells at seams stay exact too.
-    """
-    height, width = rgb.shape[:2]
-    expansion = getattr(options, "cell_expansion_um", None)
-    if expansion is None and isinstance(options, Mapping):
-        expansion = options.get("cell_expansion_um", options.get("cell_expansion_microns"))
-    if expansion and mpp:
-        from dannucnet.geometry.cells import cell_margin_px
-
-        margin += cell_margin_px(float(expansion) / (mpp * downsample))
-    whole = Rect(0, 0, width, height)
-    chunks = plan_chunks(whole, chunk_size, margin, bounds=whole)
-    ox, oy = origin
-
-    def run(chunk) -> list[Nucleus]:
-        read = chunk.read.to_int()
-        x0, y0, x1, y1 = (int(v) for v in read.bounds())
-        core = Rect(ox + chunk.core.x * downsample, oy + chunk.core.y * downsample,
-                    chunk.core.width * downsample, chunk.core.height * downsample)
-        return client.segment_region(
-            rgb[y0:y1, x0:x1], origin=(ox + x0 * downsample, oy + y0 * downsample),
-            downsample=downsample, mpp=mpp, core=core, clip=clip, options=options,
-        )
-
-    out: list[Nucleus] = []
-    for nuclei in _map_ordered(run, chunks, concurrency):
-        out.extend(nuclei)
-    return out
-
-
-def segment_image_via_server(
-    client: DanNucNetClient,
-    source: Any,
-    region: Rect | None = None,
-    options: Any = None,
-    rois: Sequence[BaseGeometry] | None = None,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
-    concurrency: int = 2,
-) -> Iterator[list[Nucleus]]:
-    """The standalone ``segment_slide`` loop, with the model on a server.
-
-    ``source`` is an opened ``dannucnet.slides.ImageSource`` on *this*
-    machine; chunks are planned exactly as ``pipeline.plan_slide`` plans them
-    (same chunk size, margin, tissue skipping, ROI clip), read here, and sent
-    as raw RGB with their core, so the output equals ``dannucnet segment``
-    run locally. Yields one list of nuclei per chunk, in chunk order.
-    """
-    from dannucnet.pipeline import SegmentOptions
-    from dannucnet.pipeline.slide import plan_slide
-
-    options = options if options is not None else SegmentOptions()
-    info = client._info or client.model_info()
-    plan = plan_slide(source, info.pixel_size_microns, region, rois, options)
-    total, found = len(plan.chunks), 0
-    if progress is not None:
-        progress(0, total, 0)
-
-    def run(chunk) -> list[Nucleus]:
-        if cancel is not None and cancel():
-            raise CancelledError("cancelled")
-        read = chunk.read.to_int()
-        rgb = source.read_region(
-            int(read.x), int(read.y), int(read.width), int(read.height), downsample=plan.downsample
-        )
-        effective = read.width / rgb.shape[1]  # same exact spacing as the standalone loop
-        return client.segment_region(
-            rgb, origin=(read.x, read.y), downsample=effective, mpp=plan.mpp,
-            core=chunk.core, clip=plan.clip, options=options,
-        )
-
-    for index, nuclei in enumerate(_map_ordered(run, plan.chunks, concurrency)):
-        found += len(nuclei)
-        if progress is not None:
-            progress(index + 1, total, found)
-        yield nuclei
+        return getattr(remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Many slides, one task each, on Dask distributed: a local cluster by default, a real one by address.
 
 The cohort layer only schedules: every slide still goes through the standalone
-door (:func:`dannucnet.jobs.segment_file.segment_to_geojson`), so a cohort
+door (:func:`dannucnet.jobs.segment_file.segment_source`), so a cohort
 result is byte-for-byte what ``dannucnet segment`` would have written.
 """
 

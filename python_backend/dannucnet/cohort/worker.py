@@ -80,23 +80,24 @@ def segmenter_for(spec: TaskSpec):
 def segment_slide_task(spec: TaskSpec) -> dict[str, Any]:
     """Segment one slide into ``spec.output``; returns a result dict (never half-writes)."""
     from dannucnet.cohort.records import DoneRecord, write_done
-    from dannucnet.jobs.segment_file import segment_to_geojson
+    from dannucnet.jobs.segment_file import segment_source, writer_for
 
     started = time.perf_counter()
     base = {"input": spec.input, "output": spec.output, "host": socket.gethostname(), "pid": os.getpid()}
     try:
         from dannucnet.slides import open_image
 
-        # a corrupt or unusable slide fails here, before this worker spends seconds loading a model
+        # the task opens its slide once; a corrupt or unusable slide fails here, before this worker
+        # spends seconds loading a model
         with open_image(spec.input, mpp=spec.mpp) as source:
             slide_mpp = source.require_mpp()
-        if spec.model == "auto" and not spec.server:  # --model auto: this slide's model, by its pixel size
-            from dataclasses import replace
+            if spec.model == "auto" and not spec.server:  # --model auto: this slide's model, by its pixel size
+                from dataclasses import replace
 
-            from dannucnet.commands._common import resolve_auto
+                from dannucnet.commands._common import resolve_auto
 
-            spec = replace(spec, model=resolve_auto(slide_mpp))
-        summary = segment_to_geojson(segmenter_for(spec), spec.input, spec.output, mpp=spec.mpp)
+                spec = replace(spec, model=resolve_auto(slide_mpp))
+            summary = segment_source(segmenter_for(spec), source, spec.output, writer_for(spec.output))
     except DanNucNetError as exc:
         return {**base, "status": "failed", "error": type(exc).__name__, "message": str(exc),
                 "seconds": time.perf_counter() - started}

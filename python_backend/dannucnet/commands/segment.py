@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dannucnet.jobs.segment_file import parse_region, segment_to_geojson
+    from dannucnet.jobs.segment_file import parse_region, segment_to_file, writer_for
     from dannucnet.outputs import model_inputs, refuse_clobbering
 
     refuse_clobbering([("input", args.input), *model_inputs(args.model)],
@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     segmenter = make_segmenter(args)
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
     try:
-        summary = segment_to_geojson(
-            segmenter, args.input, args.output, mpp=args.mpp, region=region, overlay_path=args.overlay,
-            progress=progress,
+        summary = segment_to_file(
+            segmenter, args.input, args.output, writer_for(args.output), mpp=args.mpp, region=region,
+            overlay_path=args.overlay, progress=progress,
         )
     finally:
         close()

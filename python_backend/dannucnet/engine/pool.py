@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from dannucnet.errors import ModelError
 from dannucnet.model.registry import AUTO, choose_model, resolve_model_dir
-from dannucnet.predictor_protocol import Predictor
+from dannucnet.protocols import Predictor
 
 log = logging.getLogger(__name__)
 

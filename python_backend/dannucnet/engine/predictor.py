@@ -6,7 +6,7 @@ export on OpenVINO or ONNX Runtime; ``runtime="auto"`` picks OpenVINO on a CPU).
 ``predict`` cuts overlapping windows, runs them in batches and blends them back
 (the one window loop, ``engine.tiling.WindowStream``); ``predict_tiles`` is the bare
 batched call, exposed so that a server can batch windows from many requests into one
-forward pass. What callers may rely on is the torch-free ``dannucnet.predictor_protocol.Predictor``.
+forward pass. What callers may rely on is the torch-free ``dannucnet.protocols.Predictor``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dannucnet.engine.runtime import build_forward, resolve_runtime
 from dannucnet.engine.tiling import BlendAccumulator, TileFunctionRunner, WindowedImage, predict_windows
 from dannucnet.errors import InputError, ModelError
 from dannucnet.model import LoadedModel, ModelCard
-from dannucnet.predictor_protocol import Cancel, TileFunction, WindowProgress
+from dannucnet.protocols import Cancel, TileFunction, WindowProgress
 
 log = logging.getLogger(__name__)
 
-Progress = WindowProgress  # the names callers imported from here before dannucnet.predictor_protocol held them
+Progress = WindowProgress  # the names callers imported from here before dannucnet.protocols held them
 __all__ = ["FLIPS", "Cancel", "Predictor", "Progress", "TileFunction", "forward_map", "model_map"]
 
 

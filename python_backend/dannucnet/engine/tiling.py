@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dannucnet.errors import CancelledError
+from dannucnet.protocols import Cancel
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class WindowStream:
     """
 
     def __init__(
-        self, runner: BatchRunner, cancel: Callable[[], bool] | None = None,
+        self, runner: BatchRunner, cancel: Cancel | None = None,
         on_batch: Callable[[], None] | None = None,
     ) -> None:
         self.runner = runner
@@ -230,7 +231,7 @@ class TileFunctionRunner:
 
 def predict_windows(
     image: WindowedImage, runner: BatchRunner, progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
 ) -> np.ndarray:
     """One image's blended map: its windows through ``runner``; ``progress(windows done, windows)`` per batch."""
     report = None if progress is None else (lambda: progress(image.done, len(image.windows)))

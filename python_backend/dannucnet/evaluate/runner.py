@@ -33,7 +33,7 @@ from dannucnet.geometry.rasterize import rasterize_polygons
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when a model is actually run
     from dannucnet.pipeline import SegmentOptions
-    from dannucnet.predictor_protocol import Predictor
+    from dannucnet.protocols import Predictor
 
 SOURCES = ("final", "raw")
 
@@ -141,7 +141,7 @@ def evaluate_model(
 ) -> EvaluationResult:
     """Segment every sample's whole image and score final polygons and the raw mask.
 
-    ``predictor``: the engine's or a batched one (``dannucnet.predictor_protocol``). The image's pixel
+    ``predictor``: the engine's or a batched one (``dannucnet.protocols``). The image's pixel
     size is the sample's (the dataset's), else the model's. ``threshold``
     overrides the model card's (and ``options.threshold``). ``options`` are
     the segmentation options a user would pass (default: ``segment``'s

@@ -1,17 +1,19 @@
-"""Segment one image or slide into a QuPath GeoJSON (or GeoParquet) file (+ optional overlay PNG).
+"""Segment one image or slide into a nuclei file (+ optional overlay PNG).
 
 The standalone door: ``dannucnet segment`` and ``dannucnet demo`` run this,
-and the cohort runner calls it once per slide. Output is streamed and
-atomic; a failed or cancelled run leaves nothing behind.
+and the cohort runner calls it once per slide. One writer per format, chosen
+by the caller (:func:`writer_for` applies the CLI's rule: the output's name).
+Output is streamed and atomic; a failed or cancelled run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from dannucnet.errors import InputError
 from dannucnet.formats.geojson import GeoJSONWriter, ensure_writable
@@ -19,8 +21,12 @@ from dannucnet.formats.geoparquet import PARQUET_SUFFIXES, GeoParquetWriter
 from dannucnet.formats.overlay import OverlayCanvas
 from dannucnet.geometry.ownership import Rect
 from dannucnet.outputs import refuse_clobbering
-from dannucnet.protocols import Progress, Segmenter
+from dannucnet.protocols import Cancel, Progress, Segmenter
 from dannucnet.slides import open_image
+
+if TYPE_CHECKING:
+    from dannucnet.pipeline.types import Nucleus
+    from dannucnet.slides import ImageSource
 
 
 @dataclass
@@ -52,11 +58,28 @@ def parse_region(text: str) -> Rect:
     return Rect(x, y, w, h)
 
 
-def open_writer(path: str | os.PathLike[str], metadata: dict[str, str]) -> GeoJSONWriter | GeoParquetWriter:
-    """The writer the output's name asks for: ``.parquet``/``.geoparquet`` → GeoParquet, else QuPath GeoJSON."""
+class Writer(Protocol):
+    """A streaming, atomic nuclei writer (:class:`GeoJSONWriter`, :class:`GeoParquetWriter`)."""
+
+    count: int
+
+    def __enter__(self) -> Writer: ...
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None: ...
+
+    def write(self, nuclei: Iterable[Nucleus]) -> int: ...
+
+
+#: what opens a writer: ``(output path, metadata) -> Writer``; one per format, the caller picks
+WriterFactory = Callable[..., Writer]
+
+
+def writer_for(path: str | os.PathLike[str]) -> WriterFactory:
+    """The writer the output's name asks for (the CLI's rule): ``.parquet``/``.geoparquet`` → GeoParquet,
+    anything else → QuPath GeoJSON."""
     if str(path).lower().endswith(PARQUET_SUFFIXES):
-        return GeoParquetWriter(path, metadata=metadata)
-    return GeoJSONWriter(path, metadata=metadata)
+        return GeoParquetWriter
+    return GeoJSONWriter
 
 
 def segment_to_geojson(
@@ -67,14 +90,59 @@ def segment_to_geojson(
     region: Rect | None = None,
     overlay_path: str | Path | None = None,
     progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
 ) -> SegmentSummary:
-    """Stream the nuclei of ``input_path`` (optionally one ``region``) into ``output_path``."""
+    """Stream the nuclei of ``input_path`` (optionally one ``region``) into the QuPath GeoJSON ``output_path``."""
+    return segment_to_file(segmenter, input_path, output_path, GeoJSONWriter, mpp=mpp, region=region,
+                           overlay_path=overlay_path, progress=progress, cancel=cancel)
+
+
+def segment_to_file(
+    segmenter: Segmenter,
+    input_path: str | Path,
+    output_path: str | Path,
+    writer: WriterFactory,
+    mpp: float | None = None,
+    region: Rect | None = None,
+    overlay_path: str | Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> SegmentSummary:
+    """Open ``input_path`` (``mpp`` overrides its pixel size) and :func:`segment_source` it with ``writer``."""
     started = time.perf_counter()
+    check_outputs(input_path, output_path, overlay_path)  # before opening: no work for an output we cannot write
+    with open_image(input_path, mpp=mpp) as source:
+        return segment_source(segmenter, source, output_path, writer, region=region, overlay_path=overlay_path,
+                              progress=progress, cancel=cancel, started=started)
+
+
+def check_outputs(input_path: str | Path, output_path: str | Path, overlay_path: str | Path | None) -> None:
+    """Refuse an output that would overwrite the input, or that cannot be written."""
     refuse_clobbering([("input", input_path)], [("output", output_path), ("overlay", overlay_path)])
     ensure_writable(output_path)
     if overlay_path is not None:
         ensure_writable(overlay_path)
+
+
+def segment_source(
+    segmenter: Segmenter,
+    source: ImageSource,
+    output_path: str | Path,
+    writer: WriterFactory,
+    region: Rect | None = None,
+    overlay_path: str | Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    started: float | None = None,
+) -> SegmentSummary:
+    """Stream the nuclei of an opened image (optionally one ``region``) into ``output_path`` via ``writer``.
+
+    The image is opened once by the caller and read by everything here: the
+    segmenter, the overlay and the summary. ``started`` (a ``perf_counter``
+    value) lets the caller's own set-up count in the summary's seconds.
+    """
+    started = time.perf_counter() if started is None else started
+    check_outputs(source.path, output_path, overlay_path)
     chunks = [0]
 
     def track(done: int, total: int, nuclei: int) -> None:
@@ -82,33 +150,31 @@ def segment_to_geojson(
         if progress is not None:
             progress(done, total, nuclei)
 
-    with open_image(input_path, mpp=mpp) as source:
-        source_mpp = source.require_mpp()
-        image = Rect(0, 0, source.width, source.height)
-        if region is not None and region.intersection(image).is_empty:
-            raise InputError(f"--region {region.x:g},{region.y:g},{region.width:g},{region.height:g} lies outside "
-                             f"the image ({source.width} x {source.height} px)")
-        choose = getattr(segmenter, "choose_for", None)
-        if choose is not None:  # --model auto: the model is known once the image's pixel size is
-            choose(source_mpp)
-        metadata = {
-            "model": segmenter.model_name,
-            "model_version": segmenter.model_version,
-            "mpp": f"{source_mpp:g}",
-            "image": Path(input_path).name,
-        }
-        canvas = OverlayCanvas(source, region.intersection(image) if region else image) if overlay_path else None
-        with open_writer(output_path, metadata) as writer:
-            for nuclei in segmenter.stream(Path(input_path), region=region, mpp=mpp, progress=track, cancel=cancel):
-                writer.write(nuclei)
-                if canvas is not None:
-                    canvas.draw(nuclei)
-        count = writer.count
-        if canvas is not None and overlay_path is not None:
-            canvas.save(overlay_path)
-        return SegmentSummary(
-            input=str(input_path), output=str(output_path), overlay=str(overlay_path) if overlay_path else None,
-            nuclei=count, chunks=chunks[0], width=source.width, height=source.height, mpp=source_mpp,
-            mpp_source=source.mpp_source, model=segmenter.model_name, model_version=segmenter.model_version,
-            model_trained=segmenter.model_trained, device=segmenter.device, seconds=time.perf_counter() - started,
-        )
+    source_mpp = source.require_mpp()
+    image = Rect(0, 0, source.width, source.height)
+    if region is not None and region.intersection(image).is_empty:
+        raise InputError(f"--region {region.x:g},{region.y:g},{region.width:g},{region.height:g} lies outside "
+                         f"the image ({source.width} x {source.height} px)")
+    choose = getattr(segmenter, "choose_for", None)
+    if choose is not None:  # --model auto: the model is known once the image's pixel size is
+        choose(source_mpp)
+    metadata = {
+        "model": segmenter.model_name,
+        "model_version": segmenter.model_version,
+        "mpp": f"{source_mpp:g}",
+        "image": Path(source.path).name,
+    }
+    canvas = OverlayCanvas(source, region.intersection(image) if region else image) if overlay_path else None
+    with writer(output_path, metadata) as out:
+        for nuclei in segmenter.stream(source, region=region, progress=track, cancel=cancel):
+            out.write(nuclei)
+            if canvas is not None:
+                canvas.draw(nuclei)
+    if canvas is not None and overlay_path is not None:
+        canvas.save(overlay_path)
+    return SegmentSummary(
+        input=str(source.path), output=str(output_path), overlay=str(overlay_path) if overlay_path else None,
+        nuclei=out.count, chunks=chunks[0], width=source.width, height=source.height, mpp=source_mpp,
+        mpp_source=source.mpp_source, model=segmenter.model_name, model_version=segmenter.model_version,
+        model_trained=segmenter.model_trained, device=segmenter.device, seconds=time.perf_counter() - started,
+    )

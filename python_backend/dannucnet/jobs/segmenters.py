@@ -9,7 +9,7 @@ local one (``pipeline.plan_slide``) and sends each chunk with its core.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,8 @@ from dannucnet.protocols import Progress, Segmenter
 
 if TYPE_CHECKING:
     from dannucnet.engine.pool import PredictorPool
-    from dannucnet.predictor_protocol import Predictor
+    from dannucnet.protocols import Cancel, Predictor
+    from dannucnet.slides import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ class _CollectMixin:
         self: Segmenter, path: Path, rois: list[BaseGeometry] | None, mpp: float | None, progress: Progress | None
     ) -> list[Nucleus]:
         """All nuclei of an image at once (the QuPath batch writes an image in one go)."""
-        return [n for batch in self.stream(path, rois=rois, mpp=mpp, progress=progress) for n in batch]
+        from dannucnet.slides import open_image
+
+        with open_image(path, mpp=mpp) as source:
+            return [n for batch in self.stream(source, rois=rois, progress=progress) for n in batch]
 
 
 class LocalSegmenter(_CollectMixin):
@@ -54,7 +58,7 @@ class LocalSegmenter(_CollectMixin):
         self.options = options
         self.predictor: Any = None  # the engine's Predictor in use
         self._chosen_for: float | None = None
-        if self.pool is None:
+        if not isinstance(predictor, PredictorPool):
             self._use(predictor)
         else:  # named once the first image's pixel size is known (choose_for)
             self.model_name, self.model_version, self.model_trained, self.device = "auto", "", True, "auto"
@@ -79,21 +83,19 @@ class LocalSegmenter(_CollectMixin):
         return reason
 
     def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+        self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        progress: Progress | None = None, cancel: Cancel | None = None,
     ) -> Iterator[list[Nucleus]]:
         from dannucnet.pipeline import SegmentOptions, segment_slide
         from dannucnet.pipeline.pipelined import segment_slide_pipelined
         from dannucnet.pipeline.slide import resolve_stains
-        from dannucnet.slides import open_image
 
         options = self.options if self.options is not None else SegmentOptions()
         run = segment_slide_pipelined if self.pipelined else segment_slide
-        with open_image(path, mpp=mpp) as source:
-            self.choose_for(source.mpp)
-            options = resolve_stains(source, options)  # --stains auto: this image's own
-            yield from run(self.predictor, source, region=region, rois=rois, options=options,
-                                     progress=progress, cancel=cancel)
+        self.choose_for(source.mpp)
+        options = resolve_stains(source, options)  # --stains auto: this image's own
+        yield from run(self.predictor, source, region=region, rois=rois, options=options,
+                       progress=progress, cancel=cancel)
 
 
 class ServerSegmenter(_CollectMixin):
@@ -125,21 +127,20 @@ class ServerSegmenter(_CollectMixin):
         self.by_path = bool(self.info.slide_segmentation_enabled)
 
     def stream(
-        self, path: Path, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
-        mpp: float | None = None, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+        self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
+        progress: Progress | None = None, cancel: Cancel | None = None,
     ) -> Iterator[list[Nucleus]]:
         options = self.options
         if getattr(options, "auto_stains", False):  # --stains auto: estimated here, sent as vectors
             from dannucnet.pipeline.slide import resolve_stains
-            from dannucnet.slides import open_image
 
-            with open_image(path, mpp=mpp) as source:
-                options = resolve_stains(source, options)
+            options = resolve_stains(source, options)
+        path = source.path
         if self.by_path and region is None:
             sent = False
             try:
                 for batch in self.client.segment_slide(
-                    str(Path(path).resolve()), rois=rois, options=options, mpp=mpp, progress=progress
+                    str(Path(path).resolve()), rois=rois, options=options, mpp=source.given_mpp, progress=progress
                 ):
                     sent = True
                     yield batch
@@ -151,9 +152,7 @@ class ServerSegmenter(_CollectMixin):
                     raise
                 log.info("server cannot read %s itself (%s): sending pixels instead", path, exc)
                 self.by_path = False
-        from dannucnet.client import segment_image_via_server
-        from dannucnet.slides import open_image
+        from dannucnet.pipeline.remote import segment_image_via_server
 
-        with open_image(path, mpp=mpp) as source:
-            yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
-                                                progress=progress, cancel=cancel)
+        yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
+                                            progress=progress, cancel=cancel)

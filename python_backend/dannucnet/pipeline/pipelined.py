@@ -16,6 +16,12 @@ Every hand-over is a bounded queue, so at most a fixed number of chunks is in
 flight whatever the slide's size: memory is flat in slide size. The chunks, the
 windows, the blending and the ownership rule are those of :func:`segment_slide`,
 so the nuclei are the same.
+
+The parts: :class:`_Readers` (decoding threads), :class:`_ModelThread` (windows,
+batches, blending), :class:`_Handoff` (the bounded queue to the consumer) and
+:class:`PipelinedStep`, which runs them as a step of the one chunk loop
+(:func:`~dannucnet.pipeline.slide.run_slide`): plan, progress and cancellation
+between chunks are the loop's, as for every other step.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, heap, resample_rgb, scale_to_model
@@ -39,9 +46,9 @@ from dannucnet.errors import CancelledError
 from dannucnet.geometry.ownership import Chunk, Rect
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
 from dannucnet.pipeline.options import SegmentOptions
-from dannucnet.pipeline.slide import SlidePlan, plan_slide
+from dannucnet.pipeline.slide import SlidePlan, SlideWork, read_chunk, run_slide
 from dannucnet.pipeline.types import Nucleus
-from dannucnet.protocols import Progress
+from dannucnet.protocols import Cancel, Progress
 from dannucnet.slides import ImageSource, open_image
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,17 @@ class PipelineStats:
 _STOP = object()
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """A chunk as a reader hands it to the model thread."""
+
+    model_rgb: np.ndarray  # at the model's pixel size, unnormalised (the measurements use it)
+    network_rgb: np.ndarray  # what the network sees (colour-normalised when the card says so)
+    read: Rect  # the level-0 rectangle read
+    to_level0: float  # level-0 px per model px
+    seconds: float  # decoding and resampling time
+
+
 class _Readers:
     """Reader threads with one open slide each (tiffslide handles are not shared across threads)."""
 
@@ -105,16 +123,14 @@ class _Readers:
                 self.opened.append(src)
         return src
 
-    def read(self, chunk: Chunk, downsample: float, model_mpp: float, mpp: float, prepare: Callable):
+    def read(self, chunk: Chunk, downsample: float, model_mpp: float, mpp: float, prepare: Callable) -> _Decoded:
         """Decode and resample one chunk; ``prepare`` (colour normalisation) runs here too, off the model thread."""
         t0 = time.perf_counter()
-        read = chunk.read.to_int()
-        rgb = self._source().read_region(int(read.x), int(read.y), int(read.width), int(read.height),
-                                         downsample=downsample)
-        effective = read.width / rgb.shape[1]
-        scale = scale_to_model(mpp * effective, model_mpp)
-        model_rgb = resample_rgb(rgb, scale)
-        return model_rgb, prepare(model_rgb), read, effective, scale, time.perf_counter() - t0
+        pixels = read_chunk(self._source(), chunk, downsample)
+        scale = scale_to_model(mpp * pixels.downsample, model_mpp)
+        model_rgb = resample_rgb(pixels.rgb, scale)
+        return _Decoded(model_rgb=model_rgb, network_rgb=prepare(model_rgb), read=pixels.read,
+                        to_level0=pixels.downsample / scale, seconds=time.perf_counter() - t0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -138,6 +154,181 @@ def _default_post(device_type: str, readers: int) -> tuple[int, bool]:
     return max(1, cores - readers - 1), True
 
 
+class _Handoff:
+    """The bounded queue from the model thread to the consumer; a put gives up once stopped."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=size)
+        self.stopped = threading.Event()
+
+    def put(self, item: object) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> object:
+        return self.queue.get()
+
+    def stop(self) -> None:
+        """Stop, and unblock the model thread if it waits on a full queue."""
+        self.stopped.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+
+
+class _ModelThread(threading.Thread):
+    """Cuts decoded chunks into windows, runs them in fixed-size batches that straddle chunk borders,
+    blends them, and submits each finished chunk's map to post-processing. What it hands over, in
+    chunk order: a future per chunk, then ``_STOP``; or the exception that ended it."""
+
+    def __init__(self, predictor: Predictor, engine: TileEngine, readers: _Readers, post: Executor,
+                 handoff: _Handoff, work: SlideWork, stats: PipelineStats, prefetch: int) -> None:
+        super().__init__(name="slide-model", daemon=True)
+        self.predictor, self.engine, self.readers, self.post, self.handoff = predictor, engine, readers, post, handoff
+        self.work, self.stats, self.prefetch = work, stats, prefetch
+        card = predictor.card
+        options = work.options
+        self.threshold = options.threshold if options.threshold is not None else card.threshold
+        self.min_area_px = max(1, round(options.min_area_um2 / card.mpp**2))
+        self.pending: deque[Future[_Decoded]] = deque()  # decoding chunks, in chunk order
+        self.next_read = 0
+        self.stream = WindowStream(engine)  # batches of windows run across chunk borders
+
+    def run(self) -> None:
+        try:
+            self._run_chunks()
+            self.handoff.put(_STOP)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self.handoff.put(exc)
+
+    def _run_chunks(self) -> None:
+        chunks, cancel = self.work.plan.chunks, self.work.cancel
+        self._top_up()
+        for chunk in chunks:
+            if self.handoff.stopped.is_set():
+                return
+            if cancel is not None and cancel():
+                raise CancelledError("cancelled")
+            self._add_windows(chunk, self._next_decoded())
+        self._flush()
+
+    def _top_up(self) -> None:
+        """Keep ``prefetch`` chunks decoding ahead of the model."""
+        plan, predictor = self.work.plan, self.predictor
+        while self.next_read < len(plan.chunks) and len(self.pending) < self.prefetch:
+            self.pending.append(self.readers.pool.submit(self.readers.read, plan.chunks[self.next_read],
+                                                         plan.downsample, predictor.card.mpp, plan.mpp,
+                                                         predictor.prepare))
+            self.next_read += 1
+
+    def _next_decoded(self) -> _Decoded:
+        t_wait = time.perf_counter()
+        decoded = self.pending.popleft().result()
+        self.stats.model_idle_seconds += time.perf_counter() - t_wait
+        self.stats.decode_seconds += decoded.seconds
+        self.stats.decode_megapixels += decoded.read.width * decoded.read.height / 1e6
+        self._top_up()
+        return decoded
+
+    def _add_windows(self, chunk: Chunk, decoded: _Decoded) -> None:
+        where = ChunkGeometry(origin=(decoded.read.x, decoded.read.y), to_level0=decoded.to_level0,
+                              mpp=self.work.plan.mpp, core=chunk.core, threshold=self.threshold,
+                              min_area_px=self.min_area_px)
+        # the network sees the normalised pixels; measurements use the unnormalised model_rgb (the tag)
+        image = WindowedImage(decoded.network_rgb, self.engine.tile, self.predictor.overlap, self.engine.new_blend,
+                              tag=(decoded.model_rgb, where))
+        self._finish(self.stream.add(image))
+
+    def _flush(self) -> None:
+        self._finish(self.stream.flush())
+
+    def _finish(self, images: list[WindowedImage]) -> None:
+        for image in images:
+            model_rgb, where = image.tag
+            self.handoff.put(self.post.submit(chunk_nuclei, image.result(), model_rgb, where, self.work.plan.clip,
+                                              self.work.options))
+
+
+def _post_pool(workers: int, processes: bool) -> Executor:
+    if processes:
+        import multiprocessing
+
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slide-post")
+
+
+class PipelinedStep:
+    """The pipelined machinery as a :class:`~dannucnet.pipeline.slide.SlideStep` of the one chunk loop.
+
+    Pass ``stats`` to receive per-stage timings; pass ``engine`` to reuse a
+    compiled :class:`TileEngine` across slides.
+    """
+
+    def __init__(self, predictor: Predictor, config: PipelineConfig = PipelineConfig(),
+                 stats: PipelineStats | None = None, engine: TileEngine | None = None) -> None:
+        heap.limit_arenas()  # before the pools start their threads
+        self.predictor, self.config = predictor, config
+        self.stats = stats if stats is not None else PipelineStats()
+        self.engine = engine or TileEngine(predictor, batch_size=config.batch_size, precision=config.precision,
+                                           compile=config.compile)
+        post_n, post_proc = _default_post(predictor.device.type, config.readers)
+        self.post_workers = config.post_workers or post_n
+        self.post_processes = post_proc if config.post_processes is None else config.post_processes
+
+    @property
+    def model_mpp(self) -> float:
+        return self.predictor.card.mpp
+
+    def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
+        """Each chunk's nuclei in chunk order, while later chunks decode, run and post-process."""
+        config, stats, engine = self.config, self.stats, self.engine
+        base_tiles, base_seconds = engine.stats.tiles, engine.finish_stats().model_seconds
+        stats.readers, stats.post_workers = config.readers, self.post_workers
+        readers = _Readers(work.source, config.readers)
+        post = _post_pool(self.post_workers, self.post_processes)
+        handoff = _Handoff(size=self.post_workers + 2)  # finished-model chunks awaiting their nuclei
+        stats.chunks = stats.nuclei = 0
+        prefetch = config.prefetch or config.readers + 1
+        model = _ModelThread(self.predictor, engine, readers, post, handoff, work, stats, prefetch)
+        model.start()
+        try:
+            while True:
+                item = handoff.get()
+                if item is _STOP:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, Future)
+                yield self._collect(item.result())
+        finally:
+            handoff.stop()
+            model.join()
+            readers.close()
+            post.shutdown(wait=True, cancel_futures=True)
+            es = engine.finish_stats()
+            stats.model_seconds, stats.tiles = es.model_seconds - base_seconds, es.tiles - base_tiles
+            stats.compiled, stats.precision = es.compiled, es.precision
+
+    def _collect(self, result: tuple[list[Nucleus], dict[str, float]]) -> list[Nucleus]:
+        """A chunk's nuclei, its post-processing timings added to the stats."""
+        nuclei, timings = result
+        stats = self.stats
+        for k, v in timings.items():
+            stats.post_timings[k] = stats.post_timings.get(k, 0.0) + v
+        stats.post_seconds += sum(timings.values())
+        stats.chunks += 1
+        stats.nuclei += len(nuclei)
+        heap.trim()
+        return nuclei
+
+
 def segment_slide_pipelined(
     predictor: Predictor,
     source: ImageSource,
@@ -145,7 +336,7 @@ def segment_slide_pipelined(
     rois: Sequence[BaseGeometry] | None = None,
     options: SegmentOptions = SegmentOptions(),
     progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
     config: PipelineConfig = PipelineConfig(),
     plan: SlidePlan | None = None,
     stats: PipelineStats | None = None,
@@ -157,118 +348,8 @@ def segment_slide_pipelined(
     compiled :class:`TileEngine` across slides.
     """
     started = time.perf_counter()
-    heap.limit_arenas()  # before the pools start their threads
-    plan = plan or plan_slide(source, predictor.card.mpp, region, rois, options)
-    stats = stats if stats is not None else PipelineStats()
-    engine = engine or TileEngine(predictor, batch_size=config.batch_size, precision=config.precision,
-                                  compile=config.compile)
-    base_tiles, base_seconds = engine.stats.tiles, engine.finish_stats().model_seconds
-    card = predictor.card
-    threshold = options.threshold if options.threshold is not None else card.threshold
-    min_area_px = max(1, round(options.min_area_um2 / card.mpp**2))
-    post_n, post_proc = _default_post(predictor.device.type, config.readers)
-    post_n = config.post_workers or post_n
-    post_proc = post_proc if config.post_processes is None else config.post_processes
-    stats.readers, stats.post_workers = config.readers, post_n
-    total = len(plan.chunks)
-    if progress is not None:
-        progress(0, total, 0)
-    if total == 0:
-        return
-
-    readers = _Readers(source, config.readers)
-    post: Executor
-    if post_proc:
-        import multiprocessing
-
-        post = ProcessPoolExecutor(max_workers=post_n, mp_context=multiprocessing.get_context("spawn"))
-    else:
-        post = ThreadPoolExecutor(max_workers=post_n, thread_name_prefix="slide-post")
-    results: queue.Queue = queue.Queue(maxsize=post_n + 2)  # finished-model chunks awaiting their nuclei
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def model_loop() -> None:
-        try:
-            pending: deque[Future] = deque()
-            nxt = 0
-            depth = config.prefetch or config.readers + 1
-
-            def top_up() -> None:
-                nonlocal nxt
-                while nxt < total and len(pending) < depth:
-                    pending.append(readers.pool.submit(readers.read, plan.chunks[nxt], plan.downsample,
-                                                       card.mpp, plan.mpp, predictor.prepare))
-                    nxt += 1
-
-            def finish(images: list[WindowedImage]) -> None:
-                for image in images:  # tag: the unnormalised pixels (for measurements) and the chunk's place
-                    model_rgb, where = image.tag
-                    put(post.submit(chunk_nuclei, image.result(), model_rgb, where, plan.clip, options))
-
-            top_up()
-            stream = WindowStream(engine)  # batches run across chunk borders
-            for index in range(total):
-                if stop.is_set():
-                    return
-                if cancel is not None and cancel():
-                    raise CancelledError("cancelled")
-                t_wait = time.perf_counter()
-                model_rgb, network_rgb, read, effective, scale, seconds = pending.popleft().result()
-                stats.model_idle_seconds += time.perf_counter() - t_wait
-                stats.decode_seconds += seconds
-                stats.decode_megapixels += read.width * read.height / 1e6
-                top_up()
-                chunk = plan.chunks[index]
-                where = ChunkGeometry(origin=(read.x, read.y), to_level0=effective / scale, mpp=plan.mpp,
-                                      core=chunk.core, threshold=threshold, min_area_px=min_area_px)
-                finish(stream.add(WindowedImage(network_rgb, engine.tile, engine.predictor.overlap,
-                                                engine.new_blend, tag=(model_rgb, where))))
-            finish(stream.flush())
-            put(_STOP)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put(exc)
-
-    worker = threading.Thread(target=model_loop, name="slide-model", daemon=True)
-    worker.start()
-    done = found = 0
+    step = PipelinedStep(predictor, config, stats, engine)
     try:
-        while True:
-            item = results.get()
-            if item is _STOP:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            nuclei, timings = item.result()
-            for k, v in timings.items():
-                stats.post_timings[k] = stats.post_timings.get(k, 0.0) + v
-            stats.post_seconds += sum(timings.values())
-            done += 1
-            found += len(nuclei)
-            stats.chunks, stats.nuclei = done, found
-            if progress is not None:
-                progress(done, total, found)
-            heap.trim()
-            yield nuclei
+        yield from run_slide(step, source, region, rois, options, progress, cancel, plan)
     finally:
-        stop.set()
-        while True:  # unblock the model thread if it waits on a full queue
-            try:
-                results.get_nowait()
-            except queue.Empty:
-                break
-        worker.join()
-        readers.close()
-        post.shutdown(wait=True, cancel_futures=True)
-        es = engine.finish_stats()
-        stats.model_seconds, stats.tiles = es.model_seconds - base_seconds, es.tiles - base_tiles
-        stats.compiled, stats.precision = es.compiled, es.precision
-        stats.wall_seconds = time.perf_counter() - started
+        step.stats.wall_seconds = time.perf_counter() - started

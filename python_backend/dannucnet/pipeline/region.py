@@ -19,7 +19,7 @@ from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
-from dannucnet.predictor_protocol import Cancel, Predictor, TileFunction
+from dannucnet.protocols import Cancel, Predictor, TileFunction
 
 
 @dataclass

@@ -3,18 +3,26 @@
 The slide is cut into large chunks (2048 model px + a 128 px margin by
 default, plus twice the cell expansion when cells are asked for). Each chunk
 owns the nuclei whose centroid lies in its core, so a nucleus on a seam is
-reported exactly once and never cut. Chunks without tissue are skipped; the
-next chunk is read while the current one is segmented, so decoding overlaps
-with inference. Results are yielded per chunk and never accumulated here:
-memory stays flat in slide size.
+reported exactly once and never cut. Chunks without tissue are skipped.
+Results are yielded per chunk and never accumulated here: memory stays flat in
+slide size.
+
+:func:`run_slide` is the one chunk loop every door uses: plan → a *step* that
+turns the plan's chunks into their nuclei → progress and cancellation between
+chunks → nuclei in chunk order. The steps: :class:`InProcessStep` (this file:
+the next chunk is read while the current one is segmented),
+``pipeline.pipelined.PipelinedStep`` (readers, batched model, post-processing
+pool overlapped) and ``pipeline.remote.ServerStep`` (the model on a server).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import shapely
@@ -26,11 +34,12 @@ from dannucnet.geometry.ownership import Chunk, Rect, plan_chunks
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.region import segment_region
 from dannucnet.pipeline.types import Nucleus
-from dannucnet.predictor_protocol import Cancel, Predictor, TileFunction
-from dannucnet.protocols import Progress
+from dannucnet.protocols import Cancel, Predictor, Progress, TileFunction
 from dannucnet.slides import ImageSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -100,10 +109,125 @@ def resolve_stains(source: ImageSource, options: SegmentOptions) -> SegmentOptio
     return dataclasses.replace(options, stains=stains, auto_stains=False)
 
 
-def _read(source: ImageSource, chunk: Chunk, downsample: float) -> tuple[np.ndarray, Rect]:
+@dataclass(frozen=True)
+class ChunkPixels:
+    """One chunk's pixels as read, and where they sit in level-0 coordinates."""
+
+    chunk: Chunk
+    rgb: np.ndarray
+    read: Rect  # the level-0 rectangle read (integer)
+    downsample: float  # exact level-0 px per array px: the array may be a pixel off the nominal size after rounding
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        return (self.read.x, self.read.y)
+
+
+def read_chunk(source: ImageSource, chunk: Chunk, downsample: float) -> ChunkPixels:
+    """Read ``chunk`` (its core and margin) at ``downsample`` level-0 px per returned px."""
     read = chunk.read.to_int()
     rgb = source.read_region(int(read.x), int(read.y), int(read.width), int(read.height), downsample=downsample)
-    return rgb, read
+    return ChunkPixels(chunk=chunk, rgb=rgb, read=read, downsample=read.width / rgb.shape[1])
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], in_flight: int, threads: int | None = None,
+                name: str = "dannucnet-chunks") -> Iterator[R]:
+    """``map(fn, items)`` with up to ``in_flight`` calls submitted ahead to ``threads`` threads
+    (default ``in_flight``), results in input order; with ``in_flight`` <= 1 it runs inline."""
+    if in_flight <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=threads or in_flight, thread_name_prefix=name) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        for future in pending:
+            yield future.result()
+
+
+@dataclass(frozen=True)
+class SlideWork:
+    """One slide's work as a step sees it."""
+
+    source: ImageSource
+    plan: SlidePlan
+    options: SegmentOptions
+    cancel: Cancel | None = None  # a step that can stop inside a chunk asks this too
+
+
+class SlideStep(Protocol):
+    """What turns a plan's chunks into nuclei: in this process, pipelined, or on a server."""
+
+    @property
+    def model_mpp(self) -> float:
+        """µm/px the model runs at (chunks are planned in model pixels)."""
+        ...
+
+    def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
+        """The nuclei each of ``work.plan.chunks`` owns: one list per chunk, in chunk order."""
+        ...
+
+
+def run_slide(
+    step: SlideStep,
+    source: ImageSource,
+    region: Rect | None = None,
+    rois: Sequence[BaseGeometry] | None = None,
+    options: SegmentOptions = SegmentOptions(),
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    plan: SlidePlan | None = None,
+) -> Iterator[list[Nucleus]]:
+    """The one chunk loop: plan the slide, let ``step`` segment its chunks, report progress and
+    honour ``cancel`` between chunks; yields each chunk's owned nuclei, in chunk order."""
+    plan = plan or plan_slide(source, step.model_mpp, region, rois, options)
+    total, found = len(plan.chunks), 0
+    if progress is not None:
+        progress(0, total, 0)
+    if total == 0:
+        return
+    batches = step.nuclei(SlideWork(source=source, plan=plan, options=options, cancel=cancel))
+    try:
+        for index in range(total):
+            if cancel is not None and cancel():
+                raise CancelledError("cancelled")
+            nuclei = next(batches)
+            found += len(nuclei)
+            if progress is not None:
+                progress(index + 1, total, found)
+            yield nuclei
+    finally:
+        batches.close()  # stops a step's threads now, also when the consumer stops early
+
+
+@dataclass(frozen=True)
+class InProcessStep:
+    """Each chunk through :func:`segment_region` in this thread, the next chunk read meanwhile."""
+
+    predictor: Predictor
+    tile_fn: TileFunction | None = None
+
+    @property
+    def model_mpp(self) -> float:
+        return self.predictor.card.mpp
+
+    def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
+        plan = work.plan
+
+        def read(chunk: Chunk) -> ChunkPixels:
+            return read_chunk(work.source, chunk, plan.downsample)
+
+        # two reads in flight on one thread: chunk i+1 decodes while chunk i is segmented
+        for pixels in ordered_map(read, plan.chunks, in_flight=2, threads=1, name="slide-reader"):
+            result = segment_region(
+                self.predictor, pixels.rgb, origin=pixels.origin, downsample=pixels.downsample, mpp=plan.mpp,
+                core=pixels.chunk.core, clip=plan.clip, options=work.options, tile_fn=self.tile_fn,
+                cancel=work.cancel,
+            )
+            yield result.nuclei
 
 
 def segment_slide(
@@ -118,27 +242,4 @@ def segment_slide(
     plan: SlidePlan | None = None,
 ) -> Iterator[list[Nucleus]]:
     """Yield the nuclei of each chunk (owned by that chunk only), in chunk order."""
-    plan = plan or plan_slide(source, predictor.card.mpp, region, rois, options)
-    total, found = len(plan.chunks), 0
-    if progress is not None:
-        progress(0, total, 0)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as reader:
-        pending: Future | None = reader.submit(_read, source, plan.chunks[0], plan.downsample) if total else None
-        for index, chunk in enumerate(plan.chunks):
-            if cancel is not None and cancel():
-                raise CancelledError("cancelled")
-            assert pending is not None
-            rgb, read = pending.result()
-            pending = (
-                reader.submit(_read, source, plan.chunks[index + 1], plan.downsample) if index + 1 < total else None
-            )
-            # the array may be a pixel off the nominal size after rounding: use its exact spacing
-            effective = read.width / rgb.shape[1]
-            result = segment_region(
-                predictor, rgb, origin=(read.x, read.y), downsample=effective, mpp=plan.mpp,
-                core=chunk.core, clip=plan.clip, options=options, tile_fn=tile_fn, cancel=cancel,
-            )
-            found += len(result.nuclei)
-            if progress is not None:
-                progress(index + 1, total, found)
-            yield result.nuclei
+    return run_slide(InProcessStep(predictor, tile_fn), source, region, rois, options, progress, cancel, plan)

@@ -9,11 +9,12 @@ Windowing, blending and resampling stay in the engine — nothing is copied.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dannucnet.predictor_protocol import Cancel, TileFunction, WindowProgress
+from dannucnet.protocols import Cancel, TileFunction, WindowProgress
 from dannucnet.service.batcher import MicroBatcher
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class BatchedPredictor:
-    """A ``dannucnet.predictor_protocol.Predictor`` around an engine ``Predictor``; every window goes through one
+    """A ``dannucnet.protocols.Predictor`` around an engine ``Predictor``; every window goes through one
     batching worker.
 
     It composes, and leaves the predictor it wraps as it found it: what it shows of it are the
@@ -69,7 +70,7 @@ class BatchedPredictor:
         return self.inner.prepare(rgb)
 
     # ---- the network, through the batcher --------------------------------
-    def _run_batch(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
+    def _run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         return list(self.inner.predict_tiles(np.stack(tiles)))
 
     def predict_tiles(self, tiles: np.ndarray, cancel: Cancel | None = None) -> np.ndarray:

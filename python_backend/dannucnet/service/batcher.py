@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from dannucnet.predictor_protocol import Cancel
+from dannucnet.protocols import Cancel
 from dannucnet.service.calls import Call
 from dannucnet.service.status import ServiceError
 

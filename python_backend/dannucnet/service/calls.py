@@ -1,9 +1,9 @@
 """The state of one client call (deadline, cancellation), independent of transport.
 
-A :class:`Call` is also the pipeline's cancel callable (``dannucnet.predictor_protocol.Cancel``): the
+A :class:`Call` is also the pipeline's cancel callable (``dannucnet.protocols.Cancel``): the
 servicer hands it down as ``cancel=call`` and the pipeline, the window loop and the
 micro-batcher ask it between batches whether anyone still waits for the work (the one
-way cancellation travels; ``dannucnet.predictor_protocol`` says why not a context variable).
+way cancellation travels; ``dannucnet.protocols`` says why not a context variable).
 """
 
 from __future__ import annotations

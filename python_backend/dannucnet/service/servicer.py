@@ -27,7 +27,7 @@ from dannucnet import __version__
 from dannucnet.errors import DanNucNetError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
-from dannucnet.predictor_protocol import Predictor
+from dannucnet.protocols import Predictor
 from dannucnet.service import API_VERSION
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.calls import Call

@@ -63,6 +63,7 @@ class ImageSource:
         self.level_dimensions: tuple[tuple[int, int], ...] = backend.level_dimensions
         self.level_downsamples: tuple[float, ...] = backend.level_downsamples
         self.format: str = backend.format
+        self.given_mpp = given_mpp  # the --mpp that overrides the file's, if any (a server reading the file needs it)
         if given_mpp is not None:
             self.mpp: float | None = given_mpp
             self.mpp_source = "given with --mpp"

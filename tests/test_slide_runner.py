@@ -1,0 +1,117 @@
+"""The one chunk loop (``pipeline.slide.run_slide``) and what the doors around it now share.
+
+The equality of the steps (in process = pipelined = server) is checked by test_pipelined.py and
+test_service_server.py; here: the loop's own contract with any step (progress, cancellation between
+chunks, the step closed whatever happens), one writer per format, and a cohort task opening its
+slide once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dannucnet.errors import CancelledError
+from dannucnet.pipeline import Nucleus, SegmentOptions, SlidePlan
+from dannucnet.pipeline.slide import SlideWork, run_slide
+from dannucnet.slides import open_image
+from dannucnet.slides.synthetic import write_synthetic_slide
+
+
+class RecordingStep:
+    """A step that returns chunk i's core as i + 1 'nuclei' and records what it was asked for."""
+
+    model_mpp = 0.25
+
+    def __init__(self) -> None:
+        self.served: list[int] = []
+        self.closed = 0
+
+    def nuclei(self, work: SlideWork):
+        try:
+            for i, chunk in enumerate(work.plan.chunks):
+                self.served.append(i)
+                yield [Nucleus(polygon=chunk.core.to_polygon(), probability=1.0) for _ in range(i + 1)]
+        finally:
+            self.closed += 1
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    return write_synthetic_slide(tmp_path_factory.mktemp("runner") / "s.tif", (700, 500), seed=1)
+
+
+OPTIONS = SegmentOptions(chunk_size=256, margin=64, skip_background=False)
+
+
+def test_the_loop_reports_progress_and_yields_in_chunk_order(slide):
+    step, seen = RecordingStep(), []
+    with open_image(slide.path) as src:
+        batches = list(run_slide(step, src, options=OPTIONS, progress=lambda *a: seen.append(a)))
+    total = len(batches)
+    assert total >= 6, "the test needs several chunks"
+    assert [len(b) for b in batches] == list(range(1, total + 1))
+    assert seen == [(k, total, k * (k + 1) // 2) for k in range(total + 1)]
+    assert step.served == list(range(total)) and step.closed == 1
+
+
+def test_cancel_is_asked_before_every_chunk_and_closes_the_step(slide):
+    step, got = RecordingStep(), []
+    with open_image(slide.path) as src, pytest.raises(CancelledError):
+        for batch in run_slide(step, src, options=OPTIONS, cancel=lambda: len(got) >= 2):
+            got.append(batch)
+    assert len(got) == 2 and step.served == [0, 1] and step.closed == 1
+
+
+def test_a_consumer_that_stops_early_closes_the_step(slide):
+    step = RecordingStep()
+    with open_image(slide.path) as src:
+        batches = run_slide(step, src, options=OPTIONS)
+        next(batches)
+        batches.close()
+    assert step.served == [0] and step.closed == 1
+
+
+def test_an_empty_plan_never_starts_the_step(slide):
+    step, seen = RecordingStep(), []
+    empty = SlidePlan(chunks=[], downsample=1.0, mpp=0.25, clip=None, skipped_background=3)
+    with open_image(slide.path) as src:
+        assert list(run_slide(step, src, plan=empty, progress=lambda *a: seen.append(a))) == []
+    assert seen == [(0, 0, 0)] and step.served == [] and step.closed == 0
+
+
+def test_one_writer_per_format_the_caller_picks():
+    from dannucnet.formats.geojson import GeoJSONWriter
+    from dannucnet.formats.geoparquet import GeoParquetWriter
+    from dannucnet.jobs.segment_file import writer_for
+
+    assert writer_for("a.parquet") is GeoParquetWriter and writer_for("A.GEOPARQUET") is GeoParquetWriter
+    assert writer_for("a.geojson") is GeoJSONWriter and writer_for("a.geojson.gz") is GeoJSONWriter
+
+
+def test_a_cohort_task_opens_its_slide_once(tmp_path, monkeypatch):
+    """Once for the pixel-size check, the output's metadata, the overlay and the segmentation
+    together (it was opened three times: worker, segment_to_geojson, the segmenter)."""
+    import dannucnet.jobs.segment_file as segment_file
+    import dannucnet.slides as slides
+    from dannucnet.cohort.worker import TaskSpec, segment_slide_task
+    from dannucnet.formats.geojson import read_features
+
+    small = write_synthetic_slide(tmp_path / "small.tif", 300, seed=2)
+    opened: list[Path] = []
+    real_open = slides.open_image
+
+    def counting_open(path, mpp=None):
+        opened.append(Path(path))
+        return real_open(path, mpp=mpp)
+
+    monkeypatch.setattr(slides, "open_image", counting_open)
+    monkeypatch.setattr(segment_file, "open_image", counting_open)
+    out = tmp_path / "small.geojson.gz"
+    spec = TaskSpec(input=str(small.path), output=str(out), model="untrained", device="cpu", batch_size=None,
+                    mpp=None, options=SegmentOptions(threshold=0.3, min_area_um2=0), runtime="torch")
+    result = segment_slide_task(spec)
+    assert result["status"] == "done", result
+    assert opened == [small.path]
+    assert len(read_features(out)) == result["nuclei"]
