@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -508,7 +508,7 @@ def _weigh_average(
     report(f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {verdict}")
     if better:
         average["shipped"] = True
-        _keep(out, averaged.module, cfg, setup, run, average)
+        _keep(out, cast(DANNucNet, averaged.module), cfg, setup, run, average)
         _save_checkpoint(out / CHECKPOINT, setup, run)  # so that a resumed run knows the folder holds the mean
     return average
 
@@ -552,7 +552,8 @@ def _finish_average(averaged: AveragedModel, cfg: TrainConfig, setup: Setup, run
         update_bn(_input_batches(setup.sampler, cfg.batch_size, setup.device), averaged.module)
     val_loss = val_f1 = None
     if setup.val_patches:
-        val_loss, val_f1 = validate(averaged.module, setup.val_patches, setup.device, setup.loss_fn, cfg.batch_size,
+        mean = cast(DANNucNet, averaged.module)
+        val_loss, val_f1 = validate(mean, setup.val_patches, setup.device, setup.loss_fn, cfg.batch_size,
                                     cfg.distance_weight)
     return {"epochs": [run.average_first, len(run.history)], "count": int(averaged.n_averaged), "val_loss": val_loss,
             "val_f1": val_f1, "shipped": False}
