@@ -86,6 +86,32 @@ def test_card_records_the_epochs_after_the_kept_one(dataset, tmp_path):
     assert training["run_wall_time_s"] >= training["wall_time_s"] > 0
 
 
+def test_a_resumed_run_that_keeps_an_earlier_epoch_rebuilds_its_card_without_reading_it(dataset, tmp_path):
+    """The card is built from the run's state, not read back: a resume that never beats epoch 1 writes the
+    card of epoch 1's save (that run's command and settings) with the whole record, even over a broken card.
+    A checkpoint from before checkpoints recorded the kept save gets the resumed run's settings."""
+    out = tmp_path / "model"
+    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="first", min_delta=10.0)
+    train(cfg, report=lambda _msg: None)
+    first = json.loads((out / "model_card.json").read_text())
+    (out / "model_card.json").write_text("{ not json")
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 3, "command": "resumed"}), report=lambda _msg: None)
+    card = json.loads((out / "model_card.json").read_text())
+    training = card["training"]
+    assert training["command"] == "first" and training["config"]["epochs"] == 2
+    assert training["best_epoch"] == 1 and training["epochs_run"] == 3 and len(training["history"]) == 3
+    assert training["wall_time_s"] == first["training"]["wall_time_s"]
+    assert card["metrics"] == first["metrics"] and training["stop_reason"] == "max epochs reached"
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["kept"]  # as written before checkpoints recorded the kept save
+    torch.save(state, out / "checkpoint.pt")
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 4, "command": "older"}), report=lambda _msg: None)
+    training = json.loads((out / "model_card.json").read_text())["training"]
+    assert training["command"] == "older" and training["best_epoch"] == 1 and training["epochs_run"] == 4
+    assert training["wall_time_s"] == round(training["history"][0]["seconds"], 1)
+
+
 def test_dataset_folder_round_trip(dataset):
     ds = load_dataset(dataset)
     assert [s.stem for s in ds.select("train")] == ["img0", "img1"]

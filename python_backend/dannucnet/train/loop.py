@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from dannucnet import __version__
-from dannucnet.atomic import atomic_path, write_text
+from dannucnet.atomic import atomic_path
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
@@ -89,6 +89,66 @@ class EpochLog:
     val_f1: float | None
     lr: float
     seconds: float
+
+    @property
+    def monitored(self) -> float:
+        """What the schedule and early stopping follow: the validation loss, or the training loss without one."""
+        return self.train_loss if self.val_loss is None else self.val_loss
+
+
+@dataclass
+class Setup:
+    """What a run trains with, fixed once set up (the network's weights and the optimiser's state change)."""
+
+    device: torch.device
+    sampler: PatchSampler
+    val_patches: list[tuple[np.ndarray, ...]]
+    validating: bool  # False with --val-fraction 0 and no --val-split: every row is trained on
+    steps: int  # per epoch
+    data_info: dict[str, Any]  # the card's provenance of the data
+    colour: ColourReference | None
+    network: DANNucNet
+    optimiser: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    loss_fn: Callable
+
+
+@dataclass
+class Kept:
+    """The save that put the kept weights in the model folder: what their card says of them."""
+
+    epoch: int  # the best epoch (the last one without validation)
+    wall_time_s: float  # the run's time when they were saved
+    hardware: str
+    config: dict[str, Any]  # the TrainConfig of the run that saved them (a resumed run may differ, e.g. --epochs)
+    average: dict[str, Any] | None = None  # the weight mean's record, when the mean was kept instead
+
+
+@dataclass
+class RunState:
+    """What changes epoch by epoch; all of it but the clock travels in the checkpoint."""
+
+    history: list[EpochLog] = field(default_factory=list)
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    epochs_done: int = 0
+    elapsed_before: float = 0.0  # seconds the run had trained before this resume
+    averaged: AveragedModel | None = None
+    average_first: int = 0
+    kept: Kept | None = None
+    started: float = 0.0  # time.monotonic() at which the run would have started, had it never stopped
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class RunEnd:
+    """What only the end of a run knows, for the card's last writing."""
+
+    stop_reason: str
+    wall_time_s: float
+    average: dict[str, Any] | None  # the weight mean's record, kept or not
 
 
 def _to_tensors(batch: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -226,7 +286,55 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     data once a recipe has been chosen with validation. Then the learning-rate schedule follows
     the training loss, there is no early stopping, and the last epoch (or, with ``average_from``,
     the weight mean) is kept, since there is nothing to choose a better one by.
+
+    The card is written with the kept weights each time they change, and once more at the end with
+    the whole run's record (how it stopped, every epoch, the weight mean); it is never read back.
     """
+    _check(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    resuming = cfg.resume and (out / CHECKPOINT).exists()
+    setup = _set_up(cfg, resuming, report)
+    run = _resume(cfg, out / CHECKPOINT, setup, report) if resuming else RunState()
+    report(
+        f"training {cfg.name or out.name}: {len(setup.sampler.images)} images, {len(setup.val_patches)} validation "
+        f"patches, {setup.steps} steps/epoch × batch {cfg.batch_size}, device {setup.device}, loss {cfg.loss}"
+    )
+    run.started = time.monotonic() - run.elapsed_before
+    training_mode(setup.network, cfg)
+    stop_reason = None
+    for epoch in range(run.epochs_done + 1, cfg.epochs + 1):
+        entry = _train_epoch(cfg, setup, epoch)
+        run.history.append(entry)
+        run.epochs_done = epoch
+        # without validation every epoch is "the best": the last one is kept and nothing stops early
+        improved = not setup.validating or entry.monitored < run.best_loss - cfg.min_delta
+        if improved:
+            run.best_loss, run.best_epoch = entry.monitored, epoch
+            _keep(out, setup.network, cfg, setup, run)
+        _add_to_average(cfg, setup.network, run, epoch)
+        report(_epoch_line(entry, setup.validating, improved))
+        _save_checkpoint(out / CHECKPOINT, setup, run)
+        stop_reason = _stop_reason(cfg, run)
+        if stop_reason:
+            break
+    stop_reason = stop_reason or "max epochs reached"
+    kept = (f"best epoch {run.best_epoch} (val loss {run.best_loss:.4f})" if setup.validating
+            else f"last epoch {run.best_epoch}")
+    report(f"{stop_reason}; {kept} saved in {out}")
+    average = None if run.averaged is None else _weigh_average(run.averaged, cfg, out, setup, run, report)
+    # "wall_time_s" stays the time to the kept weights; the epochs after them belong in the record too, so a
+    # reader sees how long the run went on without beating them
+    _write_card(out, setup, run, RunEnd(stop_reason, run.elapsed(), average))
+    return out
+
+
+# --- set-up: the checks, the data, the network, the optimiser; or the state a checkpoint resumes -----------
+
+
+def _check(cfg: TrainConfig) -> None:
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     if cfg.average_from is not None and cfg.average_from < 1:
@@ -235,12 +343,11 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         raise InputError(f"--val-fraction {cfg.val_fraction}: must be at least 0 and below 1")
     if not 0.0 <= cfg.negatives < 1.0:
         raise InputError(f"--negatives {cfg.negatives}: must be at least 0 and below 1")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+
+
+def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> Setup:
     device = choose_device(cfg.device)
-    train_images, val_images, data_info, colour_reference = _prepare_images(cfg)
+    train_images, val_images, data_info, colour = _prepare_images(cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
@@ -251,136 +358,159 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
         raise InputError("no validation patch could be cut: use larger images or --val-split")
     train_pixels = sum((im.rows[1] - im.rows[0]) * im.rgb.shape[1] for im in sampler.images)
     steps = cfg.steps_per_epoch or max(1, round(train_pixels / (cfg.patch_size**2 * cfg.batch_size)))
-
-    config = ModelConfig(**{**ModelConfig(bn_momentum=0.1).to_dict(), **cfg.architecture})
-    network = DANNucNet(config)
-    if cfg.init_from:
-        network = _initial_weights(cfg.init_from, config)
-        report(f"starting from the weights of {cfg.init_from}")
-    network = network.to(device).to(memory_format=torch.channels_last)
-    checkpoint = out / CHECKPOINT
-    if cfg.init_from and not (cfg.resume and checkpoint.exists()) and overflowed_channels(network):
-        revived = revive_overflowed_channels(network, _input_batches(sampler, cfg.batch_size, device))
-        report(f"{revived} BatchNorm channels of {cfg.init_from} had an overflowed (infinite) variance: "
-               "statistics re-measured, scale set to 0 so the network computes what it did, and free to learn")
+    network = _network(cfg, device, sampler, resuming, report)
     trainable = freeze_all_but_distance(network) if cfg.distance_only else list(network.parameters())
     optimiser = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-7)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
         threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr,
     )
-    loss_fn = LOSSES[cfg.loss]
-    history: list[EpochLog] = []
-    best_loss, best_epoch, start_epoch, elapsed_before = float("inf"), -1, 0, 0.0
-    averaged: AveragedModel | None = None
-    average_first = 0
-    if cfg.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        network.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = [EpochLog(**h) for h in json.loads(state["history"])]
-        averaged, average_first = _resume_average(cfg, network, state, int(state["epoch"]) + 1, report)
-        best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
-        start_epoch, elapsed_before = int(state["epoch"]) + 1, float(state["elapsed"])
-        sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
-        report(f"resumed from {checkpoint} at epoch {start_epoch} (best val loss {best_loss:.4f})")
+    return Setup(device, sampler, val_patches, validating, steps, data_info, colour, network, optimiser, scheduler,
+                 LOSSES[cfg.loss])
 
-    name = cfg.name or out.name
-    report(
-        f"training {name}: {len(sampler.images)} images, {len(val_patches)} validation patches, "
-        f"{steps} steps/epoch × batch {cfg.batch_size}, device {device}, loss {cfg.loss}"
-    )
-    started = time.monotonic() - elapsed_before
-    training_mode(network, cfg)
-    stop_reason = "max epochs reached"
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.monotonic()
-        total = 0.0
-        for step in range(steps):
-            tensors = _to_tensors(sampler.batch(cfg.batch_size), device)
-            with autocast(device):
-                logits = network(tensors[0])
-            loss = total_loss(loss_fn, logits, tensors, cfg.distance_weight)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item()
-            if sys.stderr.isatty():
-                print(f"\r  epoch {epoch + 1} step {step + 1}/{steps} loss {total / (step + 1):.4f}",
-                      end="", file=sys.stderr)
+
+def _network(
+    cfg: TrainConfig, device: torch.device, sampler: PatchSampler, resuming: bool, report: Callable[[str], None]
+) -> DANNucNet:
+    """A fresh network, or the weights of ``init_from`` with any overflowed BatchNorm channel revived (a resumed
+    run's checkpoint replaces them, so they are revived only when the run starts)."""
+    config = ModelConfig(**{**ModelConfig(bn_momentum=0.1).to_dict(), **cfg.architecture})
+    network = DANNucNet(config)  # built even when replaced: it draws the same random numbers as before
+    if cfg.init_from:
+        network = _initial_weights(cfg.init_from, config)
+        report(f"starting from the weights of {cfg.init_from}")
+    network = network.to(device).to(memory_format=torch.channels_last)
+    if cfg.init_from and not resuming and overflowed_channels(network):
+        revived = revive_overflowed_channels(network, _input_batches(sampler, cfg.batch_size, device))
+        report(f"{revived} BatchNorm channels of {cfg.init_from} had an overflowed (infinite) variance: "
+               "statistics re-measured, scale set to 0 so the network computes what it did, and free to learn")
+    return network
+
+
+def _resume(cfg: TrainConfig, checkpoint: Path, setup: Setup, report: Callable[[str], None]) -> RunState:
+    """Load the checkpoint into the set-up network, optimiser and schedule; return the run's state as saved."""
+    saved = torch.load(checkpoint, map_location=setup.device, weights_only=True)
+    setup.network.load_state_dict(saved["model"])
+    setup.optimiser.load_state_dict(saved["optimiser"])
+    setup.scheduler.load_state_dict(saved["scheduler"])
+    run = RunState(history=[EpochLog(**h) for h in json.loads(saved["history"])],
+                   best_loss=float(saved["best_loss"]), best_epoch=int(saved["best_epoch"]),
+                   epochs_done=int(saved["epoch"]) + 1, elapsed_before=float(saved["elapsed"]))
+    run.averaged, run.average_first = _resume_average(cfg, setup.network, saved, run.epochs_done, report)
+    run.kept = Kept(**json.loads(saved["kept"])) if "kept" in saved else _kept_before_checkpoints_said(cfg, setup, run)
+    setup.sampler.rng = np.random.default_rng(cfg.seed + run.epochs_done)
+    report(f"resumed from {checkpoint} at epoch {run.epochs_done} (best val loss {run.best_loss:.4f})")
+    return run
+
+
+# --- one epoch --------------------------------------------------------------------------------------------------
+
+
+def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> EpochLog:
+    """``setup.steps`` training steps, validation, and the learning-rate schedule's step."""
+    started = time.monotonic()
+    total = 0.0
+    for step in range(setup.steps):
+        total += _train_step(cfg, setup)
         if sys.stderr.isatty():
-            print(file=sys.stderr)
-        val_loss = val_f1 = None
-        if validating:
-            val_loss, val_f1 = validate(network, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
-            training_mode(network, cfg)
-        monitored = total / steps if val_loss is None else val_loss
-        scheduler.step(monitored)
-        entry = EpochLog(epoch + 1, total / steps, val_loss, val_f1, optimiser.param_groups[0]["lr"],
-                         time.monotonic() - t0)
-        history.append(entry)
-        # without validation every epoch is "the best": the last one is kept and nothing stops early
-        improved = not validating or monitored < best_loss - cfg.min_delta
-        if improved:
-            best_loss, best_epoch = monitored, epoch + 1
-            _save_best(out, network, cfg, name, history, best_epoch, data_info, time.monotonic() - started, device,
-                       colour_reference)
-        if cfg.average_from and epoch + 1 >= cfg.average_from:
-            if averaged is None:
-                averaged, average_first = AveragedModel(network), epoch + 1
-            averaged.update_parameters(network)
-        scores = f"val loss {val_loss:.4f}  val pixel F1 {val_f1:.4f}  " if validating else ""
-        report(
-            f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  {scores}"
-            f"lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved and validating else ''}"
+            print(f"\r  epoch {epoch} step {step + 1}/{setup.steps} loss {total / (step + 1):.4f}",
+                  end="", file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    val_loss = val_f1 = None
+    if setup.validating:
+        val_loss, val_f1 = validate(setup.network, setup.val_patches, setup.device, setup.loss_fn, cfg.batch_size,
+                                    cfg.distance_weight)
+        training_mode(setup.network, cfg)
+    train_loss = total / setup.steps
+    setup.scheduler.step(train_loss if val_loss is None else val_loss)
+    lr = setup.optimiser.param_groups[0]["lr"]
+    return EpochLog(epoch, train_loss, val_loss, val_f1, lr, time.monotonic() - started)
+
+
+def _train_step(cfg: TrainConfig, setup: Setup) -> float:
+    tensors = _to_tensors(setup.sampler.batch(cfg.batch_size), setup.device)
+    with autocast(setup.device):
+        logits = setup.network(tensors[0])
+    loss = total_loss(setup.loss_fn, logits, tensors, cfg.distance_weight)
+    setup.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    setup.optimiser.step()
+    return loss.item()
+
+
+def _epoch_line(entry: EpochLog, validating: bool, improved: bool) -> str:
+    scores = f"val loss {entry.val_loss:.4f}  val pixel F1 {entry.val_f1:.4f}  " if validating else ""
+    return (f"epoch {entry.epoch}: train loss {entry.train_loss:.4f}  {scores}"
+            f"lr {entry.lr:.1e}  {entry.seconds:.0f}s{'  *best*' if improved and validating else ''}")
+
+
+def _stop_reason(cfg: TrainConfig, run: RunState) -> str | None:
+    if run.epochs_done - run.best_epoch >= cfg.stop_patience:
+        return f"early stop: no val-loss improvement for {cfg.stop_patience} epochs"
+    if cfg.time_budget_min and run.elapsed() / 60 >= cfg.time_budget_min:
+        return f"time budget of {cfg.time_budget_min:g} min reached"
+    return None
+
+
+# --- checkpoint -------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, setup: Setup, run: RunState) -> None:
+    """Everything a resumed run needs, the record of the kept weights included (their card is rebuilt from it)."""
+    with atomic_path(path) as tmp:  # a run stopped while saving keeps the previous checkpoint
+        torch.save(
+            {
+                "model": setup.network.state_dict(), "optimiser": setup.optimiser.state_dict(),
+                "scheduler": setup.scheduler.state_dict(), "epoch": run.epochs_done - 1,
+                "best_loss": run.best_loss, "best_epoch": run.best_epoch, "elapsed": run.elapsed(),
+                "history": json.dumps([asdict(h) for h in run.history]),
+                **({"averaged": run.averaged.state_dict(), "average_first": run.average_first}
+                   if run.averaged is not None else {}),
+                **({"kept": json.dumps(asdict(run.kept))} if run.kept is not None else {}),
+            },
+            tmp,
         )
-        with atomic_path(checkpoint) as tmp:  # a run stopped while saving keeps the previous checkpoint
-            torch.save(
-                {
-                    "model": network.state_dict(), "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                    "best_epoch": best_epoch, "elapsed": time.monotonic() - started,
-                    "history": json.dumps([asdict(h) for h in history]),
-                    **({"averaged": averaged.state_dict(), "average_first": average_first} if averaged else {}),
-                },
-                tmp,
-            )
-        if epoch + 1 - best_epoch >= cfg.stop_patience:
-            stop_reason = f"early stop: no val-loss improvement for {cfg.stop_patience} epochs"
-            break
-        if cfg.time_budget_min and (time.monotonic() - started) / 60 >= cfg.time_budget_min:
-            stop_reason = f"time budget of {cfg.time_budget_min:g} min reached"
-            break
-    kept = f"best epoch {best_epoch} (val loss {best_loss:.4f})" if validating else f"last epoch {best_epoch}"
-    report(f"{stop_reason}; {kept} saved in {out}")
-    average = None
-    if averaged is not None:
-        average = _finish_average(
-            averaged, network, average_first, len(history), cfg, sampler, val_patches, device, loss_fn
-        )
-        better = not validating or average["val_loss"] < best_loss
-        if validating:
-            verdict = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
-                       + ("shipped instead of the best epoch" if better else "not better: best epoch kept"))
-        else:
-            verdict = "no validation to compare it by, so the mean is shipped, as asked"
-        report(f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {verdict}")
-        if better:
-            average["shipped"] = True
-            _save_best(out, averaged.module, cfg, name, history, best_epoch, data_info, time.monotonic() - started,
-                       device, colour_reference, average)
-    # The card was written when the kept epoch was saved; the epochs after it belong in the record too, so a
-    # reader sees how long the run went on without beating it ("wall_time_s" stays the time to the kept epoch).
-    card = json.loads((out / "model_card.json").read_text())
-    card["training"]["stop_reason"] = stop_reason
-    card["training"]["epochs_run"] = len(history)
-    card["training"]["history"] = [asdict(h) for h in history]
-    card["training"]["run_wall_time_s"] = round(time.monotonic() - started, 1)
-    if average is not None:
-        card["training"]["weight_average"] = average
-    write_text(out / "model_card.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    return out
+
+
+def _kept_before_checkpoints_said(cfg: TrainConfig, setup: Setup, run: RunState) -> Kept | None:
+    """The kept weights of a checkpoint written before checkpoints recorded them (dannucnet 0.1.0 up to this
+    change): the best epoch with this run's settings, and as its wall time the epochs' own times up to it
+    (the seconds of set-up and saving between them are not in the checkpoint)."""
+    if run.best_epoch < 1:
+        return None
+    seconds = sum(h.seconds for h in run.history[: run.best_epoch])
+    return Kept(run.best_epoch, round(seconds, 1), _hardware(setup.device), asdict(cfg))
+
+
+# --- the weight mean ------------------------------------------------------------------------------------------
+
+
+def _add_to_average(cfg: TrainConfig, network: DANNucNet, run: RunState, epoch: int) -> None:
+    if cfg.average_from and epoch >= cfg.average_from:
+        if run.averaged is None:
+            run.averaged, run.average_first = AveragedModel(network), epoch
+        run.averaged.update_parameters(network)
+
+
+def _weigh_average(
+    averaged: AveragedModel, cfg: TrainConfig, out: Path, setup: Setup, run: RunState, report: Callable[[str], None]
+) -> dict[str, Any]:
+    """Validate the weight mean and keep it instead of the best epoch when it validates better (always, without
+    validation); return what the card records of it."""
+    average = _finish_average(averaged, cfg, setup, run)
+    better = not setup.validating or average["val_loss"] < run.best_loss
+    if setup.validating:
+        verdict = (f"val loss {average['val_loss']:.4f}  val pixel F1 {average['val_f1']:.4f}  "
+                   + ("shipped instead of the best epoch" if better else "not better: best epoch kept"))
+    else:
+        verdict = "no validation to compare it by, so the mean is shipped, as asked"
+    report(f"mean of the weights of epochs {average['epochs'][0]}-{average['epochs'][1]}: {verdict}")
+    if better:
+        average["shipped"] = True
+        _keep(out, cast(DANNucNet, averaged.module), cfg, setup, run, average)
+        _save_checkpoint(out / CHECKPOINT, setup, run)  # so that a resumed run knows the folder holds the mean
+    return average
 
 
 def _input_batches(sampler: PatchSampler, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -404,10 +534,7 @@ def _resume_average(
     return averaged, resumed_epoch
 
 
-def _finish_average(
-    averaged: AveragedModel, network: DANNucNet, first: int, last: int, cfg: TrainConfig, sampler: PatchSampler,
-    val_patches: list[tuple[np.ndarray, ...]], device: torch.device, loss_fn: Callable,
-) -> dict[str, Any]:
+def _finish_average(averaged: AveragedModel, cfg: TrainConfig, setup: Setup, run: RunState) -> dict[str, Any]:
     """Validate the mean of the epoch-end weights (stochastic weight averaging, Izmailov et al. 2018).
 
     Averaging weights lands nearer the middle of the flat region the last epochs wander in, which
@@ -419,15 +546,17 @@ def _finish_average(
     mean into NaN.
     """
     if cfg.freeze_bn or cfg.distance_only:
-        for mine, frozen in zip(averaged.module.buffers(), network.buffers()):
+        for mine, frozen in zip(averaged.module.buffers(), setup.network.buffers()):
             mine.copy_(frozen)
     else:
-        update_bn(_input_batches(sampler, cfg.batch_size, device), averaged.module)
+        update_bn(_input_batches(setup.sampler, cfg.batch_size, setup.device), averaged.module)
     val_loss = val_f1 = None
-    if val_patches:
-        val_loss, val_f1 = validate(averaged.module, val_patches, device, loss_fn, cfg.batch_size, cfg.distance_weight)
-    return {"epochs": [first, last], "count": int(averaged.n_averaged), "val_loss": val_loss, "val_f1": val_f1,
-            "shipped": False}
+    if setup.val_patches:
+        mean = cast(DANNucNet, averaged.module)
+        val_loss, val_f1 = validate(mean, setup.val_patches, setup.device, setup.loss_fn, cfg.batch_size,
+                                    cfg.distance_weight)
+    return {"epochs": [run.average_first, len(run.history)], "count": int(averaged.n_averaged), "val_loss": val_loss,
+            "val_f1": val_f1, "shipped": False}
 
 
 def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
@@ -482,18 +611,48 @@ def freeze_all_but_distance(network: DANNucNet) -> list[torch.nn.Parameter]:
     return list(network.distance.parameters())
 
 
-def _save_best(
-    out: Path, network: DANNucNet, cfg: TrainConfig, name: str, history: list[EpochLog], best_epoch: int,
-    data_info: dict[str, Any], seconds: float, device: torch.device, colour: ColourReference | None = None,
-    average: dict[str, Any] | None = None,
+# --- the model card -------------------------------------------------------------------------------------------
+
+
+def _keep(
+    out: Path, network: DANNucNet, cfg: TrainConfig, setup: Setup, run: RunState, average: dict[str, Any] | None = None
 ) -> None:
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    validation = (
-        {"loss": average["val_loss"], "pixel_f1": average["val_f1"]} if average
-        else {"loss": history[best_epoch - 1].val_loss, "pixel_f1": history[best_epoch - 1].val_f1}
-    )
-    card = ModelCard(
-        name=name,
+    """Save the weights the run keeps (the best epoch's, or the weight mean) with their card."""
+    run.kept = Kept(run.best_epoch, round(run.elapsed(), 1), _hardware(setup.device), asdict(cfg), average)
+    save_model(out, network, model_card(run.kept, run.history, setup))
+
+
+def _write_card(out: Path, setup: Setup, run: RunState, end: RunEnd) -> None:
+    """The card of the kept weights with the whole run's record: the last time it is written."""
+    if run.kept is None:
+        raise InputError(f"{out}: no weights were kept: no epoch ran, or no validation loss was a number "
+                         "(NaN: try a lower --lr)")
+    card = model_card(run.kept, run.history, setup, end)
+    card.architecture = setup.network.config.to_dict()  # as save_model writes it: the kept weights' network
+    card.save(out)
+
+
+def model_card(kept: Kept, history: list[EpochLog], setup: Setup, end: RunEnd | None = None) -> ModelCard:
+    """The card of the kept weights: the settings of the run that saved them, the data, every epoch so far,
+    and, once the run is over, how it ended."""
+    cfg = TrainConfig(**kept.config)
+    scores = ((kept.average["val_loss"], kept.average["val_f1"]) if kept.average
+              else (history[kept.epoch - 1].val_loss, history[kept.epoch - 1].val_f1))
+    training: dict[str, Any] = {
+        "command": cfg.command,
+        "config": {k: v for k, v in kept.config.items() if k != "command"},
+        "best_epoch": kept.epoch,
+        "epochs_run": len(history),
+        "wall_time_s": kept.wall_time_s,
+        "hardware": kept.hardware,
+        "history": [asdict(h) for h in history],
+    }
+    if end is not None:
+        training |= {"stop_reason": end.stop_reason, "run_wall_time_s": round(end.wall_time_s, 1),
+                     **({"weight_average": end.average} if end.average is not None else {})}
+    colour = setup.colour
+    return ModelCard(
+        name=cfg.name or Path(cfg.out).name,
         version=cfg.version,
         mpp=cfg.mpp,
         tile_size=cfg.patch_size,
@@ -501,20 +660,17 @@ def _save_best(
         normalisation=(COLOUR_NORMALISATION if colour is not None else ModelCard.normalisation),
         colour_reference=colour.to_dict() if colour is not None else None,
         description="DAN-NucNet (Ahmad et al., ESWA 2023) trained with dannucnet train.",
-        provenance={"software": f"dannucnet {__version__}", "torch": torch.__version__, **data_info},
-        licence=_licence_for(data_info),
-        training={
-            "command": cfg.command,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("command",)},
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "wall_time_s": round(seconds, 1),
-            "hardware": f"{hardware} ({device.type}, {torch.get_num_threads()} threads)",
-            "history": [asdict(h) for h in history],
-        },
-        metrics={"validation": validation} if validation["loss"] is not None else {},  # none without validation
+        provenance={"software": f"dannucnet {__version__}", "torch": torch.__version__, **setup.data_info},
+        licence=_licence_for(setup.data_info),
+        training=training,
+        # none without validation
+        metrics={"validation": {"loss": scores[0], "pixel_f1": scores[1]}} if scores[0] is not None else {},
     )
-    save_model(out, network, card)
+
+
+def _hardware(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return f"{name} ({device.type}, {torch.get_num_threads()} threads)"
 
 
 def _licence_for(data_info: dict[str, Any]) -> str:
