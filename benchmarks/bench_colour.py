@@ -52,17 +52,25 @@ def candidates(ref: ColourReference) -> dict[str, ColourReference | None]:
 def poor_crops(poor_share: float) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None, float]]:
     crops = []
     for name, root in SETS.items():
-        for s in load_dataset(f"{DATA}/{root}").samples:
-            rgb, labels, region = s.load_image(), s.load_labels(), s.load_region()
-            for y in range(0, rgb.shape[0] - CROP + 1, CROP // 2):
-                for x in range(0, rgb.shape[1] - CROP + 1, CROP // 2):
-                    lab = labels[y:y + CROP, x:x + CROP]
-                    reg = None if region is None else region[y:y + CROP, x:x + CROP]
-                    if reg is not None and reg.mean() < 0.95:
-                        continue
-                    if (lab > 0).mean() < poor_share:
-                        crops.append((f"{name}/{s.stem}@{x},{y}", rgb[y:y + CROP, x:x + CROP], lab, reg, s.mpp,
-                                      lab_stats(rgb)[:2]))
+        crops += crops_of(load_dataset(f"{DATA}/{root}").samples, name, poor_share)
+    return crops
+
+
+def crops_of(samples, name: str, poor_share: float) -> list:
+    """Every 256² crop (stride 128) of these samples whose annotated nucleus share is below ``poor_share``,
+    skipping crops with over 5 % vague (unannotated) area."""
+    crops = []
+    for s in samples:
+        rgb, labels, region = s.load_image(), s.load_labels(), s.load_region()
+        for y in range(0, rgb.shape[0] - CROP + 1, CROP // 2):
+            for x in range(0, rgb.shape[1] - CROP + 1, CROP // 2):
+                lab = labels[y:y + CROP, x:x + CROP]
+                reg = None if region is None else region[y:y + CROP, x:x + CROP]
+                if reg is not None and reg.mean() < 0.95:
+                    continue
+                if (lab > 0).mean() < poor_share:
+                    crops.append((f"{name}/{s.stem}@{x},{y}", rgb[y:y + CROP, x:x + CROP], lab, reg, s.mpp,
+                                  lab_stats(rgb)[:2]))
     return crops
 
 
