@@ -285,6 +285,13 @@ def test_atomic_writer_unwritable_folder_is_an_output_error(tmp_path):
 # -- signals --------------------------------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler, so the Ctrl-C below would be lost and the CLI would finish with 0 (seen once that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python_backend"),
                                                          os.environ.get("PYTHONPATH", "")])}
@@ -298,7 +305,7 @@ def test_a_signal_during_segment_leaves_no_part_file(tmp_path, signum, code):
     out = tmp_path / "big.geojson"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dannucnet", *_segment(str(png), "-o", str(out), "--no-tissue-detection")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 120
