@@ -112,8 +112,7 @@ def segment_to_file(
     started = time.perf_counter()
     check_outputs(input_path, output_path, overlay_path)  # before opening: no work for an output we cannot write
     with open_image(input_path, mpp=mpp) as source:
-        return segment_source(segmenter, source, output_path, writer, region=region, overlay_path=overlay_path,
-                              progress=progress, cancel=cancel, started=started)
+        return _write_nuclei(segmenter, source, output_path, writer, region, overlay_path, progress, cancel, started)
 
 
 def check_outputs(input_path: str | Path, output_path: str | Path, overlay_path: str | Path | None) -> None:
@@ -133,16 +132,22 @@ def segment_source(
     overlay_path: str | Path | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
-    started: float | None = None,
 ) -> SegmentSummary:
     """Stream the nuclei of an opened image (optionally one ``region``) into ``output_path`` via ``writer``.
 
     The image is opened once by the caller and read by everything here: the
-    segmenter, the overlay and the summary. ``started`` (a ``perf_counter``
-    value) lets the caller's own set-up count in the summary's seconds.
+    segmenter, the overlay and the summary.
     """
-    started = time.perf_counter() if started is None else started
+    started = time.perf_counter()
     check_outputs(source.path, output_path, overlay_path)
+    return _write_nuclei(segmenter, source, output_path, writer, region, overlay_path, progress, cancel, started)
+
+
+def _write_nuclei(
+    segmenter: Segmenter, source: ImageSource, output_path: str | Path, writer: WriterFactory, region: Rect | None,
+    overlay_path: str | Path | None, progress: Progress | None, cancel: Cancel | None, started: float,
+) -> SegmentSummary:
+    """:func:`segment_source` once its outputs are checked (:func:`segment_to_file` checks them before opening)."""
     chunks = [0]
 
     def track(done: int, total: int, nuclei: int) -> None:
