@@ -62,11 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.formats.dataset import split_spec
     from dannucnet.outputs import MODEL_FILES, model_inputs, refuse_clobbering
 
     refuse_clobbering(
         [("--data", args.data), ("--data", Path(args.data) / "dataset.json"),
-         *(("--extra-data", spec.split(":")[0]) for spec in args.extra_data),
+         *(("--extra-data", split_spec(spec)[0]) for spec in args.extra_data),
          *model_inputs(args.init_from, "--init-from")],
         [("--out", args.out), *(("--out", Path(args.out) / name) for name in MODEL_FILES)],
     )

@@ -108,6 +108,15 @@ def _find_image(images_dir: Path, stem: str) -> Path | None:
     return None
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``DIR`` or ``DIR:SPLIT`` (``--extra-data``) → (folder, split or None); an existing folder is taken whole,
+    so a folder whose name holds a colon still works."""
+    if Path(spec).exists():
+        return spec, None
+    folder, _, split = spec.partition(":")
+    return folder, split or None
+
+
 def load_dataset(root: str | os.PathLike[str]) -> Dataset:
     root = Path(root)
     images_dir, labels_dir = root / "images", root / "labels"

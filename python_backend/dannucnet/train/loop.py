@@ -28,7 +28,7 @@ from dannucnet.atomic import atomic_path
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.errors import InputError
-from dannucnet.formats.dataset import Sample, load_dataset
+from dannucnet.formats.dataset import Sample, load_dataset, split_spec
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.model.registry import load_model, resolve_model_dir
 from dannucnet.model.weights import overflowed_channels
@@ -237,9 +237,9 @@ def _prepare_images(
 
 def _extra_samples(spec: str) -> tuple[dict[str, Any], list[Sample]]:
     """``DIR`` or ``DIR:SPLIT`` → (what the card records, the samples)."""
-    folder, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    folder, split = split_spec(spec)
     dataset = load_dataset(folder)
-    samples = dataset.select(split or None)
+    samples = dataset.select(split)
     provenance = dataset.meta.get("provenance", {})
     return ({"dataset": folder, "dataset_name": provenance.get("name", Path(folder).name),
              "licence": provenance.get("licence"), "split": split or "all",
