@@ -28,8 +28,7 @@ from dannucnet.protocols import Cancel, TileFunction, WindowProgress
 
 log = logging.getLogger(__name__)
 
-Progress = WindowProgress  # the names callers imported from here before dannucnet.protocols held them
-__all__ = ["FLIPS", "Cancel", "Predictor", "Progress", "TileFunction", "forward_map", "model_map"]
+__all__ = ["FLIPS", "Predictor", "forward_map", "model_map"]
 
 
 def model_map(prob: torch.Tensor) -> torch.Tensor:
