@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
@@ -27,6 +28,9 @@ from dannucnet.geometry.rasterize import rasterize_mask
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 
+if TYPE_CHECKING:
+    from dannucnet.model.card import ModelCard
+
 
 @dataclass(frozen=True)
 class ChunkGeometry:
@@ -38,6 +42,17 @@ class ChunkGeometry:
     core: Rect | None
     threshold: float
     min_area_px: int
+
+    @classmethod
+    def place(
+        cls, origin: tuple[float, float], to_level0: float, mpp: float, core: Rect | None, card: ModelCard,
+        options: SegmentOptions,
+    ) -> ChunkGeometry:
+        """A chunk's geometry with the mask rule every runner applies: the options' threshold, else the
+        card's; the options' minimum area in µm² as model pixels (at least 1)."""
+        threshold = options.threshold if options.threshold is not None else card.threshold
+        return cls(origin=(float(origin[0]), float(origin[1])), to_level0=to_level0, mpp=mpp, core=core,
+                   threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)))
 
 
 def chunk_nuclei(

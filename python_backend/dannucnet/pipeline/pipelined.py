@@ -193,10 +193,6 @@ class _ModelThread(threading.Thread):
         super().__init__(name="slide-model", daemon=True)
         self.predictor, self.engine, self.readers, self.post, self.handoff = predictor, engine, readers, post, handoff
         self.work, self.stats, self.prefetch = work, stats, prefetch
-        card = predictor.card
-        options = work.options
-        self.threshold = options.threshold if options.threshold is not None else card.threshold
-        self.min_area_px = max(1, round(options.min_area_um2 / card.mpp**2))
         self.pending: deque[Future[_Decoded]] = deque()  # decoding chunks, in chunk order
         self.next_read = 0
         self.stream = WindowStream(engine)  # batches of windows run across chunk borders
@@ -238,9 +234,8 @@ class _ModelThread(threading.Thread):
         return decoded
 
     def _add_windows(self, chunk: Chunk, decoded: _Decoded) -> None:
-        where = ChunkGeometry(origin=(decoded.read.x, decoded.read.y), to_level0=decoded.to_level0,
-                              mpp=self.work.plan.mpp, core=chunk.core, threshold=self.threshold,
-                              min_area_px=self.min_area_px)
+        where = ChunkGeometry.place((decoded.read.x, decoded.read.y), decoded.to_level0, self.work.plan.mpp,
+                                    chunk.core, self.predictor.card, self.work.options)
         # the network sees the normalised pixels; measurements use the unnormalised model_rgb (the tag)
         image = WindowedImage(decoded.network_rgb, self.engine.tile, self.predictor.overlap, self.engine.new_blend,
                               tag=(decoded.model_rgb, where))

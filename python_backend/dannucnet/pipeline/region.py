@@ -69,11 +69,7 @@ def segment_region(
     t1 = time.perf_counter()
     prob = predictor.predict(model_rgb, tile_fn=tile_fn, cancel=cancel)
     t2 = time.perf_counter()
-    threshold = options.threshold if options.threshold is not None else card.threshold
-    where = ChunkGeometry(
-        origin=(float(origin[0]), float(origin[1])), to_level0=downsample / scale, mpp=mpp, core=core,
-        threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)),
-    )
+    where = ChunkGeometry.place(origin, downsample / scale, mpp, core, card, options)
     nuclei, post = chunk_nuclei(prob, model_rgb, where, clip=clip, options=options)
     timings.update(resample=t1 - t0, model=t2 - t1, **post)
     return RegionResult(nuclei=nuclei, timings=timings, probability=prob if keep_probability else None)
