@@ -1,6 +1,6 @@
-"""The shapes the doors hand each other: one progress callback, one segmenter.
+"""The shapes the doors hand each other: progress, cancellation, a segmenter and a predictor.
 
-Torch-free and cheap to import (the types it names are imported for the type
+Torch-free and cheap to import (numpy only; the types it names are imported for the type
 checker only), so that the client, the QuPath batch and the jobs can all say
 what they take without loading the engine.
 
