@@ -1,5 +1,3 @@
-import sys
+from dannucnet.cli import entry
 
-from dannucnet.cli import main
-
-sys.exit(main())
+entry()
