@@ -1,19 +1,20 @@
-"""Issue 20's training additions: nucleus-free negatives, more training sets, NuInsSeg's held-out split."""
+"""Issue 20's training additions: negatives, pigment dots, more training sets, NuInsSeg's held-out split."""
 
 from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import DatasetWriter
 from dannucnet.formats.nuinsseg import heldout_splits
-from dannucnet.geometry.stain import rgb_to_hed
+from dannucnet.geometry.stain import rgb_to_hed, rgb_to_od
 from dannucnet.slides.synthetic import make_synthetic_he
 from dannucnet.train.loop import TrainConfig, train
-from dannucnet.train.patches import PatchSampler, TrainImage, strip_haematoxylin
+from dannucnet.train.patches import PatchSampler, TrainImage, add_pigment, strip_haematoxylin
 
 
 def _image(stem: str, size: int, seed: int) -> TrainImage:
@@ -67,6 +68,52 @@ def test_bad_negative_share_is_refused(tmp_path):
     data = _dataset(tmp_path, "a", 10)
     with pytest.raises(InputError, match="--negatives"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "m"), negatives=-0.1))
+    with pytest.raises(InputError, match="--pigment"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "m"), pigment=1.2))
+
+
+def test_pigment_dots_are_dark_not_haematoxylin_blue_and_keep_off_the_nuclei():
+    im = make_synthetic_he(256, 256, seed=5, density=1500.0)
+    mask = (im.labels > 0).astype(np.uint8)
+    near = cv2.dilate(mask, np.ones((7, 7), np.uint8)) > 0
+    rng = np.random.default_rng(0)
+    dotted = 0
+    for _ in range(20):
+        out = add_pigment(im.rgb, mask, rng)
+        assert np.array_equal(out[near], im.rgb[near])  # nucleus pixels and their 3 px rim untouched
+        added = rgb_to_od(out).astype(np.float64) - rgb_to_od(im.rgb)
+        painted = added.sum(axis=-1) > 0.6
+        if painted.any():
+            dotted += 1
+            r, g, b = (added[painted][:, c].mean() for c in range(3))
+            assert b > 0.8 * max(r, g)  # haematoxylin adds least in blue (0.29 against 0.65 / 0.70): these do not
+    assert dotted >= 18  # a sparse image has room for dots nearly every time
+
+
+def test_pigment_comes_at_the_asked_share_with_the_target_unchanged():
+    image = _image("a", 256, 7)
+    plain = PatchSampler([image], size=128, seed=2, augment=False)
+    dotted = PatchSampler([image], size=128, seed=2, augment=False, pigment=0.5)
+    changed, n = 0, 200
+    for _ in range(n):
+        rgb, mask, valid, depth = dotted.sample()
+        y, x = _find(image.rgb, rgb)
+        assert np.array_equal(mask, image.mask[y:y + 128, x:x + 128])
+        changed += not np.array_equal(rgb, image.rgb[y:y + 128, x:x + 128])
+    assert 0.35 < changed / n < 0.65
+    for _ in range(20):  # without --pigment every patch is a plain cut of the image
+        rgb = plain.sample()[0]
+        y, x = _find(image.rgb, rgb)
+        assert np.array_equal(rgb, image.rgb[y:y + 128, x:x + 128])
+    with pytest.raises(ValueError, match="pigment share"):
+        PatchSampler([image], size=128, pigment=1.5)
+
+
+def _find(big: np.ndarray, patch: np.ndarray) -> tuple[int, int]:
+    """Where an un-augmented patch was cut from (its top row, matched exactly or after dots were painted)."""
+    scores = cv2.matchTemplate(big, patch, cv2.TM_SQDIFF)
+    y, x = np.unravel_index(int(np.argmin(scores)), scores.shape)
+    return int(y), int(x)
 
 
 def test_extra_training_sets_are_trained_on_and_recorded(tmp_path):

@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another training set (whole images of SPLIT, default all); repeatable")
     p.add_argument("--negatives", type=float, default=0.0, metavar="SHARE",
                    help="share of patches made nucleus-free: haematoxylin stripped, empty target (issue 20)")
+    p.add_argument("--pigment", type=float, default=0.0, metavar="SHARE",
+                   help="share of patches given black or brown pigment dots on their background, target unchanged")
     p.add_argument("--distance-weight", type=float, default=0.25, help="distance loss weight beside Eq. 5")
     p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
 
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         colour_normalise=not args.no_colour_normalise, architecture=architecture,
         resume=not args.no_resume, distance_weight=args.distance_weight,
         distance_only=args.distance_only, freeze_bn=args.freeze_bn,
-        average_from=args.average_from, extra_data=args.extra_data, negatives=args.negatives,
+        average_from=args.average_from, extra_data=args.extra_data, negatives=args.negatives, pigment=args.pigment,
         command="dannucnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     train(cfg)

@@ -76,6 +76,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics as loaded (fine-tuning with small batches)
     extra_data: list[str] = field(default_factory=list)  # more training sets, each "DIR" or "DIR:SPLIT"
     negatives: float = 0.0  # share of patches made nucleus-free (haematoxylin stripped, empty target)
+    pigment: float = 0.0  # share of patches given black or brown dots on their background (target unchanged)
     average_from: int | None = None  # from this epoch on, also keep the running mean of the epoch-end weights
     resume: bool = True
     command: str = ""
@@ -343,12 +344,15 @@ def _check(cfg: TrainConfig) -> None:
         raise InputError(f"--val-fraction {cfg.val_fraction}: must be at least 0 and below 1")
     if not 0.0 <= cfg.negatives < 1.0:
         raise InputError(f"--negatives {cfg.negatives}: must be at least 0 and below 1")
+    if not 0.0 <= cfg.pigment <= 1.0:
+        raise InputError(f"--pigment {cfg.pigment}: must be between 0 and 1")
 
 
 def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> Setup:
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour = _prepare_images(cfg)
-    sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives)
+    sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives,
+                           pigment=cfg.pigment, mpp=cfg.mpp)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
         keep = np.linspace(0, len(val_patches) - 1, cfg.max_val_patches).round().astype(int)
