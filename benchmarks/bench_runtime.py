@@ -41,12 +41,13 @@ RUNTIMES = ("torch", "openvino", "onnxruntime")
 
 
 class TimedForward:
-    """Wraps a predictor's forward callable and sums the seconds spent inside it."""
+    """Wraps a predictor's forward callable and sums the seconds spent inside it (and the windows it ran)."""
 
     def __init__(self, forward) -> None:
         self.forward = forward
         self.seconds = 0.0
         self.calls = 0
+        self.windows = 0
 
     def __call__(self, x):
         t0 = time.perf_counter()
@@ -55,6 +56,7 @@ class TimedForward:
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
+            self.windows += len(x)
 
 
 def make_slides(folder: Path, side40: int, side20: int, tissue: float) -> dict[str, tuple[Path, float]]:

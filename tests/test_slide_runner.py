@@ -14,7 +14,7 @@ import pytest
 
 from dannucnet.errors import CancelledError
 from dannucnet.pipeline import Nucleus, SegmentOptions, SlidePlan
-from dannucnet.pipeline.slide import SlideWork, run_slide
+from dannucnet.pipeline.slide import SlideWork, plan_slide, run_slide
 from dannucnet.slides import open_image
 from dannucnet.slides.synthetic import write_synthetic_slide
 
@@ -115,3 +115,22 @@ def test_a_cohort_task_opens_its_slide_once(tmp_path, monkeypatch):
     assert result["status"] == "done", result
     assert opened == [small.path]
     assert len(read_features(out)) == result["nuclei"]
+
+
+@pytest.mark.parametrize(("slide_mpp", "model_mpp", "margin_px"), [
+    (0.25, 0.25, 128),  # a 40× slide, the 40× model: 32 µm = 128 px
+    (0.5, 0.5, 64),  # a 20× slide, the 20× model: 32 µm = 64 of its pixels, not 128 (64 µm)
+    (0.5, 0.25, 64),  # a 20× slide upsampled for the 40× model: 128 model px = 64 slide px
+])
+def test_chunks_read_32_um_around_their_core_whatever_the_pixel_size(tmp_path, slide_mpp, model_mpp, margin_px):
+    made = write_synthetic_slide(tmp_path / "s.tif", (1200, 1000), seed=2, mpp=slide_mpp)
+    core = int(512 * model_mpp / slide_mpp)  # 512 model px in slide px
+    with open_image(made.path) as src:
+        plan = plan_slide(src, model_mpp, options=SegmentOptions(chunk_size=512, skip_background=False))
+    left = [c.core.x - c.read.x for c in plan.chunks if c.core.x > 0]  # margins the image border did not clip
+    top = [c.core.y - c.read.y for c in plan.chunks if c.core.y > 0]
+    assert left and top, "the test needs chunks beside and below others"
+    assert set(left) == set(top) == {margin_px}
+    assert max(c.core.width for c in plan.chunks) <= core + 1
+    with_cells = SegmentOptions(cell_expansion_um=5.0).chunk_margin(model_mpp)
+    assert with_cells == round(32 / model_mpp) + round(2 * 5.0 / model_mpp)  # cells add twice their expansion

@@ -11,6 +11,11 @@ from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains
 
 #: QuPath's Cell detection allows 0-25 µm of cell expansion; we accept the same range.
 MAX_CELL_EXPANSION_UM = 25.0
+#: Context read around a slide chunk's core, in µm: more than the largest nucleus (~25 µm), so that the
+#: chunk owning a nucleus's centroid sees all of it. 128 px for a 0.25 µm/px model, as before; 64 px for a
+#: 0.5 µm/px one, whose 128 px read 64 µm and put 1.89 network pixels through per slide pixel on a 20×
+#: slide against 1.56 with 64 (2048 px cores, 256² windows overlapping ≥ 32 px; docs/performance.md).
+NUCLEUS_MARGIN_UM = 32.0
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class SegmentOptions:
     # split from cutting off any fragment that small, so small nuclei stayed merged with their neighbours).
     min_area_um2: float = 3.0
     chunk_size: int = 2048  # core side of a slide chunk, model px
-    margin: int = 128  # context around a chunk core, model px (> the largest nucleus, ~25 µm); see chunk_margin
+    margin: int | None = None  # context around a chunk core, model px; None: NUCLEUS_MARGIN_UM; see chunk_margin
     skip_background: bool = True  # skip slide chunks without tissue
     max_nuclei: int | None = None  # refuse to return more than this (the server's response limit)
     # > 0: grow each nucleus into a cell by this many µm (QuPath's Cell detection default is 5); 0: nuclei only
@@ -42,7 +47,8 @@ class SegmentOptions:
 
     def chunk_margin(self, model_mpp: float) -> int:
         """Context around a chunk core in model px: the nucleus margin plus what cells need (2 × expansion)."""
-        return self.margin + cell_margin_px(self.cell_expansion_um / model_mpp)
+        nucleus = self.margin if self.margin is not None else math.ceil(NUCLEUS_MARGIN_UM / model_mpp - 1e-9)
+        return nucleus + cell_margin_px(self.cell_expansion_um / model_mpp)
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
@@ -51,7 +57,7 @@ class SegmentOptions:
             raise InputError(f"minimum area must be zero or positive, got {self.min_area_um2}")
         if self.chunk_size < 256:
             raise InputError(f"chunk size must be at least 256 px, got {self.chunk_size}")
-        if self.margin < 0:
+        if self.margin is not None and self.margin < 0:
             raise InputError(f"margin must be zero or positive, got {self.margin}")
         e = self.cell_expansion_um
         if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= MAX_CELL_EXPANSION_UM):

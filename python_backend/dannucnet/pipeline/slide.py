@@ -1,7 +1,7 @@
 """A whole slide (or parts of it) → nuclei, chunk by chunk, in bounded memory.
 
-The slide is cut into large chunks (2048 model px + a 128 px margin by
-default, plus twice the cell expansion when cells are asked for). Each chunk
+The slide is cut into large chunks (2048 model px + a 32 µm margin by
+default — 128 px at 0.25 µm/px — plus twice the cell expansion when cells are asked for). Each chunk
 owns the nuclei whose centroid lies in its core, so a nucleus on a seam is
 reported exactly once and never cut. Chunks without tissue are skipped.
 Results are yielded per chunk and never accumulated here: memory stays flat in

@@ -1,0 +1,84 @@
+"""The chunk margin in µm against the old fixed 128 model px, on a 20× slide through the 20× model (issue 18).
+
+A slide is cut into 2048 px chunks (model pixels), each read with a margin of
+context so that the chunk owning a nucleus's centroid sees all of it. The margin
+was 128 model px for every model: 32 µm at 0.25 µm/px but 64 µm for the 0.5 µm/px
+model, twice what the largest nucleus (~25 µm) needs. It is now 32 µm for every
+model (``pipeline.options.NUCLEUS_MARGIN_UM``). Both run here in one process,
+taking turns on the same synthetic 20× slide (``segment_to_geojson``, the
+``dannucnet segment`` door): MP/s end to end, the network pixels per slide pixel
+(windows × 256² ÷ slide pixels) and the nuclei found (ownership is exact either
+way; only network context at the seams differs).
+
+    PYTHONPATH=python_backend python benchmarks/bench_margin.py --side 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench_runtime import TimedForward, machine
+
+
+def run(predictor, slide: Path, out: Path, options) -> dict:
+    from dannucnet.jobs.segment_file import segment_to_geojson
+    from dannucnet.jobs.segmenters import LocalSegmenter
+
+    timed = TimedForward(predictor.forward)
+    original, predictor.forward = predictor.forward, timed
+    try:
+        started = time.perf_counter()
+        summary = segment_to_geojson(LocalSegmenter(predictor, options=options), slide, out)
+        seconds = time.perf_counter() - started
+    finally:
+        predictor.forward = original
+    pixels = summary.width * summary.height
+    windows = timed.windows
+    return {"mp_s": pixels / 1e6 / seconds, "model_s": timed.seconds, "seconds": seconds,
+            "network_px_per_px": windows * predictor.tile**2 / pixels, "nuclei": summary.nuclei}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--side", type=int, default=4096, help="20× slide side in px (default 4096: 16.8 MP, 4 chunks)")
+    p.add_argument("--model", default="dannucnet-monuseg-20x")
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--workdir", type=Path)
+    args = p.parse_args()
+
+    from dannucnet.engine import Predictor
+    from dannucnet.model import load_model
+    from dannucnet.pipeline import SegmentOptions
+    from dannucnet.slides.synthetic import write_synthetic_slide
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_margin_"))
+    work.mkdir(parents=True, exist_ok=True)
+    slide = work / f"slide_20x_{args.side}.tif"
+    if not slide.exists():
+        write_synthetic_slide(slide, args.side, seed=3, mpp=0.5)
+    predictor = Predictor(load_model(args.model), device="cpu", runtime=args.runtime)
+    print(f"machine: {machine()}\nmodel {predictor.card.name} {predictor.card.version} at {predictor.card.mpp} µm/px, "
+          f"{predictor.description}; slide {args.side}² at 0.5 µm/px")
+    configs = {"128 model px (before)": SegmentOptions(margin=128), "32 µm (now)": SegmentOptions()}
+    results: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, options in configs.items():  # taking turns, so both meet the same load
+            results[name].append(run(predictor, slide, work / "out.geojson.gz", options))
+            print(f"  {name}: {results[name][-1]['mp_s']:.3f} MP/s, load {os.getloadavg()[0]:.1f}", flush=True)
+    base = max(r["mp_s"] for r in results["128 model px (before)"])
+    print("\n| margin | MP/s (best) | × before | model s | network px per slide px | nuclei |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        best = max(rows, key=lambda r: r["mp_s"])
+        print(f"| {name} | {best['mp_s']:.3f} | {best['mp_s'] / base:.2f} | {best['model_s']:.1f} | "
+              f"{best['network_px_per_px']:.2f} | {best['nuclei']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
