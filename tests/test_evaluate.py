@@ -192,3 +192,13 @@ def test_cli_evaluate_records_each_runtime_in_the_card(dataset_dir: Path, tmp_pa
     for key in ("f1", "aji", "pq"):
         expected = pytest.approx(reference["final_polygons"][key], abs=1e-3)
         assert runs["onnxruntime fp32"]["final_polygons"][key] == expected
+
+
+def test_cli_records_a_whole_set_under_its_folder_name(dataset_dir: Path, tmp_path: Path) -> None:
+    """Without --split (an external test such as GBM40) the scores are named by the data folder, not 'all'."""
+    model_dir = save_model(tmp_path / "tiny", _tiny_model().network, _tiny_model().card)
+    assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--no-progress",
+                     "--runtime", "torch", "--threshold", "0.4", "--update-card"]) == 0
+    metrics = ModelCard.load(model_dir).metrics
+    assert set(metrics) == {dataset_dir.name, f"{dataset_dir.name}-runtimes"}
+    assert metrics[dataset_dir.name]["final_polygons"]["n_images"] == len(list((dataset_dir / "images").iterdir()))

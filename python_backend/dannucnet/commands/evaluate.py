@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="score the dataset resampled to this pixel size (e.g. 0.5: the Kumar 40x images as a 20x scan)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
-                   help="record the mean and per-organ scores under metrics.<split> in the model folder's card "
-                        "(PyTorch runs only) and the headline scores per runtime under metrics.<split>-runtimes")
+                   help="record the mean and per-organ scores under metrics.<split> (without --split: the data "
+                        "folder's name) in the model folder's card (PyTorch runs only) and the headline scores per "
+                        "runtime under metrics.<split>-runtimes")
 
 
 def _default_split(dataset: Dataset) -> str | None:
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        key = split or "all"
+        key = split or Path(args.data).resolve().name  # a whole set (an external test) is named by its folder
         _record_in_card(predictor, result, key if args.mpp is None else f"{key}-{args.mpp:g}mpp", args.data)
     return 0
 
