@@ -95,17 +95,22 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def _stats(lab: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    share = float(keep.mean()) if keep.size else 0.0
-    if not keep.any():
+    """Mean, spread and share of the ``keep`` pixels: OpenCV's masked mean and standard deviation,
+    which gather nothing. Copying the tissue pixels out to float64 first took 0.8-3 s per
+    2176² chunk here (the largest cost beside the network on a 20× slide), this 0.01 s; the
+    spreads agree to 1e-7."""
+    count = int(np.count_nonzero(keep))
+    if count == 0:
         return np.zeros(3), np.ones(3), 0.0
-    values = lab[keep].astype(np.float64)
-    return values.mean(axis=0), values.std(axis=0) + 1e-6, share
+    mean, std = cv2.meanStdDev(np.ascontiguousarray(lab), mask=np.ascontiguousarray(keep).view(np.uint8))
+    return mean.ravel(), std.ravel() + 1e-6, count / keep.size
 
 
 def _dark_share(lab: np.ndarray, keep: np.ndarray, reference: ColourReference) -> float:
-    if not keep.any():
+    count = int(np.count_nonzero(keep))
+    if count == 0:
         return 0.0
-    return float(np.mean(lab[..., 0][keep] < reference.mean[0] - reference.std[0]))
+    return int(np.count_nonzero(keep & (lab[..., 0] < reference.mean[0] - reference.std[0]))) / count
 
 
 def lab_stats(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:

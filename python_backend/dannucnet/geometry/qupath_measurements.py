@@ -225,6 +225,20 @@ def _intensity_columns(
     return {f"{prefix}: {s} OD {name}": st[name][:, j] for j, s in enumerate(stain_names) for name in stats}
 
 
+def _deconvolve_where(stains: Stains, rgb: np.ndarray, read: np.ndarray) -> np.ndarray:
+    """Stain amounts (H×W×k) at the pixels the measurements read (nuclei, cells); 0 elsewhere, never read.
+
+    Deconvolving the whole chunk cost 0.8 s per 2176² chunk here, most of it pixels that no
+    nucleus or cell covers; each pixel read gets the very same arithmetic."""
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise InputError(f"expected H×W×3 RGB pixels, got shape {rgb.shape}")
+    where = np.flatnonzero(read)
+    out = np.zeros((read.size, len(stains.measured)), np.float32)
+    if where.size:
+        out[where] = stains.deconvolve(rgb.reshape(-1, 3)[where])
+    return out.reshape(read.shape + (len(stains.measured),))
+
+
 def _as_array(polys: Mapping[int, BaseGeometry], ids: np.ndarray) -> np.ndarray:
     arr = np.empty(len(ids), dtype=object)
     arr[:] = [polys[int(i)] for i in ids]
@@ -263,7 +277,10 @@ def measure_cells(
     if (cells is None) != (cell_labels is None):
         raise InputError("cell polygons and cell labels go together")
     stain_names = [stains.names[i] for i in stains.measured]
-    conc = stains.deconvolve(rgb) if rgb is not None else None
+    conc = None
+    if rgb is not None:
+        read = labels > 0 if cell_labels is None else (labels > 0) | (np.asarray(cell_labels) > 0)
+        conc = _deconvolve_where(stains, np.asarray(rgb), read)
 
     nuc = _as_array(nuclei, ids)
     gn = _Grouped(labels, ids)

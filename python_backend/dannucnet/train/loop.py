@@ -352,7 +352,7 @@ def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> 
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour = _prepare_images(cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives,
-                           pigment=cfg.pigment, mpp=cfg.mpp)
+                           pigment=cfg.pigment, mpp=cfg.mpp, reference=colour)
     val_patches = grid_patches(val_images, cfg.patch_size)
     if len(val_patches) > cfg.max_val_patches:  # an evenly spread, fixed subset keeps validation cheap on a CPU
         keep = np.linspace(0, len(val_patches) - 1, cfg.max_val_patches).round().astype(int)
