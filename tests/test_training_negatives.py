@@ -8,13 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
+from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour
 from dannucnet.errors import InputError
 from dannucnet.formats.dataset import DatasetWriter
 from dannucnet.formats.nuinsseg import heldout_splits
 from dannucnet.geometry.stain import rgb_to_hed, rgb_to_od
 from dannucnet.slides.synthetic import make_synthetic_he
 from dannucnet.train.loop import TrainConfig, train
-from dannucnet.train.patches import PatchSampler, TrainImage, add_pigment, strip_haematoxylin
+from dannucnet.train.patches import PatchSampler, TrainImage, add_pigment, add_pigment_as_scanned, strip_haematoxylin
 
 
 def _image(stem: str, size: int, seed: int) -> TrainImage:
@@ -88,6 +89,29 @@ def test_pigment_dots_are_dark_not_haematoxylin_blue_and_keep_off_the_nuclei():
             r, g, b = (added[painted][:, c].mean() for c in range(3))
             assert b > 0.8 * max(r, g)  # haematoxylin adds least in blue (0.29 against 0.65 / 0.70): these do not
     assert dotted >= 18  # a sparse image has room for dots nearly every time
+
+
+def test_pigment_as_another_lab_scanned_it_comes_back_in_the_reference_colours():
+    """The round trip (onto a foreign lab's colours, dots painted, normalised back) leaves the tissue in the
+    reference's colours, and the dots dark: as the engine's normalisation leaves a real slide's pigment."""
+    im = make_synthetic_he(256, 256, seed=6, density=1500.0)
+    mean, std, _ = lab_stats(im.rgb)
+    reference = ColourReference(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), max_scale=1.25)
+    rgb = normalise_colour(im.rgb, reference)
+    mask = (im.labels > 0).astype(np.uint8)
+    near = cv2.dilate(mask, np.ones((7, 7), np.uint8)) > 0
+    rng, dotted = np.random.default_rng(1), 0
+    for _ in range(10):
+        out = add_pigment_as_scanned(rgb, mask, rng, 0.25, reference)
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        dark = rgb_to_od(out).sum(axis=-1) > rgb_to_od(rgb).sum(axis=-1) + 0.6
+        assert not (dark & near).any()  # no dot on a nucleus or its rim
+        dotted += bool(dark.any())
+        untouched = ~dark & ~cv2.dilate(dark.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        assert np.abs(out[untouched].astype(int) - rgb[untouched]).mean() < 6  # the tissue keeps its colours
+        out_mean = lab_stats(out, untouched)[0]
+        assert np.abs(out_mean - lab_stats(rgb, untouched)[0]).max() < 6
+    assert dotted >= 8
 
 
 def test_pigment_comes_at_the_asked_share_with_the_target_unchanged():
