@@ -173,9 +173,9 @@ PIGMENT_DIAMETER_UM = (1.5, 6.0)
 def add_pigment(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, mpp: float = 0.25) -> np.ndarray:
     """The patch with 1-6 dots of black or brown pigment painted on its background; the target is unchanged.
 
-    The false nuclei left on nuclei-poor NuInsSeg crops after issue 20's colour clamp are
-    mostly dark dots: carbon, haemosiderin, debris. The Kumar images hold almost none, so the
-    network never learnt that a dark round dot without haematoxylin's blue is not a nucleus.
+    Of 1.6's 23 false nuclei on the nuclei-poor crops of NuInsSeg ``val``, 7 are dark dots
+    (carbon, haemosiderin, debris; most others are pale nuclei left unannotated). The Kumar
+    images hold almost none, so the network never learnt that a dark dot is not a nucleus.
     A dot is one blob or a cluster of 3-8 granules, added in optical-density space (so it
     darkens the tissue below it as a real pigment does), with a soft edge, and kept whole at
     least 3 px off every nucleus pixel so the unchanged target stays right (a dot that would
