@@ -14,7 +14,7 @@ MAX_CELL_EXPANSION_UM = 25.0
 #: Context read around a slide chunk's core, in µm: more than the largest nucleus (~25 µm), so that the
 #: chunk owning a nucleus's centroid sees all of it. 128 px for a 0.25 µm/px model, as before; 64 px for a
 #: 0.5 µm/px one, whose 128 px read 64 µm: an inner 2048 px chunk put 1.89 network pixels through per
-#: core pixel, against 1.56 with 64 (256² windows overlapping ≥ 32 px); a 6144² 20× slide ran 1.11×
+#: core pixel, against 1.56 with 64 (256² windows overlapping ≥ 32 px); a 6144² 20× slide ran 1.16×
 #: faster (benchmarks/bench_margin.py, docs/performance.md).
 NUCLEUS_MARGIN_UM = 32.0
 
