@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from bench_runtime import synthetic_slide, work_folder
 
 CHILD = """
 import json, sys, time
@@ -44,13 +45,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
-    from dannucnet.slides.synthetic import write_synthetic_slide
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_hugepages_"))
-    work.mkdir(parents=True, exist_ok=True)
-    slide = work / f"slide_{args.side}_{args.mpp:g}.tif"
-    if not slide.exists():
-        write_synthetic_slide(slide, args.side, seed=3, mpp=args.mpp)
+    work = work_folder(args.workdir, "bench_hugepages_")
+    slide = synthetic_slide(work, f"slide_{args.side}_{args.mpp:g}.tif", args.side, args.mpp)
     rates: dict[str, list[float]] = {"on (numpy's default)": [], "off (dannucnet's default)": []}
     for _ in range(args.repeats):
         for name, flag in zip(rates, ("1", "0")):  # taking turns, so both meet the same load

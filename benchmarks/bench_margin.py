@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from bench_runtime import TimedForward, machine
+from bench_runtime import TimedForward, machine, synthetic_slide, work_folder
 
 
 def run(predictor, slide: Path, out: Path, options) -> dict:
@@ -54,13 +53,9 @@ def main() -> int:
     from dannucnet.engine import Predictor
     from dannucnet.model import load_model
     from dannucnet.pipeline import SegmentOptions
-    from dannucnet.slides.synthetic import write_synthetic_slide
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_margin_"))
-    work.mkdir(parents=True, exist_ok=True)
-    slide = work / f"slide_20x_{args.side}.tif"
-    if not slide.exists():
-        write_synthetic_slide(slide, args.side, seed=3, mpp=0.5)
+    work = work_folder(args.workdir, "bench_margin_")
+    slide = synthetic_slide(work, f"slide_20x_{args.side}.tif", args.side, 0.5)
     predictor = Predictor(load_model(args.model), device="cpu", runtime=args.runtime)
     print(f"machine: {machine()}\nmodel {predictor.card.name} {predictor.card.version} at {predictor.card.mpp} µm/px, "
           f"{predictor.description}; slide {args.side}² at 0.5 µm/px")

@@ -59,17 +59,27 @@ class TimedForward:
             self.windows += len(x)
 
 
-def make_slides(folder: Path, side40: int, side20: int, tissue: float) -> dict[str, tuple[Path, float]]:
-    """The same kind of synthetic tissue scanned at 0.25 µm/px (40×) and at 0.5 µm/px (20×)."""
+def work_folder(workdir: Path | None, prefix: str) -> Path:
+    """``--workdir`` (created if missing), or a fresh temporary folder."""
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def synthetic_slide(folder: Path, name: str, side: int, mpp: float, tissue: float = 1.0) -> Path:
+    """``folder/name``: a side² synthetic slide (seed 3) at ``mpp``, written unless an earlier run left it there."""
     from dannucnet.slides.synthetic import write_synthetic_slide
 
-    slides = {}
-    for label, side, mpp in (("40x", side40, 0.25), ("20x", side20, 0.5)):
-        path = folder / f"slide_{label}_{side}.tif"
-        if not path.exists():
-            write_synthetic_slide(path, side, seed=3, mpp=mpp, tissue_fraction=tissue)
-        slides[label] = (path, mpp)
-    return slides
+    path = folder / name
+    if not path.exists():
+        write_synthetic_slide(path, side, seed=3, mpp=mpp, tissue_fraction=tissue)
+    return path
+
+
+def make_slides(folder: Path, side40: int, side20: int, tissue: float) -> dict[str, tuple[Path, float]]:
+    """The same kind of synthetic tissue scanned at 0.25 µm/px (40×) and at 0.5 µm/px (20×)."""
+    return {label: (synthetic_slide(folder, f"slide_{label}_{side}.tif", side, mpp, tissue), mpp)
+            for label, side, mpp in (("40x", side40, 0.25), ("20x", side20, 0.5))}
 
 
 def build_predictors(model: str | None, runtimes: list[str], batch_size: int | None) -> dict:
@@ -198,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.side40, args.side20 = 1024, 512
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_runtime_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.workdir, "bench_runtime_")
     slides = make_slides(work, args.side40, args.side20, args.tissue_fraction)
     predictors = build_predictors(args.model, args.runtimes, args.batch_size)
     card = next(iter(predictors.values()))[0].card
