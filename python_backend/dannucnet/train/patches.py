@@ -185,7 +185,7 @@ def add_pigment(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, mpp
     ys, xs = np.nonzero(free)
     if len(ys) == 0:
         return rgb
-    od = rgb_to_od(rgb).copy()
+    od = rgb_to_od(rgb)  # a new array: the table lookup copies
     wanted, painted = int(rng.integers(1, 7)), 0
     for _ in range(10 * wanted):  # dense tissue leaves few places whole dots fit: try more than we need
         if painted == wanted:
