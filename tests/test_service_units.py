@@ -113,6 +113,14 @@ def test_call_deadline():
     with pytest.raises(ServiceError) as err:
         call.check()
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.value.http_status == 504
+    # gRPC marks a call inactive when its deadline passes: that is still the deadline
+    gone = Call(deadline=time.monotonic() - 1, is_active=lambda: False)
+    with pytest.raises(ServiceError) as err:
+        gone.check()
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(ServiceError) as err:
+        Call(deadline=time.monotonic() + 60, is_active=lambda: False).check()
+    assert err.value.code == grpc.StatusCode.CANCELLED
 
 
 # ---- auth --------------------------------------------------------------------

@@ -41,6 +41,18 @@ __all__ = [
 
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
+# A deadline can end a call as CANCELLED: the server's copy of the deadline cancels the
+# stream, and under load its reset reaches the client before the client's own timer
+# fires (seen once in CI: 0.3 s timeout, status CANCELLED with no details). A CANCELLED
+# call the caller did not cancel, arriving this close to its deadline or later, is a
+# deadline. 50 ms is far above the header's rounding and loopback latency (< 1 ms).
+_DEADLINE_SLACK_S = 0.05
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` at which a call given ``timeout`` seconds ends."""
+    return None if timeout is None else time.monotonic() + timeout
+
 
 class ServerError(DanNucNetError):
     """The server refused or failed a request; ``code`` is the gRPC status."""
@@ -94,19 +106,25 @@ class DanNucNetClient:
     # ---- calls ----------------------------------------------------------
     def _unary(self, method: Callable, request: Any, timeout: float | None) -> Any:
         delay = 0.2
+        timeout = timeout or self.timeout
         for attempt in range(self.retries + 1):
+            deadline = _deadline(timeout)
             try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() in _RETRYABLE and attempt < self.retries:
                     time.sleep(delay)  # back-pressure: the server asked us to wait
                     delay *= 2
                     continue
-                raise self._error(exc) from None
+                raise self._error(exc, deadline) from None
         raise AssertionError("unreachable")
 
-    def _error(self, exc: grpc.RpcError) -> DanNucNetError:
+    def _error(self, exc: grpc.RpcError, deadline: float | None = None) -> DanNucNetError:
+        """A readable error for a failed call; ``deadline`` (monotonic) tells a timeout from a cancel."""
         code, details = exc.code(), exc.details() or ""
+        near_deadline = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+        if code == grpc.StatusCode.CANCELLED and near_deadline:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, details or "Deadline Exceeded"
         if code == grpc.StatusCode.UNAVAILABLE:
             return ServerError(
                 code, f"cannot reach the DAN-NucNet server at {self.address} ({details}); is `dannucnet serve` running?"
@@ -194,17 +212,19 @@ class DanNucNetClient:
             request.roi_wkb.append(shapely.to_wkb(roi))
         if mpp is not None:
             request.pixel_size_microns = mpp
+        deadline = _deadline(timeout)
         call = self._stub.SegmentSlide(request, timeout=timeout, metadata=self._metadata)
-        return SlideStream(call, progress, self._error)
+        return SlideStream(call, progress, self._error, deadline)
 
 
 class SlideStream:
     """Iterator over a SegmentSlide call: lists of nuclei, one per chunk; cancellable."""
 
-    def __init__(self, call: Any, progress: Progress | None, error: Callable) -> None:
+    def __init__(self, call: Any, progress: Progress | None, error: Callable, deadline: float | None = None) -> None:
         self._call = call
         self._progress = progress
         self._error = error
+        self._deadline = deadline  # monotonic; None once the caller cancels (then CANCELLED is theirs)
         self.slide: pb.SlideInfo | None = None
         self.summary: pb.SlideSummary | None = None
 
@@ -225,11 +245,12 @@ class SlideStream:
                 elif kind == "summary":
                     self.summary = message.summary
         except grpc.RpcError as exc:
-            raise self._error(exc) from None
+            raise self._error(exc, self._deadline) from None
         raise StopIteration
 
     def cancel(self) -> None:
         """Stop the server's work on this slide (safe from any thread, and when finished)."""
+        self._deadline = None
         self._call.cancel()
 
     close = cancel

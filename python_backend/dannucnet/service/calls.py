@@ -50,11 +50,15 @@ class Call:
         return not self.alive()
 
     def check(self) -> None:
-        """Raise the status that ends this call if it should stop."""
-        if self.cancelled:
-            raise ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the request")
+        """Raise the status that ends this call if it should stop.
+
+        The deadline is asked first: when it passes, gRPC also marks the call inactive,
+        and that is a deadline, not a client's cancel.
+        """
         if self.expired:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
+        if self.cancelled:
+            raise ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the request")
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if the call was cancelled meanwhile."""
