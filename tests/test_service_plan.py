@@ -20,6 +20,7 @@ import torch
 from shapely.geometry import Polygon, box
 
 from dannucnet.engine import Predictor
+from dannucnet.engine.tiling import WindowGrid
 from dannucnet.geometry.ownership import Rect
 from dannucnet.model import DANNucNet, ModelCard, ModelConfig, load_model, save_model
 from dannucnet.pipeline import SegmentOptions
@@ -31,6 +32,7 @@ from dannucnet.service.server import Server, ServerConfig
 
 TOKEN = "plan-test-token-0123456789"
 MODEL_MPP = 0.25
+WINDOWS = WindowGrid(64, 32)  # the tiny model's 64 px windows, the predictor's default 32 px overlap
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def wkb64(geom) -> str:
 
 def expected_plan(width, height, mpp, roi=None, region=None, chunk_size=2048):
     plan = plan_slide(_Extent(width, height, mpp), MODEL_MPP, region, [roi] if roi is not None else None,
-                      SegmentOptions(chunk_size=chunk_size, skip_background=False))
+                      SegmentOptions(chunk_size=chunk_size, skip_background=False), WINDOWS)
     return plan, [(c.read.to_int(), c.core) for c in plan.chunks]
 
 

@@ -23,6 +23,7 @@ class RecordingStep:
     """A step that returns chunk i's core as i + 1 'nuclei' and records what it was asked for."""
 
     model_mpp = 0.25
+    windows = None  # equal pieces
 
     def __init__(self) -> None:
         self.served: list[int] = []
@@ -134,3 +135,49 @@ def test_chunks_read_32_um_around_their_core_whatever_the_pixel_size(tmp_path, s
     assert max(c.core.width for c in plan.chunks) <= core + 1
     with_cells = SegmentOptions(cell_expansion_um=5.0).chunk_margin(model_mpp)
     assert with_cells == round(32 / model_mpp) + round(2 * 5.0 / model_mpp)  # cells add twice their expansion
+
+
+class _Size:
+    """What plan_slide reads of a slide when background is not skipped: its size and pixel size."""
+
+    def __init__(self, width: int, height: int, mpp: float) -> None:
+        self.width, self.height, self.mpp = width, height, mpp
+
+    def require_mpp(self) -> float:
+        return self.mpp
+
+
+@pytest.mark.parametrize("slide_mpp", [0.5, 0.25, 0.2525, 0.3, 0.125])
+@pytest.mark.parametrize("model_mpp", [0.25, 0.5])
+def test_planned_chunks_fill_the_windows_they_are_cut_into(slide_mpp: float, model_mpp: float) -> None:
+    """A chunk read arrives as round(level-0 px / downsample) model px; its windows are what the plan meant.
+
+    Against equal pieces the window-aligned plan never costs more windows, at the model's own
+    pixel size or resampled (the read's outward snap to whole pixels is kept spare).
+    """
+    from dannucnet.engine.tiling import WindowGrid
+
+    grid = WindowGrid(256, 32)
+    options = SegmentOptions(skip_background=False, cell_expansion_um=5.0)
+    source = _Size(9000, 5000, slide_mpp)
+    equal = plan_slide(source, model_mpp, options=options)  # type: ignore[arg-type]
+    aligned = plan_slide(source, model_mpp, options=options, windows=grid)  # type: ignore[arg-type]
+    assert aligned.downsample == equal.downsample
+
+    def windows(plan: SlidePlan) -> int:
+        total = 0
+        for chunk in plan.chunks:
+            read = chunk.read.to_int()
+            w, h = (max(1, round(side / plan.downsample)) for side in (read.width, read.height))
+            total += grid.count(w) * grid.count(h)
+            assert chunk.core.width <= options.chunk_size * plan.downsample + 1
+        return total
+
+    assert sum(c.core.area for c in aligned.chunks) == 9000 * 5000
+    assert windows(aligned) <= windows(equal)
+    spare = 0.0 if aligned.downsample == 1.0 else 2.0 + -(-2.0 // aligned.downsample)
+    for chunk in aligned.chunks:  # each read within the span of the windows it was planned for
+        read = chunk.read.to_int()
+        for side in (read.width, read.height):
+            n = grid.count(max(1, round(side / aligned.downsample)))
+            assert side <= (grid.span(n) - spare) * aligned.downsample + 1e-6 or n == 1

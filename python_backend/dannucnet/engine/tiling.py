@@ -47,6 +47,27 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
     return [(i * (length - tile)) // gaps for i in range(gaps + 1)]
 
 
+@dataclass(frozen=True)
+class WindowGrid:
+    """A network's windows: ``tile`` px square, neighbours overlapping at least ``overlap`` px."""
+
+    tile: int
+    overlap: int
+
+    @classmethod
+    def of(cls, predictor: Any) -> WindowGrid:
+        """The windows a predictor (``protocols.Predictor``: ``tile``, ``overlap``) cuts."""
+        return cls(int(predictor.tile), int(predictor.overlap))
+
+    def count(self, length: int) -> int:
+        """Windows along an axis of ``length`` px (an axis shorter than a tile is padded to one)."""
+        return len(window_starts(length, self.tile, self.tile - self.overlap))
+
+    def span(self, n: int) -> int:
+        """The longest axis ``n`` windows cover: ``count(span(n)) == n``."""
+        return self.tile + (self.tile - self.overlap) * (n - 1)
+
+
 def plan_windows(height: int, width: int, tile: int, overlap: int) -> list[Window]:
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, {tile}), got {overlap}")

@@ -11,7 +11,7 @@ the server's chunked clients and the QuPath script.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,14 +111,97 @@ def _cuts(start: float, length: float, chunk_size: float) -> list[float]:
     return cuts
 
 
-def plan_chunks(region: Rect, chunk_size: float, margin: float, bounds: Rect | None = None) -> list[Chunk]:
+#: ``span(n)``: the longest read, in the region's pixels, that ``n`` network windows cover.
+Span = Callable[[int], float]
+
+
+def _aligned_cuts(
+    start: float, length: float, chunk_size: float, margin: float, lead: float, trail: float, span: Span
+) -> list[float] | None:
+    """Boundaries whose reads fill whole network windows: the fewest windows along the axis.
+
+    Equal pieces ignore the window grid: a 2048 px core read with 64 px margins is 2176 px,
+    which 256² windows overlapping ≥ 32 px cover with 10 windows, the last few barely used;
+    1920 px of core fill 9. Each chunk count from the fewest upwards (three tried) is given
+    the fewest windows whose reads hold the axis (each window adds ``span(n+1) - span(n)``
+    of read, so adding them one at a time where they add most is optimal; among equals, to
+    the chunk with fewest, so that no chunk is left a sliver), and the count
+    with the fewest windows wins, ties to fewer chunks. Spare room is taken from the
+    largest cores. On a 40960 px axis this is 192 windows
+    against 200 at 0.5 µm/px (64 px margin) and 203 against 218 at 0.25 µm/px (128 px):
+    7.8 % and 13 % fewer network pixels on a whole slide. ``lead`` and ``trail`` are the
+    margins the first and last reads get (less than ``margin`` at the image's edge).
+    None for a fractional axis (the caller cuts equal pieces).
+    """
+    if not (float(start).is_integer() and float(length).is_integer()):
+        return None
+    total, limit = int(length), math.floor(chunk_size)
+    first = max(1, math.ceil(total / limit))
+    best: tuple[int, list[int]] | None = None
+    for count in range(first, min(first + 3, total + 1)):
+        reads = [math.ceil(lead if i == 0 else margin) + math.ceil(trail if i == count - 1 else margin)
+                 for i in range(count)]
+
+        def cap(i: int, n: int, reads: list[int] = reads) -> int:
+            return min(limit, math.floor(span(n)) - reads[i])
+
+        windows = []
+        for i in range(count):
+            n = 1
+            while cap(i, n) < 1 and n < 10_000:
+                n += 1
+            windows.append(n)
+        held = sum(cap(i, n) for i, n in enumerate(windows))
+        while held < total:
+            gain, _, i = max((cap(i, n + 1) - cap(i, n), -n, i) for i, n in enumerate(windows))
+            if gain <= 0:
+                break  # every core is at chunk_size: this count cannot hold the axis
+            windows[i] += 1
+            held += gain
+        if held < total:
+            continue
+        if best is None or sum(windows) < best[0]:
+            best = (sum(windows), [cap(i, n) for i, n in enumerate(windows)])
+    if best is None:
+        return None
+    sizes = _level(best[1], total)
+    cuts = [float(start)]
+    for size in sizes:
+        cuts.append(cuts[-1] + size)
+    return cuts
+
+
+def _level(caps: list[int], total: int) -> list[int]:
+    """Sizes no larger than ``caps`` summing to ``total``, the spare room taken off the largest."""
+    low, high = 1, max(caps)
+    while low < high:  # the lowest level L with sum(min(cap, L)) >= total
+        mid = (low + high) // 2
+        if sum(min(c, mid) for c in caps) >= total:
+            high = mid
+        else:
+            low = mid + 1
+    sizes = [min(c, low) for c in caps]
+    extra = sum(sizes) - total
+    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
+        if extra == 0:
+            break
+        sizes[i] -= 1
+        extra -= 1
+    return sizes
+
+
+def plan_chunks(
+    region: Rect, chunk_size: float, margin: float, bounds: Rect | None = None, span: Span | None = None
+) -> list[Chunk]:
     """Split ``region`` into chunks whose cores partition it exactly.
 
     ``chunk_size`` is the largest core side: each axis is cut into equal pieces
     (whole-pixel cuts for whole-pixel regions, so a fractional size may round up
     by under a pixel). ``margin`` is the context read around each core; it must
     exceed the largest nucleus for ownership to be exact. ``bounds`` (usually the
-    image) clips the read rectangles.
+    image) clips the read rectangles. With ``span`` (the network's window grid, see
+    :data:`Span`) a whole-pixel axis is cut so that the reads fill whole windows
+    instead (:func:`_aligned_cuts`); cores stay within ``chunk_size``.
     """
     if not chunk_size > 0:
         raise InputError(f"chunk size must be positive, got {chunk_size}")
@@ -126,8 +209,17 @@ def plan_chunks(region: Rect, chunk_size: float, margin: float, bounds: Rect | N
         raise InputError(f"chunk margin must be zero or positive, got {margin}")
     if region.is_empty:
         return []
-    xs = _cuts(region.x, region.width, chunk_size)
-    ys = _cuts(region.y, region.height, chunk_size)
+    xs = ys = None
+    if span is not None:
+        def room(before: float, after: float) -> float:  # the margin a read gets on that side
+            return margin if bounds is None else min(margin, max(0.0, after - before))
+
+        xs = _aligned_cuts(region.x, region.width, chunk_size, margin,
+                           room(bounds.x if bounds else 0, region.x), room(region.x1, bounds.x1 if bounds else 0), span)
+        ys = _aligned_cuts(region.y, region.height, chunk_size, margin,
+                           room(bounds.y if bounds else 0, region.y), room(region.y1, bounds.y1 if bounds else 0), span)
+    xs = xs or _cuts(region.x, region.width, chunk_size)
+    ys = ys or _cuts(region.y, region.height, chunk_size)
     chunks: list[Chunk] = []
     for y0, y1 in zip(ys[:-1], ys[1:]):
         for x0, x1 in zip(xs[:-1], xs[1:]):

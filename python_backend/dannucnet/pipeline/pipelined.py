@@ -41,7 +41,7 @@ from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, heap, resample_rgb, scale_to_model
 from dannucnet.engine.tile_engine import TileEngine
-from dannucnet.engine.tiling import WindowedImage, WindowStream
+from dannucnet.engine.tiling import WindowedImage, WindowGrid, WindowStream
 from dannucnet.errors import CancelledError
 from dannucnet.geometry.ownership import Chunk, Rect
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
@@ -280,6 +280,10 @@ class PipelinedStep:
     @property
     def model_mpp(self) -> float:
         return self.predictor.card.mpp
+
+    @property
+    def windows(self) -> WindowGrid:
+        return WindowGrid(self.engine.tile, self.predictor.overlap)
 
     def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
         """Each chunk's nuclei in chunk order, while later chunks decode, run and post-process."""

@@ -45,6 +45,11 @@ class ServerStep:
     def model_mpp(self) -> float:
         return float(self.info.pixel_size_microns)
 
+    @property
+    def windows(self) -> None:
+        """The server's window overlap is its own: chunks are cut in equal pieces."""
+        return None
+
     def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
         plan = work.plan
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import shapely
 from shapely.geometry.base import BaseGeometry
@@ -28,6 +29,9 @@ from dannucnet.service.convert import rect_from_proto, rect_to_proto
 from dannucnet.service.status import invalid
 from dannucnet.service.wkb import check_area_wkb
 from dannucnet.slides.mpp import combine_xy
+
+if TYPE_CHECKING:
+    from dannucnet.engine.tiling import WindowGrid
 
 __all__ = ["plan_region", "pixel_size_verdict"]
 
@@ -56,7 +60,9 @@ def pixel_size_verdict(request: pb.PlanRegionRequest) -> tuple[float | None, str
     return combine_xy(width, height, "the image's calibration")
 
 
-def plan_region(request: pb.PlanRegionRequest, model_mpp: float, options: SegmentOptions) -> pb.PlanRegionResponse:
+def plan_region(
+    request: pb.PlanRegionRequest, model_mpp: float, options: SegmentOptions, windows: WindowGrid | None = None
+) -> pb.PlanRegionResponse:
     """The plan of one parent; ``options`` are the segmentation options the chunks will be sent with."""
     from dannucnet.pipeline.slide import plan_slide  # the pipeline pulls in torch: only when planning
 
@@ -81,7 +87,7 @@ def plan_region(request: pb.PlanRegionRequest, model_mpp: float, options: Segmen
     # an _Extent is not an ImageSource, but plan_slide reads only width, height and require_mpp() of one
     # when skip_background is off (set above)
     plan = plan_slide(_Extent(width, height, mpp), model_mpp, region,  # type: ignore[arg-type]
-                      [roi] if roi is not None else None, options)
+                      [roi] if roi is not None else None, options, windows)
     answer.downsample = plan.downsample
     for chunk in plan.chunks:
         planned = _planned(chunk, plan.clip)

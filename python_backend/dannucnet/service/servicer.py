@@ -338,11 +338,12 @@ class SegmentationService:
     # ---- PlanRegion ---------------------------------------------------
     def plan_region(self, request: pb.PlanRegionRequest, call: Call | None = None) -> pb.PlanRegionResponse:
         """Chunk plan and pixel-size verdict for a client that reads pixels itself (``service.plan``)."""
+        from dannucnet.engine.tiling import WindowGrid
         from dannucnet.service.plan import plan_region
 
         try:
             options = self._options(request.options if request.HasField("options") else None)
-            return plan_region(request, float(self.predictor.card.mpp), options)
+            return plan_region(request, float(self.predictor.card.mpp), options, WindowGrid.of(self.predictor))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             raise self._status(exc, "PlanRegion") from None
 

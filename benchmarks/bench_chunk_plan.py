@@ -1,0 +1,92 @@
+"""Slide chunks cut to fill whole network windows, against equal pieces (issue 18).
+
+A slide is cut into chunks of at most 2048 model px, each read with a 32 µm margin and
+cut into 256² windows overlapping at least 32 px. Equal pieces ignore that grid: a
+2048 px core read with 64 px margins (0.5 µm/px) is 2176 px, which takes 10 windows
+where 9 would hold 1920 px of core. ``plan_slide`` now cuts each axis so that the reads
+fill whole windows (``geometry.ownership._aligned_cuts``). Both plans run here in one
+process, taking turns on the same synthetic slide through the same predictor
+(``run_slide`` with the in-process step, what ``dannucnet segment`` runs): MP/s end to
+end, network pixels per slide pixel, chunks and nuclei (ownership is exact either way;
+only network context near the seams differs).
+
+    PYTHONPATH=python_backend python benchmarks/bench_chunk_plan.py --side 6144
+    PYTHONPATH=python_backend python benchmarks/bench_chunk_plan.py --side 8192 --mpp 0.25 --model dannucnet-monuseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from bench_runtime import TimedForward, machine, synthetic_slide, work_folder
+
+
+def run(step, slide: Path, options) -> dict:
+    from dannucnet.pipeline.slide import run_slide
+    from dannucnet.slides import open_image
+
+    predictor = step.predictor
+    timed = TimedForward(predictor.forward)
+    original, predictor.forward = predictor.forward, timed
+    try:
+        with open_image(slide) as source:
+            started = time.perf_counter()
+            chunks = nuclei = 0
+            for found in run_slide(step, source, options=options):
+                chunks += 1
+                nuclei += len(found)
+            seconds = time.perf_counter() - started
+            pixels = source.width * source.height
+    finally:
+        predictor.forward = original
+    return {"mp_s": pixels / 1e6 / seconds, "model_s": timed.seconds, "seconds": seconds, "chunks": chunks,
+            "network_px_per_px": timed.windows * predictor.tile**2 / pixels, "nuclei": nuclei}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--side", type=int, default=6144, help="slide side in px (default 6144)")
+    p.add_argument("--mpp", type=float, default=0.5, help="the slide's µm/px (default 0.5: a 20× slide)")
+    p.add_argument("--model", default="dannucnet-monuseg-20x")
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--workdir", type=Path)
+    args = p.parse_args()
+
+    from dannucnet.engine import Predictor
+    from dannucnet.model import load_model
+    from dannucnet.pipeline import SegmentOptions
+    from dannucnet.pipeline.slide import InProcessStep
+
+    class EqualPieces(InProcessStep):
+        """The plan before: equal pieces of at most the chunk size (no window grid given to the planner)."""
+
+        windows = None  # type: ignore[assignment]
+
+    work = work_folder(args.workdir, "bench_chunk_plan_")
+    slide = synthetic_slide(work, f"slide_{args.mpp:g}_{args.side}.tif", args.side, args.mpp)
+    predictor = Predictor(load_model(args.model), device="cpu", runtime=args.runtime)
+    print(f"machine: {machine()}\nmodel {predictor.card.name} {predictor.card.version} at {predictor.card.mpp} µm/px, "
+          f"{predictor.description}; slide {args.side}² at {args.mpp:g} µm/px")
+    steps = {"equal pieces (before)": EqualPieces(predictor), "window-aligned (now)": InProcessStep(predictor)}
+    options = SegmentOptions()
+    results: dict[str, list[dict]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():  # taking turns, so both meet the same load
+            results[name].append(run(step, slide, options))
+            print(f"  {name}: {results[name][-1]['mp_s']:.3f} MP/s, load {os.getloadavg()[0]:.1f}", flush=True)
+    base = max(r["mp_s"] for r in results["equal pieces (before)"])
+    print("\n| chunk plan | MP/s (best) | × before | model s | network px per slide px | chunks | nuclei |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        best = max(rows, key=lambda r: r["mp_s"])
+        print(f"| {name} | {best['mp_s']:.3f} | {best['mp_s'] / base:.2f} | {best['model_s']:.1f} | "
+              f"{best['network_px_per_px']:.2f} | {best['chunks']} | {best['nuclei']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
