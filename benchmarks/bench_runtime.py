@@ -159,16 +159,24 @@ def profile_once(predictor, slide: Path, out_dir: Path, top: int = 14) -> str:
     return text.getvalue()
 
 
+#: CPU features that decide a CPU runtime's speed, in the order printed: the VMs this project ran on
+#: differed 5× per window between an AVX2-only EPYC (OpenVINO fp32) and a Xeon with avx512_bf16 (bf16).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """CPU model, the vector features that set the runtimes' precision, cores and Python."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
+    isa = " ".join(f for f in ISA_FLAGS if f in flags) or ("no AVX2" if flags else "CPU features unknown")
+    return f"{cpu} ({isa}), {os.cpu_count()} logical cores, Python {platform.python_version()}"
 
 
 def print_table(rows: list[dict]) -> None:

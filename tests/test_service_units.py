@@ -28,6 +28,14 @@ TOKEN = "s3cret-token-0123456789"
 
 
 # ---- micro-batcher -----------------------------------------------------------
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll until ``condition()`` holds: threads reach a state in their own time, so wait for the state."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        time.sleep(0.005)
+
+
 def test_batcher_batches_across_threads_and_keeps_results_apart():
     sizes = []
     gate = threading.Event()
@@ -46,7 +54,7 @@ def test_batcher_batches_across_threads_and_keeps_results_apart():
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(9)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    _wait_for(lambda: batcher.pending == 9)  # all nine submitted while the first batch is held
     gate.set()
     for t in threads:
         t.join(5)
@@ -62,7 +70,7 @@ def test_batcher_full_queue_answers_resource_exhausted():
     blocked = [threading.Thread(target=batcher.submit, args=(np.zeros(1),)) for _ in range(2)]
     for t in blocked:
         t.start()
-    time.sleep(0.3)
+    _wait_for(lambda: batcher.pending == 2)
     with pytest.raises(ServiceError) as err:
         batcher.submit(np.zeros(1))
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.http_status == 429
@@ -73,10 +81,11 @@ def test_batcher_full_queue_answers_resource_exhausted():
 
 
 def test_batcher_drops_work_of_cancelled_calls():
-    gate = threading.Event()
+    gate, running = threading.Event(), threading.Event()
     ran = []
 
     def run(arrays):
+        running.set()
         gate.wait(5)
         ran.extend(int(a[0]) for a in arrays)
         return arrays
@@ -84,7 +93,7 @@ def test_batcher_drops_work_of_cancelled_calls():
     batcher = MicroBatcher(run, max_batch=1, max_queue=16)
     first = threading.Thread(target=batcher.submit, args=(np.array([0]),))
     first.start()
-    time.sleep(0.1)
+    assert running.wait(5)  # item 0 is in the model before the other request queues
     call = Call()
     errors = []
 
@@ -96,13 +105,12 @@ def test_batcher_drops_work_of_cancelled_calls():
 
     t = threading.Thread(target=cancelled_request)
     t.start()
-    time.sleep(0.1)
+    _wait_for(lambda: batcher.pending == 6)  # its five items queued behind item 0
     call.cancel()
     t.join(2)
     gate.set()
     first.join(2)
-    time.sleep(0.2)
-    batcher.close()
+    batcher.close()  # drains the queue: the cancelled items are dropped unrun
     assert errors == [grpc.StatusCode.CANCELLED]
     assert ran == [0]  # none of the cancelled request's items ran
     assert batcher.stats.dropped == 5

@@ -98,6 +98,12 @@ class MicroBatcher:
             self._queue.put_nowait(item)
         return [self._wait(item) for item in items]
 
+    @property
+    def pending(self) -> int:
+        """Items submitted and not yet finished (queued, gathered or running): what ``max_queue`` bounds."""
+        with self._pending_lock:
+            return self._pending
+
     def submit(self, array: np.ndarray, cancel: Cancel | None = None) -> np.ndarray:
         return self.submit_many([array], cancel)[0]
 
