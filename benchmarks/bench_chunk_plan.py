@@ -17,11 +17,10 @@ only network context near the seams differs).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from bench_runtime import TimedForward, machine, synthetic_slide, work_folder
+from bench_runtime import TimedForward, machine, print_turns, synthetic_slide, take_turns, turn_arguments, work_folder
 
 
 def run(step, slide: Path, options) -> dict:
@@ -48,12 +47,8 @@ def run(step, slide: Path, options) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--side", type=int, default=6144, help="slide side in px (default 6144)")
+    turn_arguments(p, side=6144)
     p.add_argument("--mpp", type=float, default=0.5, help="the slide's µm/px (default 0.5: a 20× slide)")
-    p.add_argument("--model", default="dannucnet-monuseg-20x")
-    p.add_argument("--runtime", default="auto")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workdir", type=Path)
     args = p.parse_args()
 
     from dannucnet.engine import Predictor
@@ -73,18 +68,10 @@ def main() -> int:
           f"{predictor.description}; slide {args.side}² at {args.mpp:g} µm/px")
     steps = {"equal pieces (before)": EqualPieces(predictor), "window-aligned (now)": InProcessStep(predictor)}
     options = SegmentOptions()
-    results: dict[str, list[dict]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():  # taking turns, so both meet the same load
-            results[name].append(run(step, slide, options))
-            print(f"  {name}: {results[name][-1]['mp_s']:.3f} MP/s, load {os.getloadavg()[0]:.1f}", flush=True)
-    base = max(r["mp_s"] for r in results["equal pieces (before)"])
-    print("\n| chunk plan | MP/s (best) | × before | model s | network px per slide px | chunks | nuclei |")
-    print("|---|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        best = max(rows, key=lambda r: r["mp_s"])
-        print(f"| {name} | {best['mp_s']:.3f} | {best['mp_s'] / base:.2f} | {best['model_s']:.1f} | "
-              f"{best['network_px_per_px']:.2f} | {best['chunks']} | {best['nuclei']} |")
+    results = take_turns({name: lambda step=step: run(step, slide, options) for name, step in steps.items()},
+                         args.repeats)
+    print_turns(results, "chunk plan", {"model s": "model_s", "network px per slide px": "network_px_per_px",
+                                        "chunks": "chunks", "nuclei": "nuclei"})
     return 0
 
 

@@ -16,11 +16,10 @@ way; only network context at the seams differs).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from bench_runtime import TimedForward, machine, synthetic_slide, work_folder
+from bench_runtime import TimedForward, machine, print_turns, synthetic_slide, take_turns, turn_arguments, work_folder
 
 
 def run(predictor, slide: Path, out: Path, options) -> dict:
@@ -43,11 +42,7 @@ def run(predictor, slide: Path, out: Path, options) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--side", type=int, default=4096, help="20× slide side in px (default 4096: 16.8 MP, 4 chunks)")
-    p.add_argument("--model", default="dannucnet-monuseg-20x")
-    p.add_argument("--runtime", default="auto")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workdir", type=Path)
+    turn_arguments(p, side=4096)  # a 20× slide: 16.8 MP
     args = p.parse_args()
 
     from dannucnet.engine import Predictor
@@ -60,18 +55,10 @@ def main() -> int:
     print(f"machine: {machine()}\nmodel {predictor.card.name} {predictor.card.version} at {predictor.card.mpp} µm/px, "
           f"{predictor.description}; slide {args.side}² at 0.5 µm/px")
     configs = {"128 model px (before)": SegmentOptions(margin=128), "32 µm (now)": SegmentOptions()}
-    results: dict[str, list[dict]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
-        for name, options in configs.items():  # taking turns, so both meet the same load
-            results[name].append(run(predictor, slide, work / "out.geojson.gz", options))
-            print(f"  {name}: {results[name][-1]['mp_s']:.3f} MP/s, load {os.getloadavg()[0]:.1f}", flush=True)
-    base = max(r["mp_s"] for r in results["128 model px (before)"])
-    print("\n| margin | MP/s (best) | × before | model s | network px per slide px | nuclei |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        best = max(rows, key=lambda r: r["mp_s"])
-        print(f"| {name} | {best['mp_s']:.3f} | {best['mp_s'] / base:.2f} | {best['model_s']:.1f} | "
-              f"{best['network_px_per_px']:.2f} | {best['nuclei']} |")
+    results = take_turns({name: lambda options=options: run(predictor, slide, work / "out.geojson.gz", options)
+                          for name, options in configs.items()}, args.repeats)
+    print_turns(results, "margin", {"model s": "model_s", "network px per slide px": "network_px_per_px",
+                                    "nuclei": "nuclei"})
     return 0
 
 

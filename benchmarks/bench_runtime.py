@@ -34,6 +34,7 @@ import platform
 import pstats
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 QUPATH_MP_S = 0.7  # QuPath 0.5 built-in cell detection on this 2-core machine (issue 18)
@@ -74,6 +75,38 @@ def synthetic_slide(folder: Path, name: str, side: int, mpp: float, tissue: floa
     if not path.exists():
         write_synthetic_slide(path, side, seed=3, mpp=mpp, tissue_fraction=tissue)
     return path
+
+
+def turn_arguments(p: argparse.ArgumentParser, side: int, model: str = "dannucnet-monuseg-20x") -> None:
+    """The options every take-turns benchmark shares: slide side, model, runtime, repeats, work folder."""
+    p.add_argument("--side", type=int, default=side, help=f"slide side in px (default {side})")
+    p.add_argument("--model", default=model)
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--workdir", type=Path)
+
+
+def take_turns(arms: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Each arm's result dicts (with ``mp_s``), the arms run in turn ``repeats`` times so that all meet the
+    same load, every other round in reverse (A B, B A: the first run's warm-up is not always one arm's);
+    each run is printed as it ends."""
+    results: dict[str, list[dict]] = {name: [] for name in arms}
+    for round_ in range(repeats):
+        for name, arm in list(arms.items())[:: -1 if round_ % 2 else 1]:
+            results[name].append(arm())
+            print(f"  {name}: {results[name][-1]['mp_s']:.3f} MP/s, load {os.getloadavg()[0]:.1f}", flush=True)
+    return results
+
+
+def print_turns(results: dict[str, list[dict]], first: str, columns: dict[str, str]) -> None:
+    """A markdown table of each arm's best run: MP/s, × the first arm's best, then ``columns`` (header: key)."""
+    base = max(r["mp_s"] for r in next(iter(results.values())))
+    print(f"\n| {first} | MP/s (best) | × before | " + " | ".join(columns) + " |")
+    print("|---" * (3 + len(columns)) + "|")
+    for name, rows in results.items():
+        best = max(rows, key=lambda r: r["mp_s"])
+        cells = [f"{best[key]:.2f}" if isinstance(best[key], float) else str(best[key]) for key in columns.values()]
+        print(f"| {name} | {best['mp_s']:.3f} | {best['mp_s'] / base:.2f} | " + " | ".join(cells) + " |")
 
 
 def make_slides(folder: Path, side40: int, side20: int, tissue: float) -> dict[str, tuple[Path, float]]:
