@@ -31,10 +31,13 @@ from PIL import Image
 
 from dannucnet.client import DanNucNetClient, ServerError, segment_image_via_server, segment_large_region
 from dannucnet.engine import Predictor
+from dannucnet.engine.tiling import WindowGrid
 from dannucnet.errors import CancelledError, InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.model import DANNucNet, ModelCard, ModelConfig, load_model, save_model
 from dannucnet.pipeline import SegmentOptions, segment_region, segment_slide
+from dannucnet.pipeline.remote import ServerStep
+from dannucnet.pipeline.slide import InProcessStep
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service._generated.v1 import segmentation_pb2_grpc as pb_grpc
 from dannucnet.service.limits import Limits
@@ -199,9 +202,10 @@ def image():
 def test_model_info_and_health_on_both_transports(server, client):
     info = client.model_info()
     assert (info.name, info.api_version, info.tile_size, info.pixel_size_microns) == ("darkness", "v1", TILE, MPP)
-    assert info.slide_segmentation_enabled and info.max_pixels == 1024 * 1024
+    assert info.slide_segmentation_enabled and info.max_pixels == 1024 * 1024 and info.window_overlap == OVERLAP
     status, body, _ = request(server, "GET", "/v1/model")
     assert status == 200 and body["name"] == "darkness" and body["apiVersion"] == "v1"
+    assert body["windowOverlap"] == OVERLAP
     assert body["pixelSizeMicrons"] == MPP and body["trained"] is False and "serverVersion" in body
     assert request(server, "GET", "/healthz", token=None)[:2] == (200, {"status": "SERVING"})
     with grpc.insecure_channel(server.grpc_address) as channel:  # health needs no token
@@ -320,6 +324,8 @@ def test_segment_image_via_server_equals_standalone(client, predictor, slide_roo
         ]
     assert len(local) > 10 and signature(remote) == signature(local)
     assert seen[-1][0] == seen[-1][1] > 1
+    # the client plans its chunks on the server's windows, as the in-process step does on its own
+    assert ServerStep(client).windows == InProcessStep(predictor).windows == WindowGrid(TILE, OVERLAP)
 
 
 # ---- SegmentSlide -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from dannucnet.engine.tiling import WindowGrid
 from dannucnet.geometry.ownership import Chunk, Rect, plan_chunks
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.slide import SlideWork, ordered_map, read_chunk, run_slide
@@ -46,9 +47,12 @@ class ServerStep:
         return float(self.info.pixel_size_microns)
 
     @property
-    def windows(self) -> None:
-        """The server's window overlap is its own: chunks are cut in equal pieces."""
-        return None
+    def windows(self) -> WindowGrid | None:
+        """The server's windows, so that chunks fill them as the server's own plan does (None from a server
+        older than ``window_overlap``: equal pieces)."""
+        if self.info.window_overlap <= 0 or self.info.tile_size <= 0:
+            return None
+        return WindowGrid(int(self.info.tile_size), int(self.info.window_overlap))
 
     def nuclei(self, work: SlideWork) -> Generator[list[Nucleus], None, None]:
         plan = work.plan

@@ -12,7 +12,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "pixel_size_microns", "tile_size", "threshold", "device", "server_version", "api_version", "trained", "architecture_config", "max_pixels", "max_message_bytes", "max_polygons", "slide_segmentation_enabled")
+    __slots__ = ("name", "version", "architecture", "pixel_size_microns", "tile_size", "threshold", "device", "server_version", "api_version", "trained", "architecture_config", "max_pixels", "max_message_bytes", "max_polygons", "slide_segmentation_enabled", "window_overlap")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class ModelInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_POLYGONS_FIELD_NUMBER: _ClassVar[int]
     SLIDE_SEGMENTATION_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -43,7 +44,8 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     max_polygons: int
     slide_segmentation_enabled: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., pixel_size_microns: _Optional[float] = ..., tile_size: _Optional[int] = ..., threshold: _Optional[float] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., trained: _Optional[bool] = ..., architecture_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_polygons: _Optional[int] = ..., slide_segmentation_enabled: _Optional[bool] = ...) -> None: ...
+    window_overlap: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., pixel_size_microns: _Optional[float] = ..., tile_size: _Optional[int] = ..., threshold: _Optional[float] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., trained: _Optional[bool] = ..., architecture_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_polygons: _Optional[int] = ..., slide_segmentation_enabled: _Optional[bool] = ..., window_overlap: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("encoded", "raw")
