@@ -134,3 +134,11 @@ def test_window_grid_span_and_count_agree() -> None:
     for n in range(1, 40):
         assert GRID.count(GRID.span(n)) == n and GRID.count(GRID.span(n) + 1) == n + 1
     assert GRID.count(10) == 1  # a short axis is padded to one window
+
+
+def test_window_aligned_plan_falls_back_to_equal_pieces_where_it_cannot_align() -> None:
+    region = Rect(0, 0, 1000, 700)
+    # margins wider than any read the windows allow, and a fractional region: equal pieces
+    assert plan_chunks(region, 300, 500, None, WindowGrid(64, 8).span) == plan_chunks(region, 300, 500)
+    frac = Rect(0.5, 0, 999.5, 700)
+    assert plan_chunks(frac, 300, 16, None, GRID.span) == plan_chunks(frac, 300, 16)

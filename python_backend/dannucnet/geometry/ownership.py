@@ -133,9 +133,9 @@ def _aligned_cuts(
     margins the first and last reads get (less than ``margin`` at the image's edge).
     None for a fractional axis (the caller cuts equal pieces).
     """
-    if not (float(start).is_integer() and float(length).is_integer()):
-        return None
     total, limit = int(length), math.floor(chunk_size)
+    if not (float(start).is_integer() and float(length).is_integer()) or limit < 1:
+        return None
     first = max(1, math.ceil(total / limit))
     best: tuple[int, list[int]] | None = None
     for count in range(first, min(first + 3, total + 1)):
@@ -151,6 +151,8 @@ def _aligned_cuts(
             while cap(i, n) < 1 and n < 10_000:
                 n += 1
             windows.append(n)
+        if any(cap(i, n) < 1 for i, n in enumerate(windows)):
+            continue  # a window grid that cannot hold a margin: not this count
         held = sum(cap(i, n) for i, n in enumerate(windows))
         while held < total:
             gain, _, i = max((cap(i, n + 1) - cap(i, n), -n, i) for i, n in enumerate(windows))
