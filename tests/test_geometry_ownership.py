@@ -137,8 +137,8 @@ def test_window_grid_span_and_count_agree() -> None:
 
 
 def test_window_aligned_plan_falls_back_to_equal_pieces_where_it_cannot_align() -> None:
-    region = Rect(0, 0, 1000, 700)
-    # margins wider than any read the windows allow, and a fractional region: equal pieces
-    assert plan_chunks(region, 300, 500, None, WindowGrid(64, 8).span) == plan_chunks(region, 300, 500)
+    region = Rect(0, 0, 10, 7)
+    # a core under a pixel, and a fractional region: equal pieces
+    assert plan_chunks(region, 0.5, 0.1, None, GRID.span) == plan_chunks(region, 0.5, 0.1)
     frac = Rect(0.5, 0, 999.5, 700)
     assert plan_chunks(frac, 300, 16, None, GRID.span) == plan_chunks(frac, 300, 16)
