@@ -140,5 +140,5 @@ def test_window_aligned_plan_falls_back_to_equal_pieces_where_it_cannot_align() 
     region = Rect(0, 0, 10, 7)
     # a core under a pixel, and a fractional region: equal pieces
     assert plan_chunks(region, 0.5, 0.1, None, GRID.span) == plan_chunks(region, 0.5, 0.1)
-    frac = Rect(0.5, 0, 999.5, 700)
+    frac = Rect(0.5, 0.25, 999.5, 699.5)  # each axis fractional (an integral one is still aligned)
     assert plan_chunks(frac, 300, 16, None, GRID.span) == plan_chunks(frac, 300, 16)
