@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_runtime import synthetic_slide, work_folder
+from bench_runtime import print_turns, synthetic_slide, take_turns, turn_arguments, work_folder
 
 CHILD = """
 import json, sys, time
@@ -27,8 +27,8 @@ from dannucnet.jobs.segment_file import segment_to_geojson
 from dannucnet.jobs.segmenters import LocalSegmenter
 from dannucnet.model import load_model
 import numpy
-slide, out, model, side = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-predictor = Predictor(load_model(model), device="cpu", runtime="auto")
+slide, out, model, side, runtime = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+predictor = Predictor(load_model(model), device="cpu", runtime=runtime)
 started = time.perf_counter()
 summary = segment_to_geojson(LocalSegmenter(predictor), slide, out)
 seconds = time.perf_counter() - started
@@ -37,30 +37,26 @@ print(json.dumps({"mp_s": side * side / 1e6 / seconds, "nuclei": summary.nuclei,
 """
 
 
+def run(slide: Path, out: Path, args: argparse.Namespace, flag: str) -> dict:
+    """One slide job in a child process with ``NUMPY_MADVISE_HUGEPAGE=flag``: its MP/s, nuclei, huge pages."""
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": flag}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(slide), str(out), args.model, str(args.side), args.runtime],
+                          env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--side", type=int, default=4096, help="slide side in px (default 4096)")
+    turn_arguments(p, side=4096)
     p.add_argument("--mpp", type=float, default=0.5, help="slide pixel size (default 0.5: a 20× scan)")
-    p.add_argument("--model", default="dannucnet-monuseg-20x")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workdir", type=Path)
     args = p.parse_args()
     work = work_folder(args.workdir, "bench_hugepages_")
     slide = synthetic_slide(work, f"slide_{args.side}_{args.mpp:g}.tif", args.side, args.mpp)
-    rates: dict[str, list[float]] = {"on (numpy's default)": [], "off (dannucnet's default)": []}
-    for _ in range(args.repeats):
-        for name, flag in zip(rates, ("1", "0")):  # taking turns, so both meet the same load
-            env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": flag}
-            done = subprocess.run([sys.executable, "-c", CHILD, str(slide), str(work / "out.geojson.gz"), args.model,
-                                   str(args.side)], env=env, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rates[name].append(row["mp_s"])
-            print(f"  huge pages {name}: {row['mp_s']:.3f} MP/s, {row['nuclei']} nuclei, load {os.getloadavg()[0]:.1f}",
-                  flush=True)
-    base = max(rates["on (numpy's default)"])
+    flags = {"on (numpy's default)": "1", "off (dannucnet's default)": "0"}
+    results = take_turns({name: lambda flag=flag: run(slide, work / "out.geojson.gz", args, flag)
+                          for name, flag in flags.items()}, args.repeats)
     print(f"\nslide {args.side}² at {args.mpp:g} µm/px, model {args.model}")
-    for name, values in rates.items():
-        print(f"  huge pages {name}: best {max(values):.3f} MP/s ({max(values) / base:.2f}×)")
+    print_turns(results, "huge pages", {"numpy's huge pages": "hugepages", "nuclei": "nuclei"})
     return 0
 
 
