@@ -213,13 +213,12 @@ def plan_chunks(
         return []
     xs = ys = None
     if span is not None:
-        def room(before: float, after: float) -> float:  # the margin a read gets on that side
-            return margin if bounds is None else min(margin, max(0.0, after - before))
-
-        xs = _aligned_cuts(region.x, region.width, chunk_size, margin,
-                           room(bounds.x if bounds else 0, region.x), room(region.x1, bounds.x1 if bounds else 0), span)
-        ys = _aligned_cuts(region.y, region.height, chunk_size, margin,
-                           room(bounds.y if bounds else 0, region.y), room(region.y1, bounds.y1 if bounds else 0), span)
+        # the margins the first and last reads get: the region's own read, clipped as every chunk's is
+        outer = region.expand(margin) if bounds is None else region.expand(margin).clip(bounds)
+        xs = _aligned_cuts(region.x, region.width, chunk_size, margin, max(0.0, region.x - outer.x),
+                           max(0.0, outer.x1 - region.x1), span)
+        ys = _aligned_cuts(region.y, region.height, chunk_size, margin, max(0.0, region.y - outer.y),
+                           max(0.0, outer.y1 - region.y1), span)
     xs = xs or _cuts(region.x, region.width, chunk_size)
     ys = ys or _cuts(region.y, region.height, chunk_size)
     chunks: list[Chunk] = []
