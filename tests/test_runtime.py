@@ -99,7 +99,7 @@ def test_export_is_cached_beside_the_weights_and_reused(small, tmp_path, caplog,
     with caplog.at_level(logging.INFO, logger="dannucnet.engine.runtime"):
         first = onnx_path(small.network, str(source), tile=64)
         again = onnx_path(small.network, str(source), tile=64)
-    assert first == again == source / ".runtime-cache" / f"dannucnet-{weights_key(small.network)}.onnx"
+    assert first == again == source / ".runtime-cache" / f"dannucnet-{weights_key(small.network)}-64.onnx"
     assert sum("exported" in r.getMessage() for r in caplog.records) == 1
     assert not list((tmp_path / "cache").glob("**/*.onnx"))
 
@@ -167,6 +167,19 @@ def test_predictor_and_tile_engine_run_on_openvino(small):
     assert got.shape == (150, 100, 2)
     assert np.abs(got - reference.predict(rgb)).mean() < 0.05
     assert np.abs(TileEngine(fast, batch_size=3).predict(rgb) - got).max() < 1e-4  # same forward, same blend
+
+
+@needs("openvino")
+def test_another_window_size_gets_its_own_export(small):
+    """The export's window side is static: a predictor with other windows must not load the first one's file
+    (it used to, and OpenVINO then refused every window: 'Can not clone with new dims')."""
+    rgb = np.random.default_rng(4).integers(0, 256, (150, 100, 3), dtype=np.uint8)
+    first = Predictor(small, device="cpu", runtime="openvino", overlap=16)
+    wider = Predictor(small, device="cpu", runtime="openvino", overlap=16, tile_size=128)
+    assert (first.tile, wider.tile) == (64, 128) and wider.runtime == "openvino"
+    assert onnx_path(small.network, small.source, 64) != onnx_path(small.network, small.source, 128)
+    reference = Predictor(small, device="cpu", runtime="torch", overlap=16, tile_size=128).predict(rgb)
+    assert np.abs(wider.predict(rgb) - reference).mean() < 0.05
 
 
 @needs("onnxruntime")

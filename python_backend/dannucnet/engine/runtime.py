@@ -119,8 +119,12 @@ _EXPORT_LOCK = threading.Lock()
 
 
 def onnx_path(network: torch.nn.Module, source: str | None = None, tile: int = 256) -> Path:
-    """The network's ONNX file (dynamic batch, both outputs), exported on first use and cached."""
-    name = f"dannucnet-{weights_key(network)}.onnx"
+    """The network's ONNX file for ``tile``² windows (dynamic batch, both outputs), exported on first use and cached.
+
+    The window side is fixed in the export (a static shape lets OpenVINO plan its memory once), so it is
+    part of the name: one file per weights and window size.
+    """
+    name = f"dannucnet-{weights_key(network)}-{tile}.onnx"
     dirs = cache_dirs(source)
     with _EXPORT_LOCK:
         for folder in dirs:
