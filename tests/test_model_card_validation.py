@@ -81,6 +81,9 @@ MALFORMED_CARDS = [
     ("tile-0", _top(tile_size=0), "tile_size"),
     ("tile-not-multiple", _top(tile_size=102), "tile_size"),
     ("tile-float", _top(tile_size=64.0), "tile_size"),
+    ("window-not-multiple", _top(window=102), "window"),
+    ("window-huge", _top(window=10**6), "window"),
+    ("window-text", _top(window="512"), "window"),
     ("threshold-2", _top(threshold=2), "threshold"),
     ("trained-text", _top(trained="no"), "trained"),
     ("colour-reference-text", _top(colour_reference="reinhard"), "colour_reference"),
@@ -97,6 +100,20 @@ def test_malformed_card_is_one_clear_error(model_dir, change, words):
     _edit_card(model_dir, change)
     with pytest.raises(ModelError, match=words.replace("(", r"\(")):
         load_model(str(model_dir))
+
+
+def test_the_card_window_sets_the_predictor_windows(model_dir):
+    """``window`` (inference) is separate from ``tile_size`` (training patch); null or absent means the patch."""
+    from dannucnet.engine import Predictor
+
+    assert Predictor(load_model(str(model_dir)), device="cpu").tile == 64
+    _edit_card(model_dir, _top(window=128))
+    loaded = load_model(str(model_dir))
+    assert (loaded.card.tile_size, loaded.card.window) == (64, 128)
+    assert Predictor(loaded, device="cpu").tile == 128
+    assert Predictor(loaded, device="cpu", tile_size=96).tile == 96  # a caller's own choice wins
+    _edit_card(model_dir, _top(window=None))
+    assert Predictor(load_model(str(model_dir)), device="cpu").tile == 64
 
 
 def test_card_that_is_not_utf8_is_one_clear_error(model_dir):

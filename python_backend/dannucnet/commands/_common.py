@@ -25,7 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="model name (see `dannucnet models`) or a model folder; auto (default) picks, per image, "
                         "the installed model whose pixel size suits the image's")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 2 on CPU, 32 on GPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="windows per forward pass (default: 2 on CPU; on GPU 32 of 256², 8 of 512²)")
     add_runtime_argument(p)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each window over four flips (slightly better, 4x model time)")

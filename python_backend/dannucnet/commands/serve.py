@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-root", action="append", default=[], metavar="DIR",
                    help="folder SegmentSlide may read slides from (repeatable); without one SegmentSlide is off")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="largest micro-batch of 256² tiles per forward pass (default 2 on CPU, 32 on GPU)")
+                   help="largest micro-batch of network windows per forward pass (default 2 on CPU; on GPU 32 of 256², "
+                        "8 of 512²)")
     p.add_argument("--max-pixels", type=int, default=None, help="decoded pixels allowed per request (default 4096²)")
     p.add_argument("--max-message-mb", type=float, default=None, help="largest request in MiB (default 64)")
     p.add_argument("--max-polygons", type=int, default=None, help="most nuclei per response (default 200000)")

@@ -61,10 +61,18 @@ class Predictor:
 
     ``overlap`` is the least overlap between neighbouring windows, 32 px by default
     (MODEL_SPEC §4 planning); windows are spread evenly, so most overlap more
-    (``tiling.window_starts``). ``runtime`` is ``torch`` for library callers (exactly the
-    network they pass); the command-line doors default to ``auto`` (``engine.runtime``).
-    Batch size defaults to 2 on the CPU, where larger batches fall out of cache and
-    get slower per tile, and 32 on a GPU.
+    (``tiling.window_starts``). ``tile_size`` is the windows' side: by default the card's
+    ``window``, else its training patch (``tile_size``). The shipped cards say 512: with the
+    32 px overlap, 256² windows run (256/224)² = 1.31 network pixels per image pixel and
+    512² windows (512/480)² = 1.14, at about the same cost per pixel (OpenVINO fp32, 2-core
+    AVX2 EPYC: 3.9 against 4.1 µs). A 4096² 20× slide ran 1.17× faster end to end
+    (``benchmarks/bench_window.py``) with the same nuclei, and held-out F1, AJI and PQ moved
+    by less than 0.2 points (``docs/performance.md``). An image smaller than a window is
+    padded to one, so a lone 200² region costs one 512² window.
+    ``runtime`` is ``torch`` for library callers (exactly the network they pass); the
+    command-line doors default to ``auto`` (``engine.runtime``). Batch size defaults to 2
+    windows on the CPU, where larger batches fall out of cache and get slower per window,
+    and on a GPU to as many as make 32 windows of 256² (8 of 512²).
     """
 
     def __init__(
@@ -81,12 +89,12 @@ class Predictor:
         self.model = model
         self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
         self.device = choose_device(device)
-        self.tile = tile_size or model.card.tile_size
+        self.tile = tile_size or model.card.window or model.card.tile_size
         stride = model.network.config.stride
         if self.tile % stride:
             raise InputError(f"tile size must be a multiple of {stride}, got {self.tile}")
         self.overlap = overlap
-        self.batch_size = batch_size or (2 if self.device.type == "cpu" else 32)
+        self.batch_size = batch_size or (2 if self.device.type == "cpu" else max(1, 32 * 256**2 // self.tile**2))
         self.network = model.network.eval().to(self.device).to(memory_format=torch.channels_last)
         # forward: N×3×T×T float → N×C×T×T logits, by whichever runtime runs here (threads: the
         # runtime's own default, all cores, unless given; torch's are set by the caller)

@@ -27,7 +27,11 @@ class ModelCard:
     version: str
     architecture: dict[str, Any] = field(default_factory=lambda: ModelConfig().to_dict())
     mpp: float = 0.25  # µm/px the network was trained at; inputs are resampled to it
-    tile_size: int = 256
+    tile_size: int = 256  # the training patch side, model px
+    # Side of the windows the network runs on, model px; None: tile_size. Every pool in the network is local (no
+    # global pooling), so any multiple of 2 ** depth sees a nucleus alike; what the side changes is the share of
+    # pixels run twice where neighbouring windows overlap (see engine.predictor.Predictor).
+    window: int | None = None
     threshold: float = 0.5
     normalisation: str = "rgb / 255 (no mean/std, no stain normalisation)"
     # Reinhard target (engine.colour.ColourReference.to_dict()); None = pixels go in as they are
@@ -154,6 +158,10 @@ def validate_card(data: Any, path: Path) -> dict[str, Any]:
         _in_range(path, "tile_size", card["tile_size"], *TILE_RANGE, integer=True)
         if card["tile_size"] % 2**depth:
             raise _bad(path, "tile_size", card["tile_size"], f"a multiple of {2**depth} (2 ** depth)")
+    if card.get("window") is not None:
+        _in_range(path, "window", card["window"], *TILE_RANGE, integer=True)
+        if card["window"] % 2**depth:
+            raise _bad(path, "window", card["window"], f"a multiple of {2**depth} (2 ** depth)")
     if "threshold" in card and not (_is_number(card["threshold"]) and 0 < card["threshold"] < 1):
         raise _bad(path, "threshold", card["threshold"], "a number between 0 and 1")
     if "trained" in card and not isinstance(card["trained"], bool):

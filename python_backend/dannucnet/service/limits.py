@@ -51,8 +51,9 @@ class Limits:
     max_polygons: int = 200_000
     max_pending: int = 64  # requests admitted (running or queued) before RESOURCE_EXHAUSTED
     # Model work: windows (tiles) one request may need. None: as many as a max_pixels square
-    # (4096² with 256-px tiles overlapping 32 px: 19 × 19 = 361), so a 16 × 1,000,000 strip
-    # (4,464 windows, ~40 min on a CPU) is refused although its pixels are within max_pixels.
+    # (4096² with 256-px tiles overlapping 32 px: 19 × 19 = 361; with 512-px ones 9 × 9 = 81), so a
+    # 16 × 1,000,000 strip (4,464 windows of 256 px, ~40 min on a CPU) is refused although its pixels
+    # are within max_pixels.
     max_windows: int | None = None
     # Longest side / shortest side of a region. Chunks from QuPath and the Python client are
     # square (2048 px) plus margins; 64:1 still admits a 64 × 4096 strip.

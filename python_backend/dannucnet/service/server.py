@@ -163,7 +163,7 @@ class Server:
         device = self.batched.description
         lines = [
             f"model   {card.name} {card.version} ({trained}), "
-            f"{card.mpp} µm/px, tile {card.tile_size}, threshold {card.threshold}",
+            f"{card.mpp} µm/px, windows {self.batched.tile}², threshold {card.threshold}",
             f"device  {device}, micro-batches of up to {self.batched.max_batch} tiles",
             *([f"models  a request may name any installed model (GET /v1/models); without one: "
                f"{self.service.default_model or card.name}"] if self.models is not None else []),
