@@ -42,7 +42,7 @@ def run(step, slide: Path, options) -> dict:
     finally:
         predictor.forward = original
     return {"mp_s": pixels / 1e6 / seconds, "model_s": timed.seconds, "seconds": seconds, "chunks": chunks,
-            "network_px_per_px": timed.windows * predictor.tile**2 / pixels, "nuclei": nuclei}
+            "network_px_per_px": timed.pixels / pixels, "nuclei": nuclei}
 
 
 def main() -> int:

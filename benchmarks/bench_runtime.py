@@ -42,13 +42,15 @@ RUNTIMES = ("torch", "openvino", "onnxruntime")
 
 
 class TimedForward:
-    """Wraps a predictor's forward callable and sums the seconds spent inside it (and the windows it ran)."""
+    """Wraps a predictor's forward callable and sums the seconds spent inside it (and the windows and
+    network pixels it ran: windows may differ in side, see ``Predictor.window_for``)."""
 
     def __init__(self, forward) -> None:
         self.forward = forward
         self.seconds = 0.0
         self.calls = 0
         self.windows = 0
+        self.pixels = 0
 
     def __call__(self, x):
         t0 = time.perf_counter()
@@ -58,6 +60,7 @@ class TimedForward:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
             self.windows += len(x)
+            self.pixels += len(x) * x.shape[-1] * x.shape[-2]
 
 
 def work_folder(workdir: Path | None, prefix: str) -> Path:

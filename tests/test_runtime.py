@@ -8,6 +8,7 @@ mask pixels flipped (measured here on the shipped weights: 0.12 %).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -180,6 +181,25 @@ def test_another_window_size_gets_its_own_export(small):
     assert onnx_path(small.network, small.source, 64) != onnx_path(small.network, small.source, 128)
     reference = Predictor(small, device="cpu", runtime="torch", overlap=16, tile_size=128).predict(rgb)
     assert np.abs(wider.predict(rgb) - reference).mean() < 0.05
+
+
+@needs("openvino")
+def test_a_card_window_and_its_patch_both_run_on_the_runtime(small, caplog):
+    """Card window 128, patch 64: each image gets the side that costs least, and the second side is exported
+    and compiled on first use, on the same runtime (never a silent fall back to PyTorch)."""
+    card = dataclasses.replace(small.card, window=128)
+    model = LoadedModel(network=small.network, card=card, source=small.source)
+    fast = Predictor(model, device="cpu", runtime="openvino", overlap=16)
+    reference = Predictor(model, device="cpu", runtime="torch", overlap=16)
+    assert fast.sides == (128, 64) and fast.forward.sides == (128,)
+    rng = np.random.default_rng(5)
+    with caplog.at_level(logging.WARNING, logger="dannucnet.engine.runtime"):
+        for shape, side in (((50, 60, 3), 64), ((352, 300, 3), 128)):
+            rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+            assert fast.window_for(*shape[:2]) == side
+            got = fast.predict(rgb)
+            assert got.shape[:2] == shape[:2] and np.abs(got - reference.predict(rgb)).mean() < 0.05
+    assert set(fast.forward.sides) == {128, 64} and not caplog.records
 
 
 @needs("onnxruntime")

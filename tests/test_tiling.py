@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dannucnet.engine.tiling import blend_weights, plan_windows, window_starts
+from dannucnet.engine.tiling import blend_weights, cheapest_window, plan_windows, window_starts
 
 
 @pytest.mark.parametrize("length,tile,stride", [(256, 256, 224), (1000, 256, 224), (257, 256, 224), (100, 256, 224)])
@@ -70,3 +70,48 @@ def test_two_channel_maps_blend_each_channel_like_one(untrained_predictor):
     for w in plan_windows(300, 520, 256, 32):
         acc.add(w, rgb[w.y : w.y + 256, w.x : w.x + 256, 1:].astype(np.float32) / 255.0)
     np.testing.assert_allclose(acc.result(), rgb[..., 1:] / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("side, expected", [
+    (1000, 256),   # 5 × 5 windows of 256 (1.64 M network px) against 3 × 3 of 512 (2.36 M)
+    (2432, 512),   # a slide chunk's read cut to fill 512² windows: 5 × 5 of 512 against 11 × 11 of 256
+    (200, 256),    # smaller than either: one padded window, the small one
+    (288, 512),    # 2 × 2 of 256 or one of 512: the same pixels, the larger window wins the tie
+])
+def test_cheapest_window_runs_the_fewest_network_pixels(side, expected):
+    assert cheapest_window(side, side, (512, 256), 32) == expected
+    assert cheapest_window(side, side, (256, 512), 32) == expected  # the order given does not matter
+    cost = {t: len(plan_windows(max(side, t), max(side, t), t, 32)) * t * t for t in (256, 512)}
+    assert cost[expected] == min(cost.values())
+
+
+def test_a_predictor_cuts_each_image_into_its_cheapest_windows():
+    """A card window larger than the training patch: big images get the big windows, small ones the patch."""
+    import torch
+
+    from dannucnet.engine import Predictor
+    from dannucnet.model import LoadedModel, ModelCard
+    from dannucnet.model.network import DANNucNet, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(base_filters=16, depth=2)
+    card = ModelCard(name="small", version="0", architecture=config.to_dict(), tile_size=64, window=128)
+    model = LoadedModel(network=DANNucNet(config).eval(), card=card, source="built-in")
+    predictor = Predictor(model, device="cpu", overlap=16)
+    assert predictor.tile == 128 and predictor.sides == (128, 64)
+    seen: list[int] = []
+
+    def network(tiles):
+        seen.append(tiles.shape[1])
+        return predictor.predict_tiles(tiles)
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (56, 60, 3), dtype=np.uint8)  # one padded window either way: the patch
+    large = rng.integers(0, 256, (352, 352, 3), dtype=np.uint8)  # 3 × 3 windows of 128 against 7 × 7 of 64
+    for image, side in ((small, 64), (large, 128)):
+        seen.clear()
+        got = predictor.predict(image, tile_fn=network)
+        assert set(seen) == {side} and predictor.window_for(*image.shape[:2]) == side
+        fixed = Predictor(model, device="cpu", overlap=16, tile_size=side)
+        assert fixed.sides == (side,)  # a side asked for is the only one
+        np.testing.assert_array_equal(got, fixed.predict(image))

@@ -123,6 +123,20 @@ def test_batched_predictor_composes_and_leaves_the_wrapped_predictor_alone(untra
         batched.close()
 
 
+def test_a_batch_of_mixed_window_sides_runs_each_side_apart(untrained_predictor):
+    """Two requests may get different window sides (Predictor.window_for); when the batcher gathers their
+    windows into one batch, each side is one forward pass and every window gets its own map back."""
+    batched = BatchedPredictor(untrained_predictor, max_batch=4)
+    try:
+        rng = np.random.default_rng(4)
+        tiles = [rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8) for side in (64, 32, 64, 32)]
+        maps = batched._run_batch(tiles)  # what the worker calls with whatever it gathered
+        for tile, got in zip(tiles, maps):
+            np.testing.assert_allclose(got, untrained_predictor.predict_tiles(tile[None])[0], atol=1e-5)
+    finally:
+        batched.close()
+
+
 def _blocked_batcher() -> tuple[MicroBatcher, threading.Event, list[int], threading.Thread]:
     """A batcher whose worker is held by a first item, so later items queue."""
     gate, running = threading.Event(), threading.Event()

@@ -98,7 +98,8 @@ class Predictor(Protocol):
 
     @property
     def tile(self) -> int:
-        """Window side in model pixels (the card's ``tile_size`` unless overridden)."""
+        """Window side in model pixels that slide chunks are cut to fill (the card's ``window``, else
+        its ``tile_size``)."""
         ...
 
     @property

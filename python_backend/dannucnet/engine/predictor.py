@@ -21,7 +21,13 @@ import torch
 from dannucnet.engine.colour import ColourReference, normalise_colour
 from dannucnet.engine.device import autocast, choose_device
 from dannucnet.engine.runtime import build_forward, resolve_runtime
-from dannucnet.engine.tiling import BlendAccumulator, TileFunctionRunner, WindowedImage, predict_windows
+from dannucnet.engine.tiling import (
+    BlendAccumulator,
+    TileFunctionRunner,
+    WindowedImage,
+    cheapest_window,
+    predict_windows,
+)
 from dannucnet.errors import InputError, ModelError
 from dannucnet.model import LoadedModel, ModelCard
 from dannucnet.protocols import Cancel, TileFunction, WindowProgress
@@ -61,14 +67,16 @@ class Predictor:
 
     ``overlap`` is the least overlap between neighbouring windows, 32 px by default
     (MODEL_SPEC §4 planning); windows are spread evenly, so most overlap more
-    (``tiling.window_starts``). ``tile_size`` is the windows' side: by default the card's
-    ``window``, else its training patch (``tile_size``). The shipped cards say 512: with the
-    32 px overlap, 256² windows run (256/224)² = 1.31 network pixels per image pixel and
-    512² windows (512/480)² = 1.14, at about the same cost per pixel (OpenVINO fp32, 2-core
+    (``tiling.window_starts``). ``tile`` is the windows' side: ``tile_size`` if given, else
+    the card's ``window``, else its training patch (``tile_size``). The shipped cards say 512:
+    with the 32 px overlap, 256² windows run (256/224)² = 1.31 network pixels per image pixel
+    and 512² windows (512/480)² = 1.14, at about the same cost per pixel (OpenVINO fp32, 2-core
     AVX2 EPYC: 3.9 against 4.1 µs). A 4096² 20× slide ran 1.17× faster end to end
     (``benchmarks/bench_window.py``) with the same nuclei, and held-out F1, AJI and PQ moved
-    by less than 0.2 points (``docs/performance.md``). An image smaller than a window is
-    padded to one, so a lone 200² region costs one 512² window.
+    by less than 0.2 points (``docs/performance.md``). Slide chunks are cut to fill ``tile``
+    windows; any other image runs on whichever of the card's window and training patch puts
+    fewer pixels through the network (``tiling.cheapest_window``: a 1000² image takes 25
+    windows of 256², 1.64 M pixels, not 9 of 512², 2.36 M). ``sides`` holds the choices.
     ``runtime`` is ``torch`` for library callers (exactly the network they pass); the
     command-line doors default to ``auto`` (``engine.runtime``). Batch size defaults to 2
     windows on the CPU, where larger batches fall out of cache and get slower per window,
@@ -90,6 +98,8 @@ class Predictor:
         self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
         self.device = choose_device(device)
         self.tile = tile_size or model.card.window or model.card.tile_size
+        patch = model.card.tile_size
+        self.sides = (self.tile,) if tile_size or patch >= self.tile else (self.tile, patch)
         stride = model.network.config.stride
         if self.tile % stride:
             raise InputError(f"tile size must be a multiple of {stride}, got {self.tile}")
@@ -156,10 +166,15 @@ class Predictor:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
-        image = WindowedImage(self.prepare(rgb), self.tile, self.overlap, self.new_blend)
-        runner = TileFunctionRunner(tile_fn or self.predict_tiles, batch_size or self.batch_size, self.tile)
+        side = self.window_for(rgb.shape[0], rgb.shape[1])
+        image = WindowedImage(self.prepare(rgb), side, self.overlap, lambda h, w: self.new_blend(h, w, side))
+        runner = TileFunctionRunner(tile_fn or self.predict_tiles, batch_size or self.batch_size, side)
         return predict_windows(image, runner, progress=progress, cancel=cancel)
 
-    def new_blend(self, height: int, width: int) -> BlendAccumulator:
-        """The accumulator one image's windows blend into (host memory, this predictor's weights)."""
-        return BlendAccumulator(height, width, self.tile, self.overlap, self.channels)
+    def window_for(self, height: int, width: int) -> int:
+        """The window side :meth:`predict` cuts a height × width image into (of ``sides``)."""
+        return cheapest_window(height, width, self.sides, self.overlap)
+
+    def new_blend(self, height: int, width: int, tile: int | None = None) -> BlendAccumulator:
+        """The accumulator one image's windows (``tile`` px, default ``self.tile``) blend into (host memory)."""
+        return BlendAccumulator(height, width, tile or self.tile, self.overlap, self.channels)

@@ -234,6 +234,32 @@ class OnnxRuntimeRuntime(ExportedRuntime):
         return self.session.run(None, {self.input: x})[0].astype(np.float32, copy=False)
 
 
+class WindowSides:
+    """An exported network for windows of any side: the export's shape is static, so each side gets its own
+    engine, the first one given and any other built on first use (one export and compile per side)."""
+
+    def __init__(self, first: ExportedRuntime, side: int, build: Callable[[int], Forward]) -> None:
+        self.name, self.precision = first.name, first.precision
+        self._engines: dict[int, Forward] = {side: first}
+        self._build = build
+        self._lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        side = int(x.shape[-1])
+        engine = self._engines.get(side)
+        if engine is None:
+            with self._lock:
+                engine = self._engines.get(side)
+                if engine is None:
+                    engine = self._engines[side] = self._build(side)
+        return engine(x)
+
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """The sides built so far."""
+        return tuple(self._engines)
+
+
 def _precision_name(value: Any) -> str:
     text = str(value).lower()
     return {"bfloat16": "bf16", "float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16"}.get(
@@ -251,13 +277,27 @@ def build_forward(
     """
     if runtime == "torch":
         return network, "torch", "fp32"
-    try:
-        path = onnx_path(network, source, tile)
+
+    def start(side: int) -> ExportedRuntime:
+        path = onnx_path(network, source, side)
         engine = (OpenVINORuntime(path, threads, precision) if runtime == "openvino"
                   else OnnxRuntimeRuntime(path, threads))
+        log.info("network runs on %s (%s) from %s", engine.name, engine.precision, path)
+        return engine
+
+    try:
+        first = start(tile)
     except Exception as exc:  # noqa: BLE001
         log.warning("runtime %s failed to start (%s: %s): running the network in PyTorch instead",
                     runtime, type(exc).__name__, exc)
         return network, "torch", "fp32"
-    log.info("network runs on %s (%s) from %s", engine.name, engine.precision, path)
-    return engine, engine.name, engine.precision
+
+    def other_side(side: int) -> Forward:
+        try:
+            return start(side)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("runtime %s failed to start for %d² windows (%s: %s): running those in PyTorch",
+                        runtime, side, type(exc).__name__, exc)
+            return network
+
+    return WindowSides(first, tile, other_side), first.name, first.precision

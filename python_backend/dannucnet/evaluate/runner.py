@@ -164,7 +164,7 @@ def evaluate_model(
             "device": str(getattr(predictor, "device", "")),
             "runtime": str(getattr(predictor, "runtime", "torch")),
             "precision": str(getattr(predictor, "precision", "fp32")),
-            "window": int(getattr(predictor, "tile", card.tile_size)),
+            "windows": [int(side) for side in getattr(predictor, "sides", (predictor.tile,))],
             "min_area_um2": float(options.min_area_um2),
         },
         split=split,

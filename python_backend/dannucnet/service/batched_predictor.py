@@ -30,8 +30,8 @@ class BatchedPredictor:
 
     It composes, and leaves the predictor it wraps as it found it: what it shows of it are the
     properties below, and its own batch size travels as an argument. ``max_batch`` defaults to the
-    wrapped predictor's batch size (2 on a CPU; on a GPU 32 windows of 256², 8 of 512²); ``predict`` submits that many windows
-    of a request together, so the worker fills its batches sooner.
+    wrapped predictor's batch size (2 on a CPU; on a GPU 32 windows of 256², 8 of 512²); ``predict``
+    submits that many windows of a request together, so the worker fills its batches sooner.
     """
 
     def __init__(self, predictor: EnginePredictor, *, max_batch: int | None = None, max_queue: int = 1024) -> None:
@@ -71,7 +71,16 @@ class BatchedPredictor:
 
     # ---- the network, through the batcher --------------------------------
     def _run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return list(self.inner.predict_tiles(np.stack(tiles)))
+        """One forward pass per window side: requests of different sizes may get different sides
+        (``Predictor.window_for``) and still share the batcher."""
+        out: list[np.ndarray] = [np.empty(0)] * len(tiles)
+        by_side: dict[tuple[int, ...], list[int]] = {}
+        for i, tile in enumerate(tiles):
+            by_side.setdefault(tile.shape, []).append(i)
+        for indices in by_side.values():
+            for i, result in zip(indices, self.inner.predict_tiles(np.stack([tiles[i] for i in indices]))):
+                out[i] = result
+        return out
 
     def predict_tiles(self, tiles: np.ndarray, cancel: Cancel | None = None) -> np.ndarray:
         """The windows' maps, batched with other requests' windows; dropped unrun once ``cancel()`` is true."""
