@@ -1,4 +1,4 @@
-"""Network window sizes end to end on one slide (issue 18): 256² (the training patch) against larger windows.
+"""Network window sizes (and chunk sizes) end to end on one slide (issue 18): 256² windows against larger ones.
 
 The network has no global pooling (every pool in ``model/network.py`` is local), so a
 window of any multiple of 16 px sees the same nucleus the same way; what the window
@@ -12,6 +12,7 @@ chunks and nuclei.
 
     PYTHONPATH=python_backend python benchmarks/bench_window.py --side 4096
     PYTHONPATH=python_backend python benchmarks/bench_window.py --side 4096 --mpp 0.25 --model dannucnet-monuseg
+    PYTHONPATH=python_backend python benchmarks/bench_window.py --windows 512 --chunk-sizes 2048 3072 ...
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> int:
     turn_arguments(p, side=4096)
     p.add_argument("--mpp", type=float, default=0.5, help="the slide's µm/px (default 0.5: a 20× slide)")
     p.add_argument("--windows", type=int, nargs="+", default=[256, 512], help="window sides; the first is the baseline")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048],
+                   help="chunk core sides (model px) to try with each window side (default 2048)")
     args = p.parse_args()
 
     from dannucnet.engine import Predictor
@@ -43,10 +46,11 @@ def main() -> int:
         steps[f"{side}² windows, batch {predictor.batch_size}"] = InProcessStep(predictor)
     print(f"machine: {machine()}\nmodel {loaded.card.name} {loaded.card.version} at {loaded.card.mpp} µm/px, "
           f"{predictor.description}; slide {args.side}² at {args.mpp:g} µm/px")
-    options = SegmentOptions()
-    results = take_turns({name: lambda step=step: run(step, slide, options) for name, step in steps.items()},
+    arms = {f"{name}, chunks {chunk}": (step, SegmentOptions(chunk_size=chunk))
+            for name, step in steps.items() for chunk in args.chunk_sizes}
+    results = take_turns({name: lambda arm=arm: run(arm[0], slide, arm[1]) for name, arm in arms.items()},
                          args.repeats)
-    print_turns(results, "windows", {"model s": "model_s", "network px per slide px": "network_px_per_px",
+    print_turns(results, "windows, chunk size", {"model s": "model_s", "network px per slide px": "network_px_per_px",
                                      "chunks": "chunks", "nuclei": "nuclei"})
     return 0
 

@@ -149,7 +149,9 @@ class _Size:
 
 @pytest.mark.parametrize("slide_mpp", [0.5, 0.25, 0.2525, 0.3, 0.125])
 @pytest.mark.parametrize("model_mpp", [0.25, 0.5])
-def test_planned_chunks_fill_the_windows_they_are_cut_into(slide_mpp: float, model_mpp: float) -> None:
+@pytest.mark.parametrize("tile, chunk_size", [(256, 2048), (256, 3072), (512, 3072)])
+def test_planned_chunks_fill_the_windows_they_are_cut_into(slide_mpp: float, model_mpp: float, tile: int,
+                                                           chunk_size: int) -> None:
     """A chunk read arrives as round(level-0 px / downsample) model px; its windows are what the plan meant.
 
     Against equal pieces the window-aligned plan never costs more windows, at the model's own
@@ -157,8 +159,8 @@ def test_planned_chunks_fill_the_windows_they_are_cut_into(slide_mpp: float, mod
     """
     from dannucnet.engine.tiling import WindowGrid
 
-    grid = WindowGrid(256, 32)
-    options = SegmentOptions(skip_background=False, cell_expansion_um=5.0)
+    grid = WindowGrid(tile, 32)
+    options = SegmentOptions(skip_background=False, cell_expansion_um=5.0, chunk_size=chunk_size)
     source = _Size(9000, 5000, slide_mpp)
     equal = plan_slide(source, model_mpp, options=options)  # type: ignore[arg-type]
     aligned = plan_slide(source, model_mpp, options=options, windows=grid)  # type: ignore[arg-type]
@@ -175,6 +177,8 @@ def test_planned_chunks_fill_the_windows_they_are_cut_into(slide_mpp: float, mod
 
     assert sum(c.core.area for c in aligned.chunks) == 9000 * 5000
     assert windows(aligned) <= windows(equal)
+    if aligned.chunks == equal.chunks:
+        return  # equal pieces happened to take fewer windows (the planner counts both): nothing aligned to check
     spare = 0.0 if aligned.downsample == 1.0 else 2.0 + -(-2.0 // aligned.downsample)
     for chunk in aligned.chunks:  # each read within the span of the windows it was planned for
         read = chunk.read.to_int()

@@ -42,7 +42,8 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model card's, 0.5)")
     p.add_argument("--min-area", type=float, default=SegmentOptions.min_area_um2, metavar="UM2",
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g})")
-    p.add_argument("--chunk-size", type=int, default=2048, help="chunk core side in model pixels (default 2048)")
+    p.add_argument("--chunk-size", type=int, default=SegmentOptions.chunk_size,
+                   help=f"chunk core side in model pixels (default {SegmentOptions.chunk_size})")
     p.add_argument("--no-tissue-detection", action="store_true", help="segment background chunks too")
     p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
                    help="grow each nucleus into a QuPath cell by this many µm (0-25; QuPath's Cell detection "
