@@ -45,6 +45,22 @@ def run(step, slide: Path, options) -> dict:
             "network_px_per_px": timed.pixels / pixels, "nuclei": nuclei}
 
 
+PLAN_COLUMNS = {"model s": "model_s", "network px per slide px": "network_px_per_px", "chunks": "chunks",
+                "nuclei": "nuclei"}
+
+
+def header(card, description: str, args) -> str:
+    """The machine, the model and the slide, as the take-turns benchmarks print them first."""
+    return (f"machine: {machine()}\nmodel {card.name} {card.version} at {card.mpp} µm/px, {description}; "
+            f"slide {args.side}² at {args.mpp:g} µm/px")
+
+
+def compare_steps(arms: dict, slide: Path, repeats: int, first: str) -> None:
+    """Each arm (a slide step and its options) on ``slide`` in turn; then the table of the best runs."""
+    results = take_turns({name: lambda arm=arm: run(arm[0], slide, arm[1]) for name, arm in arms.items()}, repeats)
+    print_turns(results, first, PLAN_COLUMNS)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     turn_arguments(p, side=6144)
@@ -64,14 +80,10 @@ def main() -> int:
     work = work_folder(args.workdir, "bench_chunk_plan_")
     slide = synthetic_slide(work, f"slide_{args.mpp:g}_{args.side}.tif", args.side, args.mpp)
     predictor = Predictor(load_model(args.model), device="cpu", runtime=args.runtime)
-    print(f"machine: {machine()}\nmodel {predictor.card.name} {predictor.card.version} at {predictor.card.mpp} µm/px, "
-          f"{predictor.description}; slide {args.side}² at {args.mpp:g} µm/px")
-    steps = {"equal pieces (before)": EqualPieces(predictor), "window-aligned (now)": InProcessStep(predictor)}
+    print(header(predictor.card, predictor.description, args))
     options = SegmentOptions()
-    results = take_turns({name: lambda step=step: run(step, slide, options) for name, step in steps.items()},
-                         args.repeats)
-    print_turns(results, "chunk plan", {"model s": "model_s", "network px per slide px": "network_px_per_px",
-                                        "chunks": "chunks", "nuclei": "nuclei"})
+    compare_steps({"equal pieces (before)": (EqualPieces(predictor), options),
+                   "window-aligned (now)": (InProcessStep(predictor), options)}, slide, args.repeats, "chunk plan")
     return 0
 
 

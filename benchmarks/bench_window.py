@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench_chunk_plan import run
-from bench_runtime import machine, print_turns, synthetic_slide, take_turns, turn_arguments, work_folder
+from bench_chunk_plan import compare_steps, header
+from bench_runtime import synthetic_slide, turn_arguments, work_folder
 
 
 def main() -> int:
@@ -44,14 +44,10 @@ def main() -> int:
     for side in args.windows:
         predictor = Predictor(loaded, device="cpu", runtime=args.runtime, tile_size=side)
         steps[f"{side}² windows, batch {predictor.batch_size}"] = InProcessStep(predictor)
-    print(f"machine: {machine()}\nmodel {loaded.card.name} {loaded.card.version} at {loaded.card.mpp} µm/px, "
-          f"{predictor.description}; slide {args.side}² at {args.mpp:g} µm/px")
+    print(header(loaded.card, predictor.description, args))
     arms = {f"{name}, chunks {chunk}": (step, SegmentOptions(chunk_size=chunk))
             for name, step in steps.items() for chunk in args.chunk_sizes}
-    results = take_turns({name: lambda arm=arm: run(arm[0], slide, arm[1]) for name, arm in arms.items()},
-                         args.repeats)
-    print_turns(results, "windows, chunk size", {"model s": "model_s", "network px per slide px": "network_px_per_px",
-                                     "chunks": "chunks", "nuclei": "nuclei"})
+    compare_steps(arms, slide, args.repeats, "windows, chunk size")
     return 0
 
 

@@ -38,7 +38,7 @@ Map SETTINGS = [
     chunkSizePx         : null,
     // Chunks in flight at once (2-4 suit one GPU), and seconds to wait for one.
     parallelRequests    : 2,
-    timeoutSeconds      : 300,
+    timeoutSeconds      : 600,
     // Class of the new objects ('' = none).
     className           : 'Nucleus',
     // Remove this script's earlier objects (named dannucnet:MODEL@VERSION) from a parent first.
@@ -92,7 +92,7 @@ class DnnSettings {
 
     static final Map<String, Object> DEFAULTS = [
         serverUrl: 'http://127.0.0.1:8765', token: '', parents: 'auto', model: 'auto', cellExpansionMicrons: 5.0d, threshold: null,
-        minAreaMicrons2: null, pixelSizeMicrons: null, chunkSizePx: null, parallelRequests: 2, timeoutSeconds: 300,
+        minAreaMicrons2: null, pixelSizeMicrons: null, chunkSizePx: null, parallelRequests: 2, timeoutSeconds: 600,
         className: 'Nucleus', replacePrevious: true,
     ].asImmutable()
     static final List<String> NUMBERS = ['cellExpansionMicrons', 'threshold', 'minAreaMicrons2', 'pixelSizeMicrons',
