@@ -178,7 +178,7 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
     card["metrics"][split] = {
         "data": Path(data).name,
         "threshold": summary["threshold"],
-        "windows": [int(side) for side in getattr(predictor, "sides", (predictor.tile,))],
+        "windows": [int(side) for side in sides],
         "averaging": summary["averaging"],
         "final_polygons": result.mean("final"),
         "raw_mask": result.mean("raw"),

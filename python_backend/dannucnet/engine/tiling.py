@@ -63,6 +63,10 @@ class WindowGrid:
         """Windows along an axis of ``length`` px (an axis shorter than a tile is padded to one)."""
         return len(window_starts(length, self.tile, self.tile - self.overlap))
 
+    def over(self, height: int, width: int) -> int:
+        """Windows over a height × width image (each axis as :meth:`count`)."""
+        return self.count(height) * self.count(width)
+
     def span(self, n: int) -> int:
         """The longest axis ``n`` windows cover: ``count(span(n)) == n``."""
         return self.tile + (self.tile - self.overlap) * (n - 1)
@@ -83,12 +87,7 @@ def cheapest_window(height: int, width: int, sides: Sequence[int], overlap: int)
     windows of 512 (2.36 M network pixels) or 5 × 5 of 256 (1.64 M). Ties go to the larger side,
     whose windows give each pixel more context. An image smaller than a window is padded to one.
     """
-    def cost(side: int) -> int:
-        stride = side - overlap
-        count = len(window_starts(max(height, side), side, stride)) * len(window_starts(max(width, side), side, stride))
-        return count * side * side
-
-    return min(sorted(sides, reverse=True), key=cost)
+    return min(sorted(sides, reverse=True), key=lambda side: WindowGrid(side, overlap).over(height, width) * side**2)
 
 
 def blend_weights(tile: int, overlap: int) -> np.ndarray:

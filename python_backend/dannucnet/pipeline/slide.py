@@ -122,7 +122,7 @@ def _window_count(chunks: Sequence[Chunk], windows: WindowGrid, downsample: floa
     for chunk in chunks:
         read = chunk.read.to_int()
         width, height = (max(1, round(side / downsample)) for side in (read.width, read.height))
-        total += windows.count(width) * windows.count(height)
+        total += windows.over(height, width)
     return total
 
 

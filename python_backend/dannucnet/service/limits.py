@@ -189,10 +189,9 @@ def coordinate(value: float, name: str, *, lo: float = 0.0) -> float:
 
 def windows_for(width: int, height: int, tile: int, overlap: int) -> int:
     """Model windows (tiles) the engine runs for a width × height image at the model's pixel size."""
-    from dannucnet.engine.tiling import window_starts
+    from dannucnet.engine.tiling import WindowGrid
 
-    stride = tile - overlap
-    return len(window_starts(max(height, tile), tile, stride)) * len(window_starts(max(width, tile), tile, stride))
+    return WindowGrid(tile, overlap).over(height, width)
 
 
 def window_budget(limits: Limits, tile: int, overlap: int) -> int:
