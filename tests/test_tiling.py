@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dannucnet.engine.tiling import blend_weights, cheapest_window, plan_windows, window_starts
+from dannucnet.engine.tiling import GlassMap, blend_weights, cheapest_window, plan_windows, window_starts
 
 
 @pytest.mark.parametrize("length,tile,stride", [(256, 256, 224), (1000, 256, 224), (257, 256, 224), (100, 256, 224)])
@@ -83,6 +83,26 @@ def test_cheapest_window_runs_the_fewest_network_pixels(side, expected):
     assert cheapest_window(side, side, (256, 512), 32) == expected  # the order given does not matter
     cost = {t: len(plan_windows(max(side, t), max(side, t), t, 32)) * t * t for t in (256, 512)}
     assert cost[expected] == min(cost.values())
+
+
+def test_windows_of_glass_do_not_count_towards_the_cheapest_side():
+    """992² = two 512² windows a side (1.05 M network px) or five 256² (1.64 M); with tissue in one corner
+    only, one 256² window (65 k) beats one 512² (262 k); with none, nothing runs and the larger side wins."""
+    rgb = np.full((992, 992, 3), 240, np.uint8)
+    assert cheapest_window(992, 992, (512, 256), 32, GlassMap(rgb)) == 512
+    rgb[:100, :100] = (150, 60, 140)
+    assert cheapest_window(992, 992, (512, 256), 32) == 512
+    assert cheapest_window(992, 992, (512, 256), 32, GlassMap(rgb)) == 256
+    rgb[400:600, 400:600] = (150, 60, 140)  # the middle too: four 512² windows (1.05 M), 1 + 9 of 256² (655 k)
+    assert cheapest_window(992, 992, (512, 256), 32, GlassMap(rgb)) == 256
+
+
+def test_glass_is_looked_at_only_inside_the_image_of_a_padded_window():
+    rgb = np.full((100, 700, 3), 240, np.uint8)  # shorter than a window: padded to 256 rows
+    windows = plan_windows(256, 700, 256, 32)
+    assert GlassMap(rgb).blank(windows, 256) == [True] * len(windows)
+    rgb[99, 699] = 0
+    assert GlassMap(rgb).blank(windows, 256) == [True] * (len(windows) - 1) + [False]
 
 
 def test_a_predictor_cuts_each_image_into_its_cheapest_windows():

@@ -13,11 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
+from dannucnet.engine.colour import GLASS_LEVEL
 from dannucnet.engine.tiling import (
     BlendAccumulator,
     TileFunctionRunner,
     WindowedImage,
     WindowStream,
+    glass_windows,
     plan_windows,
     predict_windows,
 )
@@ -36,8 +38,9 @@ def haematoxylin(tiles: np.ndarray) -> np.ndarray:
     return (255.0 - tiles[..., :2].astype(np.float32).mean(axis=-1)) / 255.0
 
 
-def image_of(rgb: np.ndarray, tag: object = None) -> WindowedImage:
-    return WindowedImage(rgb, TILE, OVERLAP, lambda h, w: BlendAccumulator(h, w, TILE, OVERLAP), tag=tag)
+def image_of(rgb: np.ndarray, tag: object = None, skip_glass: bool = True) -> WindowedImage:
+    return WindowedImage(rgb, TILE, OVERLAP, lambda h, w: BlendAccumulator(h, w, TILE, OVERLAP), tag=tag,
+                         skip_glass=skip_glass)
 
 
 def reference_map(rgb: np.ndarray) -> np.ndarray:
@@ -66,6 +69,68 @@ def test_stream_across_images_gives_each_image_its_own_map_whatever_the_batches(
     assert [image.tag for image in finished] == [0, 1, 2]  # each comes back once, in order
     for image, rgb in zip(finished, rgbs):
         assert np.array_equal(image.result(), reference_map(rgb))
+
+
+class CountingRunner(TileFunctionRunner):
+    """The stand-in network, counting the windows it is handed."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(haematoxylin, batch_size, TILE)
+        self.windows = 0
+
+    def run(self, n: int):
+        self.windows += n
+        return super().run(n)
+
+
+def tissue_on_glass(seed: int = 0) -> np.ndarray:
+    """Random tissue on the left third, white glass (where the stand-in network answers exactly 0) elsewhere."""
+    rgb = np.full((150, 400, 3), 255, np.uint8)
+    rgb[:, :130] = np.random.default_rng(seed).integers(0, 256, size=(150, 130, 3), dtype=np.uint8)
+    return rgb
+
+
+def test_windows_of_glass_are_blended_as_zeros_and_never_run():
+    rgb = tissue_on_glass()
+    windows = plan_windows(150, 400, TILE, OVERLAP)
+    # by brute force: a window runs when any of its pixels is darker than glass in any channel
+    expected = [bool((rgb[w.y : w.y + TILE, w.x : w.x + TILE] < GLASS_LEVEL).any()) for w in windows]
+    assert 0 < sum(expected) < len(windows)
+    assert glass_windows(rgb, windows, TILE) == [not e for e in expected]
+    runner = CountingRunner(batch_size=3)
+    got = predict_windows(image_of(rgb), runner)
+    assert runner.windows == sum(expected)
+    np.testing.assert_allclose(got, reference_map(rgb), rtol=0, atol=1e-6)  # the weights are summed in another order
+    everything = CountingRunner(batch_size=3)
+    np.testing.assert_array_equal(predict_windows(image_of(rgb, skip_glass=False), everything), reference_map(rgb))
+    assert everything.windows == len(windows)
+
+
+def test_one_pixel_of_tissue_makes_its_windows_run():
+    rgb = np.full((150, 400, 3), 255, np.uint8)
+    rgb[75, 200] = (255, 255, GLASS_LEVEL - 1)  # darker than glass in one channel only
+    windows = plan_windows(150, 400, TILE, OVERLAP)
+    holding = [w.y <= 75 < w.y + TILE and w.x <= 200 < w.x + TILE for w in windows]
+    assert glass_windows(rgb, windows, TILE) == [not h for h in holding]
+    rgb[75, 200] = (GLASS_LEVEL,) * 3  # at the level: glass
+    assert all(glass_windows(rgb, windows, TILE))
+
+
+def test_an_image_of_glass_only_comes_back_in_its_turn_with_a_map_of_zeros():
+    """The stream hands images back in the order they were added, even one with no window to run."""
+    first, last = images()[0], images()[2]
+    glass = np.full((100, 90, 3), 240, np.uint8)
+    stream = WindowStream(CountingRunner(batch_size=64))  # one batch holds every window: nothing runs until flush
+    assert stream.add(image_of(first, tag="first")) == []
+    assert stream.add(image_of(glass, tag="glass")) == []  # finished already, but waits for "first"
+    assert stream.add(image_of(last, tag="last")) == []
+    done = stream.flush()
+    assert [image.tag for image in done] == ["first", "glass", "last"]
+    assert done[1].windows == [] and done[1].glass == len(plan_windows(100, 90, TILE, OVERLAP))
+    np.testing.assert_array_equal(done[1].result(), np.zeros((100, 90), np.float32))
+    np.testing.assert_allclose(done[0].result(), reference_map(first), rtol=0, atol=1e-6)
+    alone = WindowStream(CountingRunner(batch_size=2))
+    assert [image.tag for image in alone.add(image_of(glass, tag="alone"))] == ["alone"]
 
 
 def test_small_images_are_padded_and_cut_back():

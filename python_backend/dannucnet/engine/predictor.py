@@ -23,6 +23,7 @@ from dannucnet.engine.device import autocast, choose_device
 from dannucnet.engine.runtime import build_forward, resolve_runtime
 from dannucnet.engine.tiling import (
     BlendAccumulator,
+    GlassMap,
     TileFunctionRunner,
     WindowedImage,
     cheapest_window,
@@ -80,7 +81,8 @@ class Predictor:
     ``runtime`` is ``torch`` for library callers (exactly the network they pass); the
     command-line doors default to ``auto`` (``engine.runtime``). Batch size defaults to 2
     windows on the CPU, where larger batches fall out of cache and get slower per window,
-    and on a GPU to as many as make 32 windows of 256² (8 of 512²).
+    and on a GPU to as many as make 32 windows of 256² (8 of 512²). ``skip_glass`` (default on):
+    windows of nothing but glass are not run (``tiling.glass_windows``).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Predictor:
     ) -> None:
         self.model = model
         self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
+        self.skip_glass = True  # windows of glass only are blended as zeros, not run (tiling.glass_windows)
         self.device = choose_device(device)
         self.tile = tile_size or model.card.window or model.card.tile_size
         patch = model.card.tile_size
@@ -166,13 +169,16 @@ class Predictor:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
-        side = self.window_for(rgb.shape[0], rgb.shape[1])
-        image = WindowedImage(self.prepare(rgb), side, self.overlap, lambda h, w: self.new_blend(h, w, side))
+        prepared = self.prepare(rgb)
+        glass = GlassMap(prepared) if self.skip_glass else None
+        side = cheapest_window(rgb.shape[0], rgb.shape[1], self.sides, self.overlap, glass)
+        image = WindowedImage(prepared, side, self.overlap, lambda h, w: self.new_blend(h, w, side),
+                              skip_glass=self.skip_glass, glass=glass)
         runner = TileFunctionRunner(tile_fn or self.predict_tiles, batch_size or self.batch_size, side)
         return predict_windows(image, runner, progress=progress, cancel=cancel)
 
     def window_for(self, height: int, width: int) -> int:
-        """The window side :meth:`predict` cuts a height × width image into (of ``sides``)."""
+        """The window side :meth:`predict` cuts a height × width image into (of ``sides``), glass aside."""
         return cheapest_window(height, width, self.sides, self.overlap)
 
     def new_blend(self, height: int, width: int, tile: int | None = None) -> BlendAccumulator:

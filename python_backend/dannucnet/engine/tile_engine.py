@@ -66,6 +66,10 @@ class ChunkBlend:
         self.total[sl] += values * self.weights
         self.norm[sl] += self.weights
 
+    def add_glass(self, window: Window) -> None:
+        t = self.tile
+        self.norm[window.y : window.y + t, window.x : window.x + t] += self.weights
+
     def result(self) -> np.ndarray:
         return (self.total / torch.clamp_min(self.norm, 1e-12)).cpu().numpy()
 
@@ -185,7 +189,8 @@ class TileEngine:
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """One H×W×3 uint8 image → H×W probabilities (what ``Predictor.predict`` returns), via this engine."""
-        image = WindowedImage(self.predictor.prepare(rgb), self.tile, self.predictor.overlap, self.new_blend)
+        image = WindowedImage(self.predictor.prepare(rgb), self.tile, self.predictor.overlap, self.new_blend,
+                              skip_glass=self.predictor.skip_glass)
         return predict_windows(image, self)
 
     def new_blend(self, height: int, width: int) -> Blend:

@@ -238,7 +238,7 @@ class _ModelThread(threading.Thread):
                                     chunk.core, self.predictor.card, self.work.options)
         # the network sees the normalised pixels; measurements use the unnormalised model_rgb (the tag)
         image = WindowedImage(decoded.network_rgb, self.engine.tile, self.predictor.overlap, self.engine.new_blend,
-                              tag=(decoded.model_rgb, where))
+                              tag=(decoded.model_rgb, where), skip_glass=self.predictor.skip_glass)
         self._finish(self.stream.add(image))
 
     def _flush(self) -> None:
