@@ -23,7 +23,7 @@ from pathlib import Path
 from bench_runtime import TimedForward, machine, print_turns, synthetic_slide, take_turns, turn_arguments, work_folder
 
 
-def run(step, slide: Path, options) -> dict:
+def run(step, slide: Path, options, rois=None) -> dict:
     from dannucnet.pipeline.slide import run_slide
     from dannucnet.slides import open_image
 
@@ -34,7 +34,7 @@ def run(step, slide: Path, options) -> dict:
         with open_image(slide) as source:
             started = time.perf_counter()
             chunks = nuclei = 0
-            for found in run_slide(step, source, options=options):
+            for found in run_slide(step, source, rois=rois, options=options):
                 chunks += 1
                 nuclei += len(found)
             seconds = time.perf_counter() - started
@@ -55,9 +55,10 @@ def header(card, description: str, args) -> str:
             f"slide {args.side}² at {args.mpp:g} µm/px")
 
 
-def compare_steps(arms: dict, slide: Path, repeats: int, first: str) -> None:
-    """Each arm (a slide step and its options) on ``slide`` in turn; then the table of the best runs."""
-    results = take_turns({name: lambda arm=arm: run(arm[0], slide, arm[1]) for name, arm in arms.items()}, repeats)
+def compare_steps(arms: dict, slide: Path, repeats: int, first: str, rois=None) -> None:
+    """Each arm (a slide step and its options) on ``slide`` (inside ``rois``) in turn; then the best runs."""
+    results = take_turns({name: lambda arm=arm: run(arm[0], slide, arm[1], rois) for name, arm in arms.items()},
+                         repeats)
     print_turns(results, first, PLAN_COLUMNS)
 
 

@@ -15,11 +15,9 @@ import pytest
 
 from dannucnet.engine import Predictor
 from dannucnet.engine.colour import colour_transform, lab_stats
-from dannucnet.engine.tiling import GlassMap, cheapest_window, glass_windows, plan_windows
 from dannucnet.model import load_model
 from dannucnet.pipeline import SegmentOptions, segment_region
 from dannucnet.slides.nuclei_free import make_fat_like, make_stroma_like
-from dannucnet.slides.synthetic import make_synthetic_he
 
 SIZE = 256  # 64 µm square at 0.25 µm/px: parts of a few adipocytes, about ten fibres
 
@@ -58,19 +56,3 @@ def test_the_card_clamps_the_spread_of_a_faint_field(shipped):
     scale, _ = colour_transform(mean, std, shipped.colour)
     assert np.all(scale <= shipped.colour.max_scale) and shipped.colour.max_scale <= 1.25
 
-
-def test_skipping_glass_windows_gives_the_same_nuclei(shipped):
-    """Windows of glass only are not run (tiling.glass_windows): the nuclei must not change, to the vertex."""
-    rgb = make_synthetic_he(1536, 1024, seed=4, mpp=0.25, tissue_fraction=0.2, density=4000).rgb
-    prepared = shipped.prepare(rgb)
-    side = cheapest_window(*rgb.shape[:2], shipped.sides, shipped.overlap, GlassMap(prepared))
-    assert side == shipped.window_for(*rgb.shape[:2])  # both runs cut the same windows (16 of 35 glass)
-    assert any(glass_windows(prepared, plan_windows(*rgb.shape[:2], side, shipped.overlap), side))  # can fail
-    shipped.skip_glass = False
-    try:
-        every = segment_region(shipped, rgb, mpp=0.25, options=SegmentOptions()).nuclei
-    finally:
-        shipped.skip_glass = True
-    skipped = segment_region(shipped, rgb, mpp=0.25, options=SegmentOptions()).nuclei
-    assert len(every) > 30
-    assert [n.polygon.wkb for n in skipped] == [n.polygon.wkb for n in every]

@@ -134,6 +134,10 @@ class Predictor(Protocol):
         tile_fn: TileFunction | None = None,
         progress: WindowProgress | None = None,
         cancel: Cancel | None = None,
+        within: np.ndarray | None = None,
     ) -> np.ndarray:
-        """H×W×3 uint8 at the model's pixel size → H×W probabilities (H×W×C with more channels)."""
+        """H×W×3 uint8 at the model's pixel size → H×W probabilities (H×W×C with more channels).
+
+        ``within`` (H×W bool): the pixels whose map is wanted; windows holding none of them, like
+        windows of glass, are not run and read 0."""
         ...

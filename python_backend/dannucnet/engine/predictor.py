@@ -157,20 +157,25 @@ class Predictor:
         progress: WindowProgress | None = None,
         cancel: Cancel | None = None,
         batch_size: int | None = None,
+        within: np.ndarray | None = None,
     ) -> np.ndarray:
         """H×W×3 uint8 (already at the model's pixel size) → H×W float32 probabilities.
 
         With a distance head the map is H×W×2: probability, then normalised distance.
         ``tile_fn`` replaces :meth:`predict_tiles` (the server's micro-batcher, a test's
         stand-in network), handed ``batch_size`` windows at a time (default: this
-        predictor's ``batch_size``).
+        predictor's ``batch_size``). ``within`` (H×W bool) marks the pixels whose map is
+        wanted: with ``skip_glass``, windows holding none of them are not run, like windows of
+        glass, and the map reads 0 where only such windows reach.
         """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
         prepared = self.prepare(rgb)
-        glass = GlassMap(prepared) if self.skip_glass else None
+        if within is not None and within.shape != rgb.shape[:2]:
+            raise InputError(f"the mask of wanted pixels is {within.shape}, the image {rgb.shape[:2]}")
+        glass = GlassMap(prepared, within) if self.skip_glass else None
         side = cheapest_window(rgb.shape[0], rgb.shape[1], self.sides, self.overlap, glass)
         image = WindowedImage(prepared, side, self.overlap, lambda h, w: self.new_blend(h, w, side),
                               skip_glass=self.skip_glass, glass=glass)

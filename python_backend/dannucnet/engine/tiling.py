@@ -174,10 +174,16 @@ class GlassMap:
 
     Windows may reach past the image (one padded to a window, :func:`pad_to_tile`): only their
     part inside it is looked at, and the padding, reflected from inside the window, is the same.
+
+    ``within`` (H×W bool) counts every pixel outside it as glass: the pixels whose map nobody
+    wants (``pipeline.chunk_nuclei.clip_reach``: farther from a QuPath annotation than a chunk
+    margin).
     """
 
-    def __init__(self, image: np.ndarray) -> None:
+    def __init__(self, image: np.ndarray, within: np.ndarray | None = None) -> None:
         tissue = (image < GLASS_LEVEL).any(axis=2)
+        if within is not None:
+            tissue &= within
         # a summed-area table answers "any tissue in this window?" in four lookups per window
         self.table = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), np.int64)
         np.cumsum(np.cumsum(tissue, axis=0, dtype=np.int64), axis=1, out=self.table[1:, 1:])

@@ -55,6 +55,24 @@ class ChunkGeometry:
                    threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)))
 
 
+def clip_reach(clip: BaseGeometry | None, shape: tuple[int, int], where: ChunkGeometry, margin_px: float
+               ) -> np.ndarray | None:
+    """The model pixels of a ``shape`` chunk within ``margin_px`` (model px; the chunk's margin) of
+    ``clip``: where the map can change a nucleus, or a cell, that the clip keeps (centroid inside).
+    Nuclei are far smaller than the 32 µm margin, so a window beyond it is not needed, for the
+    same reason that a chunk's read stops there. None when there is no clip or it reaches every pixel.
+    """
+    if clip is None:
+        return None
+    reach = margin_px * where.to_level0
+    h, w = shape
+    x0, y0 = where.origin
+    x1, y1 = x0 + w * where.to_level0, y0 + h * where.to_level0
+    near = clip.intersection(shapely.box(x0 - reach, y0 - reach, x1 + reach, y1 + reach))
+    mask = rasterize_mask(near.buffer(reach), shape, origin=where.origin, scale=where.to_level0)
+    return None if mask.all() else mask
+
+
 def chunk_nuclei(
     prob: np.ndarray,
     model_rgb: np.ndarray,

@@ -41,10 +41,10 @@ from shapely.geometry.base import BaseGeometry
 
 from dannucnet.engine import Predictor, heap, resample_rgb, scale_to_model
 from dannucnet.engine.tile_engine import TileEngine
-from dannucnet.engine.tiling import WindowedImage, WindowGrid, WindowStream
+from dannucnet.engine.tiling import GlassMap, WindowedImage, WindowGrid, WindowStream
 from dannucnet.errors import CancelledError
 from dannucnet.geometry.ownership import Chunk, Rect
-from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
+from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei, clip_reach
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.slide import SlidePlan, SlideWork, read_chunk, run_slide
 from dannucnet.pipeline.types import Nucleus
@@ -236,9 +236,13 @@ class _ModelThread(threading.Thread):
     def _add_windows(self, chunk: Chunk, decoded: _Decoded) -> None:
         where = ChunkGeometry.place((decoded.read.x, decoded.read.y), decoded.to_level0, self.work.plan.mpp,
                                     chunk.core, self.predictor.card, self.work.options)
+        # windows farther from the regions of interest than a chunk margin are not run, like glass
+        within = clip_reach(self.work.plan.clip, decoded.network_rgb.shape[:2], where,
+                            self.work.options.chunk_margin(self.predictor.card.mpp))
         # the network sees the normalised pixels; measurements use the unnormalised model_rgb (the tag)
         image = WindowedImage(decoded.network_rgb, self.engine.tile, self.predictor.overlap, self.engine.new_blend,
-                              tag=(decoded.model_rgb, where), skip_glass=self.predictor.skip_glass)
+                              tag=(decoded.model_rgb, where), skip_glass=self.predictor.skip_glass,
+                              glass=None if within is None else GlassMap(decoded.network_rgb, within))
         self._finish(self.stream.add(image))
 
     def _flush(self) -> None:

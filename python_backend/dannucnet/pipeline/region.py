@@ -16,7 +16,7 @@ from shapely.geometry.base import BaseGeometry
 from dannucnet.engine import resample_rgb, scale_to_model
 from dannucnet.errors import InputError
 from dannucnet.geometry.ownership import Rect
-from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei
+from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei, clip_reach
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Cancel, Predictor, TileFunction
@@ -66,10 +66,12 @@ def segment_region(
     card = predictor.card
     scale = scale_to_model(mpp * downsample, card.mpp)
     model_rgb = resample_rgb(rgb, scale)
-    t1 = time.perf_counter()
-    prob = predictor.predict(model_rgb, tile_fn=tile_fn, cancel=cancel)
-    t2 = time.perf_counter()
     where = ChunkGeometry.place(origin, downsample / scale, mpp, core, card, options)
+    # windows farther from the clip than a chunk margin cannot change a nucleus it keeps: not run
+    within = clip_reach(clip, model_rgb.shape[:2], where, options.chunk_margin(card.mpp))
+    t1 = time.perf_counter()
+    prob = predictor.predict(model_rgb, tile_fn=tile_fn, cancel=cancel, within=within)
+    t2 = time.perf_counter()
     nuclei, post = chunk_nuclei(prob, model_rgb, where, clip=clip, options=options)
     timings.update(resample=t1 - t0, model=t2 - t1, **post)
     return RegionResult(nuclei=nuclei, timings=timings, probability=prob if keep_probability else None)

@@ -92,12 +92,13 @@ class BatchedPredictor:
         tile_fn: TileFunction | None = None,
         progress: WindowProgress | None = None,
         cancel: Cancel | None = None,
+        within: np.ndarray | None = None,
     ) -> np.ndarray:
         def submit(tiles: np.ndarray) -> np.ndarray:
             return self.predict_tiles(tiles, cancel)
 
         return self.inner.predict(rgb, tile_fn=tile_fn or submit, progress=progress, cancel=cancel,
-                                  batch_size=self.max_batch)
+                                  batch_size=self.max_batch, within=within)
 
     def close(self) -> None:
         self.batcher.close()
