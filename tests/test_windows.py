@@ -133,6 +133,29 @@ def test_an_image_of_glass_only_comes_back_in_its_turn_with_a_map_of_zeros():
     assert [image.tag for image in alone.add(image_of(glass, tag="alone"))] == ["alone"]
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_device_blend_sums_as_the_host_blend_glass_included(channels):
+    """The GPU runner's ChunkBlend (here on the CPU device) gives BlendAccumulator's map, windows of glass too."""
+    import torch
+
+    from dannucnet.engine.tile_engine import ChunkBlend
+    from dannucnet.engine.tiling import blend_weights
+
+    rng = np.random.default_rng(3)
+    host = BlendAccumulator(150, 400, TILE, OVERLAP, channels)
+    device = ChunkBlend(150, 400, torch.from_numpy(blend_weights(TILE, OVERLAP)), torch.device("cpu"), channels)
+    shape = (TILE, TILE) if channels == 1 else (TILE, TILE, channels)
+    for k, window in enumerate(plan_windows(150, 400, TILE, OVERLAP)):
+        if k % 3 == 0:
+            host.add_glass(window)
+            device.add_glass(window)
+        else:
+            values = rng.random(shape, dtype=np.float32)
+            host.add(window, values)
+            device.add(window, torch.from_numpy(values))
+    np.testing.assert_allclose(device.result(), host.result(), rtol=0, atol=1e-6)
+
+
 def test_small_images_are_padded_and_cut_back():
     rgb = images()[0][:40, :50]
     out = predict_windows(image_of(rgb), TileFunctionRunner(haematoxylin, 2, TILE))
