@@ -89,6 +89,10 @@ def test_clip_reach_is_the_clip_grown_by_the_margin_in_model_pixels():
     assert clip_reach(shapely.box(0, 0, 5000, 5000), (300, 400), where, 20) is None  # reaches every pixel: no mask
     far = clip_reach(shapely.box(9000, 9000, 9100, 9100), (300, 400), where, 20)
     assert far is not None and not far.any()
+    bow_tie = shapely.Polygon([(1100, 2100), (1200, 2200), (1200, 2100), (1100, 2200)])  # drawn crossing itself
+    assert not bow_tie.is_valid
+    crossed = clip_reach(bow_tie, (300, 400), where, 20)
+    assert crossed is not None and not (crossed & ~reach).any() and crossed.sum() > 0.9 * reach.sum()  # two triangles
 
 
 def test_a_mask_of_another_shape_is_refused(untrained_predictor):

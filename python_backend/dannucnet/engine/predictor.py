@@ -82,7 +82,7 @@ class Predictor:
     command-line doors default to ``auto`` (``engine.runtime``). Batch size defaults to 2
     windows on the CPU, where larger batches fall out of cache and get slower per window,
     and on a GPU to as many as make 32 windows of 256² (8 of 512²). ``skip_glass`` (default on):
-    windows of nothing but glass are not run (``tiling.glass_windows``).
+    windows of nothing but glass are not run (``tiling.GlassMap``).
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class Predictor:
     ) -> None:
         self.model = model
         self.tta = tta  # test-time augmentation: average over four flips (see forward_map)
-        self.skip_glass = True  # windows of glass only are blended as zeros, not run (tiling.glass_windows)
+        self.skip_glass = True  # windows of glass only are blended as zeros, not run (tiling.GlassMap)
         self.device = choose_device(device)
         self.tile = tile_size or model.card.window or model.card.tile_size
         patch = model.card.tile_size

@@ -10,7 +10,7 @@ This module is also the one window loop (:class:`WindowedImage`, :class:`WindowS
 ``Predictor.predict``, ``TileEngine.predict`` and the pipelined runner's model thread all
 cut, batch and blend through it; they differ only in what runs a batch
 (:class:`BatchRunner`). Windows of nothing but glass never reach the network
-(:func:`glass_windows`).
+(:class:`GlassMap`).
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def clip_reach(clip: BaseGeometry | None, shape: tuple[int, int], where: ChunkGe
     """The model pixels of a ``shape`` chunk within ``margin_px`` (model px; the chunk's margin) of
     ``clip``: where the map can change a nucleus, or a cell, that the clip keeps (centroid inside).
     Nuclei are far smaller than the 32 µm margin, so a window beyond it is not needed, for the
-    same reason that a chunk's read stops there. None when there is no clip or it reaches every pixel.
+    same reason that a chunk's read stops there. None when there is no clip or it reaches every pixel,
+    and for a clip GEOS cannot cut (every window then runs, as without a clip).
     """
     if clip is None:
         return None
@@ -68,8 +69,12 @@ def clip_reach(clip: BaseGeometry | None, shape: tuple[int, int], where: ChunkGe
     h, w = shape
     x0, y0 = where.origin
     x1, y1 = x0 + w * where.to_level0, y0 + h * where.to_level0
-    near = clip.intersection(shapely.box(x0 - reach, y0 - reach, x1 + reach, y1 + reach))
-    mask = rasterize_mask(near.buffer(reach), shape, origin=where.origin, scale=where.to_level0)
+    try:
+        area = clip if clip.is_valid else shapely.make_valid(clip)  # a drawn bow tie: its two triangles
+        near = area.intersection(shapely.box(x0 - reach, y0 - reach, x1 + reach, y1 + reach)).buffer(reach)
+    except shapely.errors.GEOSException:
+        return None
+    mask = rasterize_mask(near, shape, origin=where.origin, scale=where.to_level0)
     return None if mask.all() else mask
 
 
