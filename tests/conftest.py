@@ -32,6 +32,18 @@ def untrained_predictor():
     return Predictor(untrained_model(), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """The default installed model on the CPU (PyTorch), one per test module; skipped where none is trained."""
+    from dannucnet.engine import Predictor
+    from dannucnet.model import load_model
+
+    model = load_model(None)
+    if not model.card.trained:
+        pytest.skip("no trained default model installed in models/")
+    return Predictor(model, device="cpu")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _runtime_cache(tmp_path_factory):
     """ONNX exports (engine.runtime) of networks without a model folder go to a session folder, not ~/.cache."""

@@ -15,19 +15,10 @@ import pytest
 
 from dannucnet.engine import Predictor
 from dannucnet.engine.colour import colour_transform, lab_stats
-from dannucnet.model import load_model
 from dannucnet.pipeline import SegmentOptions, segment_region
 from dannucnet.slides.nuclei_free import make_fat_like, make_stroma_like
 
 SIZE = 256  # 64 µm square at 0.25 µm/px: parts of a few adipocytes, about ten fibres
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    model = load_model(None)
-    if not model.card.trained:
-        pytest.skip("no trained default model installed in models/")
-    return Predictor(model, device="cpu")
 
 
 def _count(predictor: Predictor, rgb: np.ndarray) -> int:

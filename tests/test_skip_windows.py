@@ -11,18 +11,9 @@ import shapely
 from dannucnet.engine import Predictor
 from dannucnet.engine.tiling import GlassMap, cheapest_window, glass_windows, plan_windows
 from dannucnet.errors import InputError
-from dannucnet.model import load_model
 from dannucnet.pipeline import SegmentOptions, segment_region
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, clip_reach
 from dannucnet.slides.synthetic import make_synthetic_he
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    model = load_model(None)
-    if not model.card.trained:
-        pytest.skip("no trained default model installed in models/")
-    return Predictor(model, device="cpu")
 
 
 class Counted:
