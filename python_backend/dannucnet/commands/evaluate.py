@@ -161,13 +161,13 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
     summary = result.to_dict()
     final, raw = result.mean("final"), result.mean("raw")
     key = f"{predictor.runtime} {predictor.precision}"
-    sides = tuple(getattr(predictor, "sides", (predictor.tile,)))
-    if sides != (predictor.card.tile_size,):  # windows other than the training patch alone (the card's window)
+    sides = list(result.model["windows"])  # the predictor's window sides, as evaluate_model recorded them
+    if sides != [predictor.card.tile_size]:  # windows other than the training patch alone (the card's window)
         key += ", " + " or ".join(f"{side}²" for side in sides) + " windows"
     card.setdefault("metrics", {}).setdefault(f"{split}-runtimes", {})[key] = {
         "data": Path(data).name, "threshold": summary["threshold"], "tta": bool(predictor.tta),
         "device": str(predictor.device),  # no seconds: speed is benchmarks/bench_runtime.py's, on a quiet machine
-        "windows": [int(side) for side in sides],
+        "windows": sides,
         "final_polygons": {k: final[k] for k in RUNTIME_KEYS if k in final},
         "raw_mask": {k: raw[k] for k in RUNTIME_KEYS if k in raw},
     }
@@ -178,7 +178,7 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
     card["metrics"][split] = {
         "data": Path(data).name,
         "threshold": summary["threshold"],
-        "windows": [int(side) for side in sides],
+        "windows": sides,
         "averaging": summary["averaging"],
         "final_polygons": result.mean("final"),
         "raw_mask": result.mean("raw"),
