@@ -172,9 +172,9 @@ class Predictor:
             raise InputError(f"expected an H×W×3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError("empty image")
-        prepared = self.prepare(rgb)
         if within is not None and within.shape != rgb.shape[:2]:
             raise InputError(f"the mask of wanted pixels is {within.shape}, the image {rgb.shape[:2]}")
+        prepared = self.prepare(rgb)
         glass = GlassMap(prepared, within) if self.skip_glass else None
         side = cheapest_window(rgb.shape[0], rgb.shape[1], self.sides, self.overlap, glass)
         image = WindowedImage(prepared, side, self.overlap, lambda h, w: self.new_blend(h, w, side),
