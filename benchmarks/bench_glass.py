@@ -2,7 +2,7 @@
 
 Chunks with no tissue at all were already skipped (``plan_slide``, from the slide's tissue
 mask), but every chunk at the edge of the tissue ran all its windows, glass included. Now
-a window whose every pixel is glass (``tiling.glass_windows``: brighter than the colour
+a window whose every pixel is glass (``tiling.GlassMap``: brighter than the colour
 step's glass level in all three channels) is blended as zeros without running the
 network. Both run here in one process, taking turns on the same synthetic slide with
 white glass around blobs of tissue (``--tissue``, the share of the slide that is tissue),

@@ -9,7 +9,7 @@ import pytest
 import shapely
 
 from dannucnet.engine import Predictor
-from dannucnet.engine.tiling import GlassMap, cheapest_window, glass_windows, plan_windows
+from dannucnet.engine.tiling import GlassMap, cheapest_window, plan_windows
 from dannucnet.errors import InputError
 from dannucnet.pipeline import SegmentOptions, segment_region
 from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, clip_reach
@@ -47,7 +47,7 @@ def test_skipping_glass_windows_gives_the_same_nuclei(shipped):
     prepared = shipped.prepare(rgb)
     side = cheapest_window(*rgb.shape[:2], shipped.sides, shipped.overlap, GlassMap(prepared))
     assert side == shipped.window_for(*rgb.shape[:2])  # both runs cut the same windows
-    blank = glass_windows(prepared, plan_windows(*rgb.shape[:2], side, shipped.overlap), side)
+    blank = GlassMap(prepared).blank(plan_windows(*rgb.shape[:2], side, shipped.overlap), side)
     every, n_every, skipped, n_skipped = _both_ways(shipped, rgb)
     assert len(every) > 30 and skipped == every
     assert (n_every, n_skipped) == (len(blank), len(blank) - sum(blank)) and sum(blank) >= 10

@@ -16,10 +16,10 @@ import pytest
 from dannucnet.engine.colour import GLASS_LEVEL
 from dannucnet.engine.tiling import (
     BlendAccumulator,
+    GlassMap,
     TileFunctionRunner,
     WindowedImage,
     WindowStream,
-    glass_windows,
     plan_windows,
     predict_windows,
 )
@@ -96,7 +96,7 @@ def test_windows_of_glass_are_blended_as_zeros_and_never_run():
     # by brute force: a window runs when any of its pixels is darker than glass in any channel
     expected = [bool((rgb[w.y : w.y + TILE, w.x : w.x + TILE] < GLASS_LEVEL).any()) for w in windows]
     assert 0 < sum(expected) < len(windows)
-    assert glass_windows(rgb, windows, TILE) == [not e for e in expected]
+    assert GlassMap(rgb).blank(windows, TILE) == [not e for e in expected]
     runner = CountingRunner(batch_size=3)
     got = predict_windows(image_of(rgb), runner)
     assert runner.windows == sum(expected)
@@ -111,9 +111,9 @@ def test_one_pixel_of_tissue_makes_its_windows_run():
     rgb[75, 200] = (255, 255, GLASS_LEVEL - 1)  # darker than glass in one channel only
     windows = plan_windows(150, 400, TILE, OVERLAP)
     holding = [w.y <= 75 < w.y + TILE and w.x <= 200 < w.x + TILE for w in windows]
-    assert glass_windows(rgb, windows, TILE) == [not h for h in holding]
+    assert GlassMap(rgb).blank(windows, TILE) == [not h for h in holding]
     rgb[75, 200] = (GLASS_LEVEL,) * 3  # at the level: glass
-    assert all(glass_windows(rgb, windows, TILE))
+    assert all(GlassMap(rgb).blank(windows, TILE))
 
 
 def test_an_image_of_glass_only_comes_back_in_its_turn_with_a_map_of_zeros():

@@ -198,11 +198,6 @@ class GlassMap:
         return out
 
 
-def glass_windows(image: np.ndarray, windows: Sequence[Window], tile: int) -> list[bool]:
-    """For each window of ``image``, whether it holds nothing but glass (:class:`GlassMap`)."""
-    return GlassMap(image).blank(windows, tile) if windows else []
-
-
 # ---- the one window loop: images → windows → batches → blended maps ----------------------------
 class Blend(Protocol):
     """Where one image's window predictions are summed: :class:`BlendAccumulator`, or the tile
