@@ -32,6 +32,7 @@ from dannucnet.formats.dataset import Sample, load_dataset, split_spec
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.model.registry import load_model, resolve_model_dir
 from dannucnet.model.weights import overflowed_channels
+from dannucnet.train.distill import Teacher, narrowed
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 from dannucnet.train.revive import revive_overflowed_channels
 
@@ -78,6 +79,8 @@ class TrainConfig:
     negatives: float = 0.0  # share of patches made nucleus-free (haematoxylin stripped, empty target)
     pigment: float = 0.0  # share of patches given black or brown dots on their background (target unchanged)
     average_from: int | None = None  # from this epoch on, also keep the running mean of the epoch-end weights
+    teacher: str | None = None  # a trained model whose outputs the network also learns (see train/distill.py)
+    teacher_weight: float = 0.5  # the teacher's share of the loss; the annotations have the rest
     resume: bool = True
     command: str = ""
 
@@ -112,6 +115,7 @@ class Setup:
     optimiser: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     loss_fn: Callable
+    teacher: Teacher | None = None
 
 
 @dataclass
@@ -346,6 +350,10 @@ def _check(cfg: TrainConfig) -> None:
         raise InputError(f"--negatives {cfg.negatives}: must be at least 0 and below 1")
     if not 0.0 <= cfg.pigment <= 1.0:
         raise InputError(f"--pigment {cfg.pigment}: must be between 0 and 1")
+    if not 0.0 < cfg.teacher_weight <= 1.0:
+        raise InputError(f"--teacher-weight {cfg.teacher_weight}: must be above 0 and at most 1")
+    if cfg.teacher and cfg.distance_only:
+        raise InputError("--teacher teaches the whole network; it cannot be combined with --distance-only")
 
 
 def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> Setup:
@@ -369,8 +377,11 @@ def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> 
         optimiser, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
         threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr,
     )
+    teacher = Teacher(cfg.teacher, device, cfg.patch_size, network.config) if cfg.teacher else None
+    if teacher is not None:
+        report(f"taught by {teacher.name} ({teacher.runtime} {teacher.precision}), weight {cfg.teacher_weight:g}")
     return Setup(device, sampler, val_patches, validating, steps, data_info, colour, network, optimiser, scheduler,
-                 LOSSES[cfg.loss])
+                 LOSSES[cfg.loss], teacher)
 
 
 def _network(
@@ -437,10 +448,25 @@ def _train_step(cfg: TrainConfig, setup: Setup) -> float:
     with autocast(setup.device):
         logits = setup.network(tensors[0])
     loss = total_loss(setup.loss_fn, logits, tensors, cfg.distance_weight)
+    if setup.teacher is not None:
+        loss = (1.0 - cfg.teacher_weight) * loss + cfg.teacher_weight * taught_loss(setup, logits, tensors[0], cfg)
     setup.optimiser.zero_grad(set_to_none=True)
     loss.backward()
     setup.optimiser.step()
     return loss.item()
+
+
+def taught_loss(setup: Setup, logits: torch.Tensor, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The loss against the teacher's outputs on the batch, on every pixel: binary cross-entropy on its
+    probabilities and the distance loss on its distances. Cross-entropy, not Eq. 5: its per-pixel Jaccard
+    term is smallest at p = 1 for any soft target above 0 (for a target of 0.5 it falls as p rises), while
+    cross-entropy is smallest at p = target."""
+    assert setup.teacher is not None
+    probability, distance = setup.teacher.targets(x)
+    everywhere = torch.ones_like(probability)
+    if distance is None:
+        return total_loss(LOSSES["bce"], logits[:, :1], (x, probability, everywhere), cfg.distance_weight)
+    return total_loss(LOSSES["bce"], logits, (x, probability, everywhere, distance), cfg.distance_weight)
 
 
 def _epoch_line(entry: EpochLog, validating: bool, improved: bool) -> str:
@@ -566,11 +592,14 @@ def _finish_average(averaged: AveragedModel, cfg: TrainConfig, setup: Setup, run
 def _initial_weights(name_or_path: str, config: ModelConfig) -> DANNucNet:
     """Weights of an installed model, refused when its architecture differs from this run's.
 
-    The one difference allowed is adding the distance head to a model without one: every
-    weight carries over and the new branch starts untrained (see ``distance_only``).
+    Two differences are allowed: adding the distance head to a model without one (every weight
+    carries over and the new branch starts untrained, see ``distance_only``), and fewer base
+    filters (each layer cut to its first channels, see ``train/distill.py``).
     """
     loaded = load_model(name_or_path)
     source = loaded.card.config.to_dict()
+    if config.base_filters < source["base_filters"]:
+        return narrowed(loaded.network, config)  # refuses any other difference
     adds_head = config.distance_head and not source["distance_head"]
     if {**source, "distance_head": config.distance_head} != config.to_dict() or (
         source["distance_head"] and not config.distance_head

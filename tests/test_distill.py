@@ -1,0 +1,136 @@
+"""A narrower network started from a wider one's weights and taught by its outputs (train/distill.py)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dannucnet.errors import InputError
+from dannucnet.formats.dataset import DatasetWriter
+from dannucnet.model import DANNucNet, ModelConfig, load_model
+from dannucnet.slides.synthetic import make_synthetic_he
+from dannucnet.train.distill import Teacher, narrowed
+from dannucnet.train.loop import TrainConfig, taught_loss, train
+
+
+def _wide(seed: int = 0, **overrides) -> DANNucNet:
+    torch.manual_seed(seed)
+    network = DANNucNet(ModelConfig(bn_momentum=0.1, distance_head=True, **overrides))
+    with torch.no_grad():  # trained-looking BatchNorm statistics, different per channel
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    return network.eval()
+
+
+def test_narrowing_to_the_same_width_keeps_the_network_exactly():
+    wide = _wide()
+    same = narrowed(wide, wide.config).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(same(x), wide(x))
+
+
+def test_each_layer_keeps_its_first_channels_and_a_concatenation_keeps_the_first_of_each_half():
+    wide = _wide()
+    narrow = narrowed(wide, ModelConfig(**{**wide.config.to_dict(), "base_filters": 16}))
+    w, n = wide.state_dict(), narrow.state_dict()
+    # the first level's 1x1 conv: 3 input channels (nothing cut, scale 1), outputs 0..15 of 32
+    assert torch.equal(n["encoders.0.deep.0.0.weight"], w["encoders.0.deep.0.0.weight"][:16])
+    # the second level's input comes from the first level's 32 channels, cut to 16: scaled ×2
+    assert torch.allclose(n["encoders.1.shortcut.0.weight"], 2 * w["encoders.1.shortcut.0.weight"][:32, :16])
+    # the residual fusion reads cat[deep (32), shortcut (32)]: channels 0..15 and 32..47
+    fuse_w, fuse_n = w["encoders.0.fuse.weight"], n["encoders.0.fuse.weight"]
+    assert fuse_n.shape == (16, 32, 3, 3)
+    assert torch.allclose(fuse_n[:, :16], 2 * fuse_w[:16, :16])
+    assert torch.allclose(fuse_n[:, 16:], 2 * fuse_w[:16, 32:48])
+    # the attention decoder's fusion reads cat[gated skip, upsampled]: the same rule
+    dec_w, dec_n = w["decoders.3.fuse.0.weight"], n["decoders.3.fuse.0.weight"]
+    assert torch.allclose(dec_n[:, 16:], 2 * dec_w[:16, 32:48])
+    # a transposed convolution's inputs are its first dimension: 512 of the bottleneck's become 256
+    assert torch.allclose(n["ups.0.conv.weight"], 2 * w["ups.0.conv.weight"][:256, :128])
+    # BatchNorm statistics and biases are cut, never scaled
+    assert torch.equal(n["encoders.0.deep.0.2.running_var"], w["encoders.0.deep.0.2.running_var"][:16])
+    assert torch.equal(n["encoders.0.fuse.bias"], w["encoders.0.fuse.bias"][:16])
+    with torch.no_grad():
+        assert narrow(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_only_narrower_and_otherwise_equal_networks_are_made():
+    wide = _wide(base_filters=16)
+    with pytest.raises(InputError, match="only narrow"):
+        narrowed(wide, ModelConfig(**{**wide.config.to_dict(), "base_filters": 32}))
+    with pytest.raises(InputError, match="only narrow"):
+        narrowed(wide, ModelConfig(**{**wide.config.to_dict(), "block": "plain"}))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    writer = DatasetWriter(root)
+    for i in range(2):
+        im = make_synthetic_he(160, 192, seed=300 + i)
+        writer.add(f"img{i}", im.rgb, im.labels, organ="Synthetic")
+    writer.close(mpp=0.25, splits={"train": ["img0", "img1"]}, provenance={"name": "synthetic"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(dataset, tmp_path_factory):
+    """A model folder with the distance head (one step at lr 0: its weights are the initial ones)."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+                      patch_size=64, val_fraction=0.4, seed=1, device="cpu", lr=0.0,
+                      architecture={"distance_head": True}, command="test")
+    train(cfg, report=lambda _msg: None)
+    return cfg
+
+
+def test_the_taught_loss_is_smallest_at_the_teachers_own_answer(teacher):
+    """Cross-entropy on the teacher's probabilities plus the distance loss on its distances: at the teacher's
+    own logits the first is the entropy of its probabilities and the second 0; any other answer costs more."""
+    coach = Teacher(teacher.out, torch.device("cpu"), 64, ModelConfig(distance_head=True))
+    x = torch.rand(2, 3, 64, 64)
+    own = coach.forward(x).float()
+    setup = SimpleNamespace(teacher=coach)
+    p = torch.sigmoid(own[:, :1]).double()
+    entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+    assert taught_loss(setup, own, x, teacher) == pytest.approx(entropy, rel=1e-4, abs=1e-6)
+    for shift in ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)):
+        other = own + torch.tensor(shift).view(1, 2, 1, 1)
+        assert taught_loss(setup, other, x, teacher) > entropy + 1e-3
+
+
+def test_a_narrow_student_trains_from_its_teacher(teacher, tmp_path):
+    messages: list[str] = []
+    student = TrainConfig(**{**teacher.__dict__, "out": str(tmp_path / "student"), "init_from": teacher.out,
+                             "teacher": teacher.out, "lr": 1e-3, "epochs": 2, "steps_per_epoch": 2,
+                             "architecture": {"distance_head": True, "base_filters": 16}})
+    train(student, report=messages.append)
+    assert any(m.startswith("taught by teacher (") for m in messages)
+    assert any("starting from the weights" in m for m in messages)
+    card = json.loads((tmp_path / "student" / "model_card.json").read_text())
+    assert card["architecture"]["base_filters"] == 16 and card["training"]["config"]["teacher"] == teacher.out
+    assert all(np.isfinite(h["train_loss"]) for h in card["training"]["history"])
+    network = load_model(str(tmp_path / "student")).network
+    assert network.encoders[0].fuse.weight.shape == (16, 32, 3, 3)
+
+
+def test_teacher_settings_are_checked(dataset, tmp_path):
+    """A share outside (0, 1] is refused; so is a teacher without the distance head for a student with one."""
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path / "m"), split="train", epochs=1, steps_per_epoch=1,
+                      batch_size=2, patch_size=64, device="cpu", teacher_weight=0.0, command="test")
+    with pytest.raises(InputError, match="--teacher-weight"):
+        train(cfg, report=lambda _msg: None)
+    plain = tmp_path / "plain"
+    train(TrainConfig(**{**cfg.__dict__, "out": str(plain), "teacher_weight": 0.5}), report=lambda _msg: None)
+    headless = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "s"), "teacher_weight": 0.5,
+                              "teacher": str(plain), "architecture": {"distance_head": True}})
+    with pytest.raises(InputError, match="no distance head"):
+        train(headless, report=lambda _msg: None)
+    assert not (tmp_path / "s" / "weights.safetensors").exists()
