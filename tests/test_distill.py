@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,13 +96,12 @@ def test_the_taught_loss_is_smallest_at_the_teachers_own_answer(teacher):
     coach = Teacher(teacher.out, torch.device("cpu"), 64, ModelConfig(distance_head=True))
     x = torch.rand(2, 3, 64, 64)
     own = coach.forward(x).float()
-    setup = SimpleNamespace(teacher=coach)
     p = torch.sigmoid(own[:, :1]).double()
     entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
-    assert taught_loss(setup, own, x, teacher) == pytest.approx(entropy, rel=1e-4, abs=1e-6)
+    assert taught_loss(coach, own, x, teacher.distance_weight) == pytest.approx(entropy, rel=1e-4, abs=1e-6)
     for shift in ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)):
         other = own + torch.tensor(shift).view(1, 2, 1, 1)
-        assert taught_loss(setup, other, x, teacher) > entropy + 1e-3
+        assert taught_loss(coach, other, x, teacher.distance_weight) > entropy + 1e-3
 
 
 def test_a_narrow_student_trains_from_its_teacher(teacher, tmp_path):
