@@ -102,6 +102,9 @@ def test_the_taught_loss_is_smallest_at_the_teachers_own_answer(teacher):
     for shift in ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)):
         other = own + torch.tensor(shift).view(1, 2, 1, 1)
         assert taught_loss(coach, other, x, teacher.distance_weight) > entropy + 1e-3
+    strip = torch.rand(2, 3, 48, 64)  # a validation patch from a short held-out strip: not a square window
+    probability, distance = coach.targets(strip)
+    assert probability.shape == distance.shape == (2, 1, 48, 64)
 
 
 def test_a_narrow_student_trains_from_its_teacher(teacher, tmp_path):

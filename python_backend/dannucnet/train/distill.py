@@ -91,7 +91,10 @@ class Teacher:
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.forward(x).float().to(self.device)
+        # the export takes square windows; a validation patch cut from a short held-out strip (144 × 256) is
+        # not one, and runs in PyTorch
+        square = x.shape[-2] == x.shape[-1]
+        logits = (self.forward(x) if square else self.network(x)).float().to(self.device)
         probability = torch.sigmoid(logits[:, :1])
         distance = torch.sigmoid(logits[:, 1:2]) if logits.shape[1] > 1 else None
         return probability, distance
