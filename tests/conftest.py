@@ -32,6 +32,26 @@ def untrained_predictor():
     return Predictor(untrained_model(), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def training_set(tmp_path_factory):
+    """A two-image synthetic instance dataset folder (split ``train``), a strip of each image outside the
+    annotated region; training tests read it and write their models elsewhere."""
+    import numpy as np
+
+    from dannucnet.formats.dataset import DatasetWriter
+    from dannucnet.slides.synthetic import make_synthetic_he
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    writer = DatasetWriter(root)
+    for i in range(2):
+        im = make_synthetic_he(160, 192, seed=100 + i)
+        region = np.ones(im.labels.shape, bool)
+        region[:, :16] = False  # a strip outside the annotated region
+        writer.add(f"img{i}", im.rgb, im.labels, region=region, organ="Synthetic")
+    writer.close(mpp=0.25, splits={"train": ["img0", "img1"]}, provenance={"name": "synthetic"})
+    return root
+
+
 @pytest.fixture(scope="module")
 def shipped():
     """The default installed model on the CPU (PyTorch), one per test module; skipped where none is trained."""

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from dannucnet.errors import InputError
-from dannucnet.formats.dataset import DatasetWriter
 from dannucnet.model import DANNucNet, ModelConfig, load_model
-from dannucnet.slides.synthetic import make_synthetic_he
 from dannucnet.train.distill import Teacher, narrowed
 from dannucnet.train.loop import TrainConfig, taught_loss, train
 
@@ -69,21 +67,10 @@ def test_only_narrower_and_otherwise_equal_networks_are_made():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    writer = DatasetWriter(root)
-    for i in range(2):
-        im = make_synthetic_he(160, 192, seed=300 + i)
-        writer.add(f"img{i}", im.rgb, im.labels, organ="Synthetic")
-    writer.close(mpp=0.25, splits={"train": ["img0", "img1"]}, provenance={"name": "synthetic"})
-    return root
-
-
-@pytest.fixture(scope="module")
-def teacher(dataset, tmp_path_factory):
+def teacher(training_set, tmp_path_factory):
     """A model folder with the distance head (one step at lr 0: its weights are the initial ones)."""
     out = tmp_path_factory.mktemp("teacher") / "teacher"
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", lr=0.0,
                       architecture={"distance_head": True}, command="test")
     train(cfg, report=lambda _msg: None)
@@ -122,9 +109,9 @@ def test_a_narrow_student_trains_from_its_teacher(teacher, tmp_path):
     assert network.encoders[0].fuse.weight.shape == (16, 32, 3, 3)
 
 
-def test_teacher_settings_are_checked(dataset, tmp_path):
+def test_teacher_settings_are_checked(training_set, tmp_path):
     """A share outside (0, 1] is refused; so is a teacher without the distance head for a student with one."""
-    cfg = TrainConfig(data=str(dataset), out=str(tmp_path / "m"), split="train", epochs=1, steps_per_epoch=1,
+    cfg = TrainConfig(data=str(training_set), out=str(tmp_path / "m"), split="train", epochs=1, steps_per_epoch=1,
                       batch_size=2, patch_size=64, device="cpu", teacher_weight=0.0, command="test")
     with pytest.raises(InputError, match="--teacher-weight"):
         train(cfg, report=lambda _msg: None)

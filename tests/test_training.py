@@ -10,24 +10,11 @@ import pytest
 import torch
 
 from dannucnet.errors import InputError
-from dannucnet.formats.dataset import DatasetWriter, load_dataset
+from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import DANNucNet, ModelConfig, dan_nucnet_loss, load_model
 from dannucnet.slides.synthetic import make_synthetic_he
 from dannucnet.train.loop import TrainConfig, train
 from dannucnet.train.patches import normalised_distance, separated_foreground
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    writer = DatasetWriter(root)
-    for i in range(2):
-        im = make_synthetic_he(160, 192, seed=100 + i)
-        region = np.ones(im.labels.shape, bool)
-        region[:, :16] = False  # a strip outside the annotated region
-        writer.add(f"img{i}", im.rgb, im.labels, region=region, organ="Synthetic")
-    writer.close(mpp=0.25, splits={"train": ["img0", "img1"]}, provenance={"name": "synthetic"})
-    return root
 
 
 def test_overfits_a_single_tile():
@@ -55,9 +42,9 @@ def test_overfits_a_single_tile():
     assert f1 > 0.9, f"pixel F1 {f1:.3f} after {len(losses)} steps"
 
 
-def test_train_loop_writes_card_and_resumes(dataset, tmp_path):
+def test_train_loop_writes_card_and_resumes(training_set, tmp_path):
     out = tmp_path / "model"
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=2, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=2, steps_per_epoch=2, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
     train(cfg, report=lambda _msg: None)
     card = json.loads((out / "model_card.json").read_text())
@@ -74,10 +61,10 @@ def test_train_loop_writes_card_and_resumes(dataset, tmp_path):
     assert len(json.loads((out / "model_card.json").read_text())["training"]["history"]) >= 2
 
 
-def test_card_records_the_epochs_after_the_kept_one(dataset, tmp_path):
+def test_card_records_the_epochs_after_the_kept_one(training_set, tmp_path):
     # min_delta so large that only the first epoch counts as an improvement: epoch 1 is kept, epoch 2 still ran
     out = tmp_path / "model"
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test", min_delta=10.0)
     train(cfg, report=lambda _msg: None)
     training = json.loads((out / "model_card.json").read_text())["training"]
@@ -86,12 +73,12 @@ def test_card_records_the_epochs_after_the_kept_one(dataset, tmp_path):
     assert training["run_wall_time_s"] >= training["wall_time_s"] > 0
 
 
-def test_a_resumed_run_that_keeps_an_earlier_epoch_rebuilds_its_card_without_reading_it(dataset, tmp_path):
+def test_a_resumed_run_that_keeps_an_earlier_epoch_rebuilds_its_card_without_reading_it(training_set, tmp_path):
     """The card is built from the run's state, not read back: a resume that never beats epoch 1 writes the
     card of epoch 1's save (that run's command and settings) with the whole record, even over a broken card.
     A checkpoint from before checkpoints recorded the kept save gets the resumed run's settings."""
     out = tmp_path / "model"
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=2, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="first", min_delta=10.0)
     train(cfg, report=lambda _msg: None)
     first = json.loads((out / "model_card.json").read_text())
@@ -112,8 +99,8 @@ def test_a_resumed_run_that_keeps_an_earlier_epoch_rebuilds_its_card_without_rea
     assert training["wall_time_s"] == round(training["history"][0]["seconds"], 1)
 
 
-def test_dataset_folder_round_trip(dataset):
-    ds = load_dataset(dataset)
+def test_dataset_folder_round_trip(training_set):
+    ds = load_dataset(training_set)
     assert [s.stem for s in ds.select("train")] == ["img0", "img1"]
     sample = ds.samples[0]
     assert sample.organ == "Synthetic" and sample.mpp == 0.25
@@ -141,9 +128,9 @@ def test_touching_nuclei_get_a_background_seam_in_the_target():
     assert separated_foreground(diagonal)[1, 1] == 0 and separated_foreground(diagonal)[0, 0] == 1
 
 
-def test_fine_tuning_starts_from_a_model_and_refuses_another_architecture(dataset, tmp_path):
+def test_fine_tuning_starts_from_a_model_and_refuses_another_architecture(training_set, tmp_path):
     base = tmp_path / "base"
-    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
     train(cfg, report=lambda _msg: None)
     messages: list[str] = []
@@ -170,14 +157,14 @@ def test_distance_target_peaks_at_each_centre_and_falls_to_zero_between_touching
     assert d[labels == 0].max() == 0 and d.max() == 1
 
 
-def test_adding_a_distance_head_to_a_trained_model_and_training_it(dataset, tmp_path):
+def test_adding_a_distance_head_to_a_trained_model_and_training_it(training_set, tmp_path):
     """--init-from a one-output model with the distance head: every weight carries over; with
     distance_only the probability channel stays exactly the base model's while the new branch
     learns (the loss falls); training the whole network also runs; removing the head is refused."""
     from dannucnet.train.loop import _initial_weights
 
     base = tmp_path / "base"
-    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
     train(cfg, report=lambda _msg: None)
     base_net = load_model(str(base)).network.eval()
@@ -210,9 +197,9 @@ def test_adding_a_distance_head_to_a_trained_model_and_training_it(dataset, tmp_
         train(plain, report=lambda _msg: None)
 
 
-def test_freeze_bn_keeps_the_loaded_batchnorm_statistics(dataset, tmp_path):
+def test_freeze_bn_keeps_the_loaded_batchnorm_statistics(training_set, tmp_path):
     base = tmp_path / "base"
-    cfg = TrainConfig(data=str(dataset), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(base), split="train", epochs=1, steps_per_epoch=1, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test")
     train(cfg, report=lambda _msg: None)
     before = load_model(str(base)).network.state_dict()
@@ -225,11 +212,11 @@ def test_freeze_bn_keeps_the_loaded_batchnorm_statistics(dataset, tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in stats) is freeze
 
 
-def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resume(dataset, tmp_path):
+def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resume(training_set, tmp_path):
     """--average-from: the checkpoint carries the running mean, a resumed run keeps adding to it, and the
     card says which epochs were averaged and whether the mean was shipped (it is when it validates better)."""
     out = tmp_path / "swa"
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=2, steps_per_epoch=2, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=2, steps_per_epoch=2, batch_size=2,
                       patch_size=64, val_fraction=0.4, seed=1, device="cpu", command="test", average_from=2)
     train(cfg, report=lambda _msg: None)
     epoch2 = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
@@ -255,12 +242,12 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_weights_across_a_resum
         train(TrainConfig(**{**cfg.__dict__, "average_from": 0}), report=lambda _msg: None)
 
 
-def test_training_without_validation_uses_every_row_and_keeps_the_weight_mean(dataset, tmp_path):
+def test_training_without_validation_uses_every_row_and_keeps_the_weight_mean(training_set, tmp_path):
     """--val-fraction 0: the final run on all the data. Nothing is held out, every epoch is logged without
     validation scores, nothing stops early, and the weight mean asked for is what ships."""
     out = tmp_path / "all-rows"
     messages: list[str] = []
-    cfg = TrainConfig(data=str(dataset), out=str(out), split="train", epochs=3, steps_per_epoch=2, batch_size=2,
+    cfg = TrainConfig(data=str(training_set), out=str(out), split="train", epochs=3, steps_per_epoch=2, batch_size=2,
                       patch_size=64, val_fraction=0.0, seed=1, device="cpu", command="test", average_from=2,
                       stop_patience=1)
     train(cfg, report=messages.append)
