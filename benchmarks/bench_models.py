@@ -21,10 +21,10 @@ from bench_runtime import machine, synthetic_slide, turn_arguments, work_folder
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    turn_arguments(p, side=4096)
+    turn_arguments(p, side=4096, model=None)
     p.add_argument("--mpp", type=float, default=0.5, help="the slide's µm/px (default 0.5: a 20× slide)")
     p.add_argument("--models", nargs="+", default=["dannucnet-monuseg-20x", "dannucnet-monuseg-20x-lite"],
-                   help="models to compare; the first is the baseline (--model is not used)")
+                   help="models to compare; the first is the baseline")
     args = p.parse_args()
 
     from dannucnet.engine import Predictor

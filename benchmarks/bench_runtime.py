@@ -80,10 +80,12 @@ def synthetic_slide(folder: Path, name: str, side: int, mpp: float, tissue: floa
     return path
 
 
-def turn_arguments(p: argparse.ArgumentParser, side: int, model: str = "dannucnet-monuseg-20x") -> None:
-    """The options every take-turns benchmark shares: slide side, model, runtime, repeats, work folder."""
+def turn_arguments(p: argparse.ArgumentParser, side: int, model: str | None = "dannucnet-monuseg-20x") -> None:
+    """The options every take-turns benchmark shares: slide side, model (none: the benchmark takes its own
+    list), runtime, repeats, work folder."""
     p.add_argument("--side", type=int, default=side, help=f"slide side in px (default {side})")
-    p.add_argument("--model", default=model)
+    if model is not None:
+        p.add_argument("--model", default=model)
     p.add_argument("--runtime", default="auto")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", type=Path)

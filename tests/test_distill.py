@@ -94,6 +94,25 @@ def test_the_taught_loss_is_smallest_at_the_teachers_own_answer(teacher):
     assert probability.shape == distance.shape == (2, 1, 48, 64)
 
 
+def test_the_teacher_remembers_only_the_very_same_validation_batch(teacher):
+    """Validation runs the frozen teacher on fixed patches every epoch; with ``remember`` it runs once per
+    batch, and an input that differs by one value gets a fresh answer."""
+    coach = Teacher(teacher.out, torch.device("cpu"), 64, ModelConfig(distance_head=True))
+    x = torch.rand(2, 3, 48, 64)
+    first = coach.targets(x, remember=True)
+    again = coach.targets(x.clone(), remember=True)
+    assert again[0] is first[0] and again[1] is first[1]
+    changed = x.clone()
+    changed[1, 2, 47, 63] += 0.5
+    fresh = coach.targets(changed, remember=True)
+    assert fresh[0] is not first[0]
+    assert not torch.equal(fresh[0], first[0])
+    plain = coach.targets(x)  # training batches are never remembered
+    assert plain[0] is not first[0] and torch.equal(plain[0], first[0])
+    logits = torch.randn(2, 2, 48, 64)
+    assert float(taught_loss(coach, logits, x, 0.5, remember=True)) == float(taught_loss(coach, logits, x, 0.5))
+
+
 def test_a_narrow_student_trains_from_its_teacher(teacher, tmp_path):
     messages: list[str] = []
     student = TrainConfig(**{**teacher.__dict__, "out": str(tmp_path / "student"), "init_from": teacher.out,
@@ -122,3 +141,19 @@ def test_teacher_settings_are_checked(training_set, tmp_path):
     with pytest.raises(InputError, match="no distance head"):
         train(headless, report=lambda _msg: None)
     assert not (tmp_path / "s" / "weights.safetensors").exists()
+
+
+def test_fine_tuning_keeps_the_init_models_width_unless_told():
+    """``train --init-from dannucnet-monuseg-20x-lite`` without ``--base-filters`` keeps its 16 filters
+    (it was refused before as an architecture change); an explicit flag still wins, and no model means 32."""
+    from dannucnet.cli import build_parser
+    from dannucnet.commands.train import _init_width
+    from dannucnet.errors import ModelError
+
+    assert _init_width("dannucnet-monuseg-20x-lite") == 16
+    assert _init_width("dannucnet-monuseg") == 32
+    assert _init_width(None) == 32
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--init-from", "x", "--base-filters", "8"])
+    assert args.base_filters == 8
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+        _init_width("no-such-model")

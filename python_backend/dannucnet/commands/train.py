@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of patches made nucleus-free: haematoxylin stripped, empty target (issue 20)")
     p.add_argument("--pigment", type=float, default=0.0, metavar="SHARE",
                    help="share of patches given black or brown pigment dots on their background, target unchanged")
-    p.add_argument("--base-filters", type=int, default=32,
-                   help="filters of the first level (code 32; 16 = the paper's figure, 2.8x faster on a CPU)")
+    p.add_argument("--base-filters", type=int,
+                   help="filters of the first level (default: the --init-from model's, else the code's 32; "
+                        "16 = the paper's figure, 2.8x faster on a CPU)")
     p.add_argument("--teacher", metavar="MODEL",
                    help="also learn this trained model's outputs on every batch (a narrower copy of a wide model)")
     p.add_argument("--teacher-weight", type=float, default=0.5, metavar="SHARE",
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "block": "plain" if args.plain_blocks else "residual",
         "bn_momentum": args.bn_momentum,
         "distance_head": args.distance_head,
-        "base_filters": args.base_filters,
+        "base_filters": args.base_filters if args.base_filters is not None else _init_width(args.init_from),
     }
     cfg = TrainConfig(
         data=args.data, out=args.out, split=args.split, val_split=args.val_split, val_fraction=args.val_fraction,
@@ -105,3 +106,16 @@ def run(args: argparse.Namespace) -> int:
     )
     train(cfg)
     return 0
+
+
+def _init_width(init_from: str | None) -> int:
+    """Base filters of the ``--init-from`` model (its card; the weights are loaded later), else the code's 32.
+
+    So fine-tuning the lite model keeps its 16 filters without repeating ``--base-filters``.
+    """
+    if init_from is None:
+        return 32
+    from dannucnet.model.card import ModelCard
+    from dannucnet.model.registry import resolve_model_dir
+
+    return int(ModelCard.load(resolve_model_dir(init_from)).config.base_filters)

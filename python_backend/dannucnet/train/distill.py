@@ -15,6 +15,8 @@ Two things carry the wide model's knowledge into the narrow one:
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from dannucnet.engine.runtime import Forward, build_forward, resolve_runtime
@@ -73,7 +75,10 @@ class Teacher:
     """A trained model run on training batches (OpenVINO on a CPU where installed, else PyTorch), frozen.
 
     ``targets(x)`` gives the teacher's nucleus probability and, where it has that head, its distance
-    (both 0..1, N×1×H×W) for the batch the student trains on.
+    (both 0..1, N×1×H×W) for the batch the student trains on. ``remember=True`` keeps the answer for
+    inputs that come back unchanged, the fixed validation patches: the teacher is frozen, so running it
+    on them again each epoch only cost time (about 10 s of a 150 s epoch, 48 patches of 144 × 256 run
+    in PyTorch on 2 EPYC cores).
     """
 
     def __init__(self, name_or_path: str, device: torch.device, patch_size: int, student: ModelConfig) -> None:
@@ -88,13 +93,25 @@ class Teacher:
         forward, self.runtime, self.precision = build_forward(runtime, self.network, loaded.source, patch_size)
         self.forward: Forward = forward
         self.device = device
+        self._remembered: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @torch.no_grad()
-    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(self, x: torch.Tensor, remember: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = _fingerprint(x) if remember else b""
+        if key in self._remembered:
+            return self._remembered[key]
         # the export takes square windows; a validation patch cut from a short held-out strip (144 × 256) is
         # not one, and runs in PyTorch
         square = x.shape[-2] == x.shape[-1]
         logits = (self.forward(x) if square else self.network(x)).float().to(self.device)
         probability = torch.sigmoid(logits[:, :1])
         distance = torch.sigmoid(logits[:, 1:2]) if logits.shape[1] > 1 else None
+        if remember:
+            self._remembered[key] = (probability, distance)
         return probability, distance
+
+
+def _fingerprint(x: torch.Tensor) -> bytes:
+    """The batch's shape and content: a remembered answer is only given back for the very same input."""
+    data = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    return repr(tuple(data.shape)).encode() + hashlib.blake2b(data.tobytes(), digest_size=16).digest()

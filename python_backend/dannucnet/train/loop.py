@@ -275,8 +275,8 @@ def validate(
         x, t, v = tensors[:3]
         with autocast(device):
             logits = network(x)
-        losses.append(float(objective(loss_fn, logits, tensors, distance_weight, teacher, teacher_weight))
-                      * len(chunk[0]))
+        losses.append(float(objective(loss_fn, logits, tensors, distance_weight, teacher, teacher_weight,
+                                      remember=True)) * len(chunk[0]))
         pred = (logits[:, :1].float() > 0).float() * v
         tp += float((pred * t).sum())
         fp += float((pred * (1 - t)).sum())
@@ -455,12 +455,14 @@ def _train_step(cfg: TrainConfig, setup: Setup) -> float:
     return loss.item()
 
 
-def taught_loss(teacher: Teacher, logits: torch.Tensor, x: torch.Tensor, distance_weight: float) -> torch.Tensor:
+def taught_loss(
+    teacher: Teacher, logits: torch.Tensor, x: torch.Tensor, distance_weight: float, remember: bool = False,
+) -> torch.Tensor:
     """The loss against the teacher's outputs on the batch, on every pixel: binary cross-entropy on its
     probabilities and the distance loss on its distances. Cross-entropy, not Eq. 5: its per-pixel Jaccard
     term is smallest at p = 1 for any soft target above 0 (for a target of 0.5 it falls as p rises), while
-    cross-entropy is smallest at p = target."""
-    probability, distance = teacher.targets(x)
+    cross-entropy is smallest at p = target. ``remember``: the batch comes back unchanged (validation)."""
+    probability, distance = teacher.targets(x, remember)
     everywhere = torch.ones_like(probability)
     if distance is None:
         return total_loss(LOSSES["bce"], logits[:, :1], (x, probability, everywhere), distance_weight)
@@ -469,16 +471,18 @@ def taught_loss(teacher: Teacher, logits: torch.Tensor, x: torch.Tensor, distanc
 
 def objective(
     loss_fn: Callable, logits: torch.Tensor, tensors: tuple[torch.Tensor, ...], distance_weight: float,
-    teacher: Teacher | None = None, teacher_weight: float = 0.5,
+    teacher: Teacher | None = None, teacher_weight: float = 0.5, remember: bool = False,
 ) -> torch.Tensor:
     """What a run minimises, and validates: the loss against the annotations, shared with a teacher's when
     there is one. A taught network's probabilities are softer than an untaught one's, which Eq. 5 alone
     scores worse at the same pixel F1 (a taught run's F1 rose for 5 epochs while its Eq. 5 validation loss
-    did not fall), so its validation includes the teacher's term too."""
+    did not fall), so its validation includes the teacher's term too. ``remember``: validation's fixed
+    batches, whose teacher answers are kept (:meth:`Teacher.targets`)."""
     loss = total_loss(loss_fn, logits, tensors, distance_weight)
     if teacher is None:
         return loss
-    return (1.0 - teacher_weight) * loss + teacher_weight * taught_loss(teacher, logits, tensors[0], distance_weight)
+    taught = taught_loss(teacher, logits, tensors[0], distance_weight, remember)
+    return (1.0 - teacher_weight) * loss + teacher_weight * taught
 
 
 def _epoch_line(entry: EpochLog, validating: bool, improved: bool) -> str:
