@@ -310,24 +310,27 @@ def test_segment_via_server_sends_the_model(server, catalogue, tmp_path):
     assert main(common + ["--model", "nope"]) == 2
 
 
-# ---- the lite 20× model: the 20× model's copy with half the filters, taught by it ------------------------------
-MODEL_LITE = REPO / "models" / "dannucnet-monuseg-20x-lite"
+# ---- the lite models: copies of the 40× and 20× models with half the filters, each taught by its full model -------
+LITE = [("dannucnet-monuseg-lite", 0.25, "dannucnet-monuseg", "kumar-test"),
+        ("dannucnet-monuseg-20x-lite", 0.5, "dannucnet-monuseg-20x", "kumar-test-0.5mpp")]
 
 
-@pytest.mark.skipif(not (MODEL_LITE / "weights.safetensors").is_file(),
-                    reason="models/dannucnet-monuseg-20x-lite has no weights in this checkout")
-def test_lite_20x_model_card_and_it_is_never_chosen_over_the_full_one():
-    card = json.loads((MODEL_LITE / "model_card.json").read_text())
-    assert card["name"] == "dannucnet-monuseg-20x-lite" and card["mpp"] == 0.5 and card["trained"] is True
+@pytest.mark.parametrize(("name", "mpp", "full", "split"), LITE)
+def test_lite_model_card_and_it_is_never_chosen_over_the_full_one(name, mpp, full, split):
+    folder = REPO / "models" / name
+    if not (folder / "weights.safetensors").is_file():
+        pytest.skip(f"models/{name} has no weights in this checkout")
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["name"] == name and card["mpp"] == mpp and card["trained"] is True
     assert card["architecture"]["base_filters"] == 16 and card["architecture"]["distance_head"] is True
-    command = card["training"]["command"]
-    assert "--base-filters 16" in command and "--teacher models/dannucnet-monuseg-20x" in command
-    assert (MODEL_LITE / "weights.safetensors").stat().st_size < 8 * 1024 * 1024
-    loaded = load_model("dannucnet-monuseg-20x-lite")
+    assert card["training"]["config"]["architecture"]["base_filters"] == 16
+    assert f"--teacher models/{full} " in card["training"]["command"]
+    assert (folder / "weights.safetensors").stat().st_size < 8 * 1024 * 1024
+    loaded = load_model(name)
     assert loaded.network.config.base_filters == 16
     assert sum(p.numel() for p in loaded.network.parameters()) < 2_400_000
     installed = list_models()
-    lite = next(e for e in installed if e.name == "dannucnet-monuseg-20x-lite")
-    assert lite.usable and lite.metrics["split"] == "kumar-test-0.5mpp"
-    # the full 20× model scores the higher PQ, so --model auto keeps it; the lite one is asked for by name
-    assert choose_model(0.5, installed)[0].name == "dannucnet-monuseg-20x"
+    lite = next(e for e in installed if e.name == name)
+    assert lite.usable and lite.metrics["split"] == split
+    # the full model scores the higher PQ (or is the default), so --model auto keeps it; the lite one is asked for
+    assert choose_model(mpp, installed)[0].name == full
