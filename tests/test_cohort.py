@@ -86,29 +86,36 @@ def test_nothing_to_do_needs_no_cluster(cohort, tmp_path):
     assert [o.status for o in report.outcomes] == ["skipped"]
 
 
-def test_auto_resume_accepts_any_installed_model(cohort, tmp_path):
+def test_auto_resume_accepts_the_models_auto_can_choose(cohort, tmp_path):
     """--model auto may segment a 20x slide with the 20x model: resuming skips it instead of redoing it,
-    while output by a model that is not installed (or another version) is redone."""
+    while output by a model auto never chooses (a lite one: auto-fast's), by a model that is not
+    installed or by another version is redone."""
     folder, slides = cohort
     out = tmp_path / "out"
     out.mkdir()
+    from dannucnet.catalogue import possible_choices
     from dannucnet.cohort.records import DoneRecord, write_done
+    from dannucnet.cohort.runner import _model_identity
     from dannucnet.model.registry import list_models
+    from dannucnet.pipeline import SegmentOptions
 
-    usable = [e for e in list_models() if e.usable]
-    if not usable:
+    installed = list_models()
+    choices = possible_choices(installed)
+    if not choices:
         pytest.skip("no trained model installed")
-    other = usable[-1]
+    other = choices[-1]  # the coarsest pixel size's model: the 20x model when it is installed
     target = output_path_for(slides[0], out)
     target.write_bytes(b"{}")
     write_done(target, DoneRecord(str(slides[0]), str(target), other.card_name, other.version, 0, 0.0, 0.0))
     report = run_cohort([slides[0]], out, model="auto", device="cpu", scheduler="tcp://127.0.0.1:1")
     assert [o.status for o in report.outcomes] == ["skipped"]
-    from dannucnet.cohort.runner import _accepted_models
 
-    accepted = _accepted_models("auto", None, "untrained", "0")
+    accepted = _model_identity("auto", None, None, SegmentOptions())[3]
     assert (other.card_name, other.version) in accepted and (other.card_name, other.version + "-old") not in accepted
-    assert _accepted_models("untrained", None, "untrained", "0") == {("untrained", "0")}  # a named model: only it
+    fast = {(e.card_name, e.version) for e in possible_choices(installed, fast=True)}
+    assert fast <= _model_identity("auto-fast", None, None, SegmentOptions())[3]
+    assert not (fast - {(e.card_name, e.version) for e in choices}) & accepted  # auto redoes the lite models' output
+    assert _model_identity("untrained", None, None, SegmentOptions())[3] == {("untrained", "0")}  # only it
 
 
 def test_bad_cohort_inputs(tmp_path):

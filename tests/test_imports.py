@@ -32,6 +32,7 @@ def _torch_after(statements: str) -> str:
     "statements",
     [
         "import dannucnet.client",
+        "from dannucnet.catalogue import choose_model, possible_choices",
         "import dannucnet.formats",
         "import dannucnet.formats.geojson",
         "import dannucnet.formats.geoparquet",

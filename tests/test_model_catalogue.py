@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from dannucnet.catalogue import possible_choices
 from dannucnet.cli import main
 from dannucnet.engine import Predictor
 from dannucnet.engine.pool import PredictorPool
+from dannucnet.errors import InputError
 from dannucnet.model import ModelCard, load_model, registry, save_model
 from dannucnet.model.registry import CatalogueEntry, choose_model, list_models
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
@@ -34,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = {"kumar-test": {"final_polygons": {"f1": 0.8, "aji": 0.55, "pq": 0.51, "n_images": 14}}}
 
 
-def _save(root: Path, name: str, mpp: float, level: float = 0.4, **card) -> Path:
+def _save(root: Path, name: str, mpp: float, level: float = 0.4, depth: int = 2, **card) -> Path:
     card = {"trained": True, "licence": "test data (CC0): any use", **card}
-    return save_model(root / name, darkness_network(level=level),
+    return save_model(root / name, darkness_network(level=level, depth=depth),
                       ModelCard(name=name, version="t", tile_size=TILE, mpp=mpp, **card))
 
 
@@ -62,10 +64,11 @@ def catalogue(models_root, monkeypatch, tmp_path):
     return models_root
 
 
-def entry(name: str, mpp: float, trained: bool = True, weights: bool = True, pq: float | None = None):
+def entry(name: str, mpp: float, trained: bool = True, weights: bool = True, pq: float | None = None,
+          filters: int = 32):
     metrics = {} if pq is None else {"split": "kumar-test", "pq": pq}
     return CatalogueEntry(name=name, version="1", mpp=mpp, trained=trained, licence="", path=f"/m/{name}",
-                          has_weights=weights, metrics=metrics)
+                          has_weights=weights, metrics=metrics, base_filters=filters)
 
 
 # ---- the catalogue ------------------------------------------------------------------
@@ -133,6 +136,7 @@ def test_models_command_lists_and_explains(catalogue, capsys):
     out = capsys.readouterr().out
     assert "80.0/55.0/51.0" in out and "CC0" in out and "random (untrained)" in out
     assert "--model auto: image at 0.25 µm/px: dannucnet-monuseg" in out
+    assert "--model auto-fast: image at 0.25 µm/px: dannucnet-monuseg" in out  # one model per pixel size: the same
     assert main(["models", "--for-mpp", "-1"]) == 2
 
 
@@ -334,3 +338,138 @@ def test_lite_model_card_and_it_is_never_chosen_over_the_full_one(name, mpp, ful
     assert lite.usable and lite.metrics["split"] == split
     # the full model scores the higher PQ (or is the default), so --model auto keeps it; the lite one is asked for
     assert choose_model(mpp, installed)[0].name == full
+
+
+# ---- --model auto-fast: auto's pixel size, then the cheapest network ----------------------------
+SHIPPED = [entry("dannucnet-monuseg", 0.25, pq=0.516), entry("dannucnet-monuseg-lite", 0.25, pq=0.513, filters=16),
+           entry("dannucnet-monuseg-20x", 0.5, pq=0.451),
+           entry("dannucnet-monuseg-20x-lite", 0.5, pq=0.444, filters=16)]
+
+
+@pytest.mark.parametrize("mpp, auto, fast", [
+    (0.25, "dannucnet-monuseg", "dannucnet-monuseg-lite"),  # 40×: never the 20× lite model, though it is cheaper
+    (0.5, "dannucnet-monuseg-20x", "dannucnet-monuseg-20x-lite"),
+    (0.35, "dannucnet-monuseg-20x", "dannucnet-monuseg-20x-lite"),
+    (1.0, "dannucnet-monuseg-20x", "dannucnet-monuseg-20x-lite"),
+    (None, "dannucnet-monuseg", "dannucnet-monuseg-lite"),  # unknown: the default model's pixel size
+])
+def test_auto_fast_keeps_autos_pixel_size_and_takes_the_cheapest_network(mpp, auto, fast):
+    assert choose_model(mpp, SHIPPED)[0].name == auto
+    chosen, reason = choose_model(mpp, SHIPPED, fast=True)
+    assert chosen.name == fast and "of the 2 models at" in reason and "the cheapest network (16 base filters)" in reason
+    assert chosen.cost * 4 == choose_model(mpp, SHIPPED)[0].cost  # half the width: a quarter of the work
+
+
+def test_auto_fast_never_takes_an_unusable_model_and_is_auto_without_a_choice():
+    full = [SHIPPED[0], SHIPPED[2]]
+    for mpp in (0.25, 0.5, None):
+        assert choose_model(mpp, full, fast=True) == choose_model(mpp, full)  # same model, same words
+    unusable = [entry("cheap-random", 0.25, trained=False, filters=16), entry("cheap-empty", 0.25, weights=False,
+                                                                             filters=16)]
+    assert choose_model(0.25, [SHIPPED[0], *unusable], fast=True)[0].name == "dannucnet-monuseg"
+    assert {e.name for e in possible_choices(SHIPPED)} == {"dannucnet-monuseg", "dannucnet-monuseg-20x"}
+    assert {e.name for e in possible_choices(SHIPPED, fast=True)} == {"dannucnet-monuseg-lite",
+                                                                       "dannucnet-monuseg-20x-lite"}
+    assert possible_choices(unusable) == []
+
+
+@pytest.fixture(scope="module")
+def fast_root(tmp_path_factory):
+    """A second 40× model, cheaper than the default one (depth 1 against 2), that finds nuclei as it does."""
+    root = tmp_path_factory.mktemp("fast-models")
+    _save(root, "fast-40x", 0.25, depth=1)
+    return root
+
+
+@pytest.fixture
+def fast_catalogue(catalogue, fast_root, monkeypatch):
+    monkeypatch.setenv("DANNUCNET_MODELS", os.pathsep.join([str(fast_root), str(catalogue)]))
+    return fast_root
+
+
+def _features(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["features"]
+
+
+def test_segment_auto_fast_runs_the_cheapest_model_of_the_images_pixel_size(fast_catalogue, tmp_path, caplog):
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, (256, 192), seed=3, mpp=0.25)
+    out = tmp_path / "out.geojson"
+    cheap = next(e for e in list_models() if e.name == "fast-40x")
+    assert (cheap.base_filters, cheap.depth) == (16, 1)  # read from its card
+    for model, expected in (("auto-fast", "fast-40x"), ("auto", "dannucnet-monuseg")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["segment", str(slide), "-o", str(out), "-q", "--device", "cpu", "--model", model]) == 0
+        assert f"--model {model}: image at 0.25 µm/px: {expected}" in caplog.text
+        features = _features(out)
+        assert features and {f["properties"]["metadata"]["model"] for f in features} == {expected}
+
+
+@pytest.fixture
+def fast_server(fast_catalogue):
+    """A server whose requests without a model get auto-fast."""
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, token=TOKEN, max_batch=4,
+                          limits=Limits(max_message_bytes=4 * 1024 * 1024, max_pixels=1024 * 1024))
+    loaded = load_model("auto-fast")
+    assert loaded.card.name == "fast-40x"  # no image yet: the cheapest model of the default model's pixel size
+
+    def factory(name):
+        return Predictor(load_model(name), device="cpu", overlap=OVERLAP)
+
+    srv = Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source,
+                 model_factory=factory, default_model="auto-fast").start()
+    yield srv
+    srv.stop(grace=2)
+
+
+def test_server_takes_auto_fast_per_request_and_as_its_default(fast_server):
+    def ran(model, mpp):
+        status, payload, _ = request(fast_server, "POST", "/v1/segment?alt=json", _region(model, mpp))
+        assert status == 200, payload
+        return payload["model"], payload.get("nucleusCount", 0)
+
+    assert ran(None, 0.25)[0] == "fast-40x"  # the server's default: auto-fast
+    assert ran("auto", 0.25)[0] == "dannucnet-monuseg"
+    assert ran("auto-fast", 0.5) == ("blind-20x", 0)  # the only 20× model
+    status, listing, _ = request(fast_server, "GET", "/v1/models")
+    assert status == 200 and listing["defaultModel"] == "auto-fast"
+    by_name = {m["name"]: m for m in listing["models"]}
+    assert (by_name["fast-40x"]["baseFilters"], by_name["fast-40x"]["depth"]) == (16, 1)
+    assert by_name["fast-40x"]["hasWeights"] and not by_name["no-weights"].get("hasWeights", False)
+    status, payload, _ = request(fast_server, "POST", "/v1/segment", _region("nope", 0.25))
+    assert status == 400 and "(or auto or auto-fast)" in payload["error"]["message"]
+
+
+def test_server_clients_name_the_model_the_server_runs(fast_server, tmp_path, caplog):
+    """`segment --server` (and batch-slides' workers) make the server's auto choice from its list and name
+    that model in every request, so the output says which model ran; batch-slides --model is not ignored."""
+    from dannucnet.cohort.runner import _model_identity
+    from dannucnet.cohort.worker import TaskSpec, segment_slide_task
+    from dannucnet.jobs.segmenters import ServerSegmenter
+    from dannucnet.pipeline import SegmentOptions
+
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, (192, 160), seed=3, mpp=0.25)
+    out = tmp_path / "out.geojson"
+    common = ["segment", str(slide), "-o", str(out), "-q", "--server", fast_server.grpc_address, "--token", TOKEN]
+    for model, expected in (("auto", "dannucnet-monuseg"), ("auto-fast", "fast-40x")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(common + ["--model", model]) == 0
+        assert f"--model {model} on {fast_server.grpc_address}: image at 0.25 µm/px: {expected}" in caplog.text
+        assert {f["properties"]["metadata"]["model"] for f in _features(out)} == {expected}
+    # the QuPath batch settles one model before its first image: the server's default (auto-fast) at 40×
+    one = ServerSegmenter(fast_server.grpc_address, token=TOKEN, one_model=True)
+    assert (one.model_name, one.client.model) == ("fast-40x", "fast-40x")
+    one.choose_for(0.5)
+    assert one.model_name == "fast-40x"  # settled: a 20× image does not change it
+    options = SegmentOptions()
+    spec = TaskSpec(input=str(slide), output=str(tmp_path / "cohort.geojson.gz"), model="blind-20x", device="cpu",
+                    batch_size=None, mpp=None, options=options, server=fast_server.grpc_address, token=TOKEN)
+    result = segment_slide_task(spec)
+    assert (result["status"], result["model"], result["nuclei"]) == ("done", "blind-20x", 0)
+    name, _, _, accepted = _model_identity("auto-fast", fast_server.grpc_address, TOKEN, options)
+    assert name == "fast-40x" and {n for n, _ in accepted} == {"fast-40x", "blind-20x"}
+    with pytest.raises(InputError, match="has no model 'nope'"):
+        _model_identity("nope", fast_server.grpc_address, TOKEN, options)

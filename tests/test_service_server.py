@@ -51,9 +51,9 @@ TILE, OVERLAP = 64, 16  # window stride 48
 
 
 # ---- fixtures ------------------------------------------------------------------
-def darkness_network(level: float = 0.4, gain: float = 40.0) -> DANNucNet:
+def darkness_network(level: float = 0.4, gain: float = 40.0, depth: int = 2) -> DANNucNet:
     """A DAN-NucNet whose only live path computes sigmoid(gain·(1 − mean(rgb) − level)) per pixel."""
-    net = DANNucNet(ModelConfig(base_filters=16, depth=2)).eval()
+    net = DANNucNet(ModelConfig(base_filters=16, depth=depth)).eval()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):

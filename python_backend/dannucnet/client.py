@@ -24,6 +24,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from dannucnet.catalogue import CatalogueEntry
 from dannucnet.errors import CancelledError, DanNucNetError, InputError
 from dannucnet.geometry.ownership import Rect
 from dannucnet.pipeline.types import Nucleus
@@ -149,6 +150,21 @@ class DanNucNetClient:
     def list_models(self, timeout: float | None = 30.0) -> pb.ListModelsResponse:
         """The models installed on the server; a request may name any of them."""
         return self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
+    def catalogue(self, listing: pb.ListModelsResponse | None = None) -> list[CatalogueEntry]:
+        """The server's models as :class:`~dannucnet.catalogue.CatalogueEntry`: what the server's own
+        ``auto`` / ``auto-fast`` choose from, so :func:`~dannucnet.catalogue.choose_model` makes the
+        same choice here."""
+        listing = self.list_models() if listing is None else listing
+        return [
+            CatalogueEntry(
+                name=m.name, version=m.version, mpp=m.pixel_size_microns, trained=m.trained, licence=m.licence,
+                path="", has_weights=m.has_weights, card_name=m.name,
+                metrics={**dict(m.metrics), **({"split": m.metrics_split} if m.metrics_split else {})},
+                base_filters=m.base_filters or 32, depth=m.depth or 4,
+            )
+            for m in listing.models
+        ]
 
     def segment_region_response(
         self,

@@ -130,9 +130,8 @@ def run_cohort(
         from dannucnet.formats.geoparquet import require_pyarrow
 
         require_pyarrow()  # fail before any slide is queued
-    name, version, trained = _model_identity(model, server, token, options)
+    name, version, trained, accepted = _model_identity(model, server, token, options)
     report = CohortReport(model=name, model_version=version, model_trained=trained)
-    accepted = _accepted_models(model, server, name, version)
     todo: list[tuple[int, TaskSpec]] = []
     outcomes: list[SlideOutcome | None] = [None] * len(slides)
     for i, slide in enumerate(slides):
@@ -161,30 +160,31 @@ def run_cohort(
 
 
 def _model_identity(model: str | None, server: str | None, token: str | None,
-                    options: SegmentOptions) -> tuple[str, str, bool]:
-    """Name, version and trained flag of the model that will run; fails fast on an unknown model
-    or an unreachable server, before any cluster starts."""
+                    options: SegmentOptions) -> tuple[str, str, bool, set[tuple[str, str]]]:
+    """Name, version and trained flag of the model that will run, and the (name, version) pairs whose
+    output counts as done; fails fast on an unknown model or an unreachable server, before any
+    cluster starts. With ``--model auto`` (or ``auto-fast``) each slide gets the model its pixel size
+    suits, so output by any model auto can choose, at its installed version, is done (without this a
+    resumed cohort redid every 20x slide); output by another model, e.g. a lite one under ``auto``,
+    is redone."""
+    from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, possible_choices
+
     if server:
         from dannucnet.jobs.segmenters import ServerSegmenter
 
-        seg = ServerSegmenter(server, token=token, options=options)
-        return seg.model_name, seg.model_version, seg.model_trained
+        seg = ServerSegmenter(server, token=token, options=options, model=model)
+        accepted = {(seg.model_name, seg.model_version)}
+        if seg.auto:
+            accepted |= {(e.name, e.version) for e in possible_choices(seg.catalogue, fast=seg.auto == AUTO_FAST)}
+        return seg.model_name, seg.model_version, seg.model_trained, accepted
     from dannucnet.model import load_model
+    from dannucnet.model.registry import list_models
 
     card = load_model(model).card
-    return str(card.name), str(card.version), bool(card.trained)
-
-
-def _accepted_models(model: str | None, server: str | None, name: str, version: str) -> set[tuple[str, str]]:
-    """(model, version) pairs whose output counts as done. With ``--model auto`` in this process each
-    slide gets the installed model its pixel size suits, so output by any usable installed model at
-    its installed version is done (without this a resumed cohort redid every 20x slide)."""
-    pairs = {(name, version)}
-    if not server and model in (None, "auto"):
-        from dannucnet.model.registry import list_models
-
-        pairs |= {(e.card_name, e.version) for e in list_models() if e.usable}
-    return pairs
+    accepted = {(str(card.name), str(card.version))}
+    if model in AUTO_NAMES:
+        accepted |= {(e.card_name, e.version) for e in possible_choices(list_models(), fast=model == AUTO_FAST)}
+    return str(card.name), str(card.version), bool(card.trained), accepted
 
 
 def _run_tasks(todo, scheduler, workers, retries, device, report):

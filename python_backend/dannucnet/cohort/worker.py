@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES
 from dannucnet.errors import DanNucNetError
 
 _PREDICTORS: dict[tuple[str | None, str, int | None], Any] = {}
@@ -69,7 +70,7 @@ def segmenter_for(spec: TaskSpec):
     from dannucnet.jobs.segmenters import LocalSegmenter, ServerSegmenter
 
     if spec.server:
-        return ServerSegmenter(spec.server, token=spec.token, options=spec.options)
+        return ServerSegmenter(spec.server, token=spec.token, options=spec.options, model=spec.model)
     predictor = predictor_for(spec.model, spec.device, spec.batch_size, spec.torch_threads, spec.tta,
                               spec.runtime)
     if spec.pipelined:
@@ -91,12 +92,12 @@ def segment_slide_task(spec: TaskSpec) -> dict[str, Any]:
         # spends seconds loading a model
         with open_image(spec.input, mpp=spec.mpp) as source:
             slide_mpp = source.require_mpp()
-            if spec.model == "auto" and not spec.server:  # --model auto: this slide's model, by its pixel size
+            if spec.model in AUTO_NAMES and not spec.server:  # --model auto: this slide's model, by its pixel size
                 from dataclasses import replace
 
                 from dannucnet.commands._common import resolve_auto
 
-                spec = replace(spec, model=resolve_auto(slide_mpp))
+                spec = replace(spec, model=resolve_auto(slide_mpp, fast=spec.model == AUTO_FAST))
             summary = segment_source(segmenter_for(spec), source, spec.output, writer_for(spec.output))
     except DanNucNetError as exc:
         return {**base, "status": "failed", "error": type(exc).__name__, "message": str(exc),

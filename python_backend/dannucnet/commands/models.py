@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dannucnet.model.registry import CatalogueEntry
+    from dannucnet.catalogue import CatalogueEntry
 
 NAME = "models"
 HELP = "list the installed models (name, version, µm/px, Kumar-test scores, licence, folder)"
@@ -17,12 +17,14 @@ HELP = "list the installed models (name, version, µm/px, Kumar-test scores, lic
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.add_argument("--for-mpp", type=float, metavar="UM",
-                   help="also say which model --model auto picks for an image of this pixel size, and why")
+                   help="also say which model --model auto (and auto-fast) picks for an image of this pixel size, "
+                        "and why")
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.catalogue import AUTO, AUTO_FAST, choose_model
     from dannucnet.errors import InputError
-    from dannucnet.model.registry import choose_model, list_models, search_path
+    from dannucnet.model.registry import list_models, search_path
 
     if args.for_mpp is not None and not args.for_mpp > 0:
         raise InputError(f"--for-mpp must be a positive pixel size in µm/px, not {args.for_mpp}")
@@ -30,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document: dict = {"models": [e.to_dict() for e in entries]}
         if args.for_mpp is not None:
-            chosen, reason = choose_model(args.for_mpp, entries)
-            document["auto"] = {"mpp": args.for_mpp, "model": chosen.name if chosen else None, "reason": reason}
+            for key in (AUTO, AUTO_FAST):
+                chosen, reason = choose_model(args.for_mpp, entries, fast=key == AUTO_FAST)
+                document[key] = {"mpp": args.for_mpp, "model": chosen.name if chosen else None, "reason": reason}
         print(json.dumps(document, indent=2, ensure_ascii=False))
         return 0
     print(table(entries))
@@ -39,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print("no model installed in " + ", ".join(str(p) for p in search_path())
               + " (the built-in 'untrained' network still runs)")
     if args.for_mpp is not None:
-        chosen, reason = choose_model(args.for_mpp, entries)
-        print(f"--model auto: {reason}")
+        for key in (AUTO, AUTO_FAST):
+            _, reason = choose_model(args.for_mpp, entries, fast=key == AUTO_FAST)
+            print(f"--model {key}: {reason}")
     return 0
 
 

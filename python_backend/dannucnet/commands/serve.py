@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one; default 50051)")
     p.add_argument("--http-port", type=int, default=8765,
                    help="HTTP/JSON gateway port (0 picks a free one, -1 turns it off; default 8765)")
-    p.add_argument("--model", default="auto", metavar="NAME|PATH|auto",
+    p.add_argument("--model", default="auto", metavar="NAME|PATH|auto|auto-fast",
                    help="model for requests that name none; auto (default) picks per request the installed model "
-                        "whose pixel size suits the request's (requests may name any model of `dannucnet models`)")
+                        "whose pixel size suits the request's, auto-fast the same and then the cheapest network "
+                        "(requests may name any model of `dannucnet models`, auto or auto-fast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add_runtime_argument(p)
     auth = p.add_mutually_exclusive_group()

@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from dannucnet.catalogue import AUTO, AUTO_FAST, AUTO_NAMES, choose_model
 from dannucnet.errors import ModelError
-from dannucnet.model.registry import AUTO, choose_model, resolve_model_dir
+from dannucnet.model.registry import resolve_model_dir
 from dannucnet.protocols import Predictor
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ class PredictorPool(Generic[P]):
     """``factory(name_or_path_or_None)`` builds a predictor; the pool keeps one per model folder.
 
     ``default`` is what an image gets when nothing else is asked: a model name or path,
-    or ``"auto"`` (choose by the image's pixel size, :func:`~dannucnet.model.registry.choose_model`).
+    or ``"auto"`` (choose by the image's pixel size, :func:`~dannucnet.catalogue.choose_model`),
+    or ``"auto-fast"`` (the same, then the cheapest network).
     """
 
     def __init__(self, factory: Callable[[str | None], P], default: str | None = AUTO) -> None:
@@ -51,12 +53,12 @@ class PredictorPool(Generic[P]):
     def for_image(self, mpp: float | None, requested: str | None = None) -> tuple[P, str]:
         """(predictor, why) for an image of ``mpp`` µm/px; ``requested`` overrides the pool's default."""
         name = requested or self.default
-        if name != AUTO:
+        if name not in AUTO_NAMES:
             return self.get(name), f"model {name} as asked"
-        entry, reason = choose_model(mpp)
+        entry, reason = choose_model(mpp, fast=name == AUTO_FAST)
         if entry is None:
             return self.get(None), reason + ": the default model"
-        return self.get(entry.path), f"--model auto: {reason}"
+        return self.get(entry.path), f"--model {name}: {reason}"
 
     def loaded(self) -> list[P]:
         with self._lock:
@@ -65,7 +67,7 @@ class PredictorPool(Generic[P]):
 
 def _key(name: str | None) -> str:
     """The same model named by name or by path shares one predictor."""
-    if name in (None, AUTO, "untrained"):
+    if name in (None, *AUTO_NAMES, "untrained"):
         return str(name)
     try:
         return str(resolve_model_dir(name).resolve())

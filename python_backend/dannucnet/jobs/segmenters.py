@@ -106,31 +106,66 @@ class ServerSegmenter(_CollectMixin):
     slide and sends pixels in chunks with cores, which gives the same nuclei.
     """
 
-    def __init__(self, address: str, token: str | None = None, options: Any = None, model: str | None = None) -> None:
+    def __init__(
+        self, address: str, token: str | None = None, options: Any = None, model: str | None = None,
+        one_model: bool = False,
+    ) -> None:
+        """``model``: a name the server lists, ``auto`` / ``auto-fast`` (chosen here per image from the
+        server's list, by the server's own rule, and then named in every request, so the output names the
+        model that ran), or ``None`` for the server's default. ``one_model``: settle ``auto`` once, for an
+        image of unknown pixel size (the QuPath batch tags every image's detections with one model)."""
+        from dannucnet.catalogue import AUTO_NAMES
         from dannucnet.client import DanNucNetClient
 
         self.client = DanNucNetClient(address, token=token)
+        self.address = address
         self.info = self.client.model_info()
         self.model_name = str(self.info.name)
         self.model_version = str(self.info.version)
         self.model_trained = bool(getattr(self.info, "trained", True))
-        if model and model != "auto":  # a model by name: the server refuses an unknown one on the first request
-            self.client.model = model
-            entry = next((m for m in self.client.list_models().models if m.name == model), None)
+        listing = self.client.list_models()
+        self.catalogue = self.client.catalogue(listing)
+        wanted = model or (listing.default_model if listing.default_model in AUTO_NAMES else "")
+        self.auto = wanted if wanted in AUTO_NAMES else ""
+        self._chosen_for: tuple[float | None] | None = None
+        if self.auto:
+            self.choose_for(None)
+            if one_model:
+                self.auto = ""
+        elif wanted:  # a model by name: refused here, before any image, when the server does not list it
+            entry = next((m for m in self.catalogue if m.name == wanted), None)
             if entry is None:
-                raise InputError(f"the server at {address} has no model {model!r}")
+                raise InputError(f"the server at {address} has no model {wanted!r}")
+            self.client.model = wanted
             self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
-        elif model == "auto":
-            self.client.model = model  # the server picks per request, by the request's pixel size
         self.device = f"{self.info.device} on {address}"
         self.options = options
         self.by_path = bool(self.info.slide_segmentation_enabled)
+
+    def choose_for(self, mpp: float | None) -> str:
+        """With ``auto`` / ``auto-fast``: the server's model for an image of ``mpp`` µm/px, named in the
+        requests from now on; returns why."""
+        from dannucnet.catalogue import AUTO_FAST, choose_model
+
+        if not self.auto or self._chosen_for == (mpp,):
+            return f"model {self.model_name}"
+        entry, reason = choose_model(mpp, self.catalogue, fast=self.auto == AUTO_FAST)
+        if entry is None:  # nothing trained listed: let the server answer for itself
+            self.client.model = self.auto
+            return reason
+        self.client.model = entry.name
+        self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+        self._chosen_for = (mpp,)
+        if mpp is not None:
+            log.info("--model %s on %s: %s", self.auto, self.address, reason)
+        return reason
 
     def stream(
         self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,
         progress: Progress | None = None, cancel: Cancel | None = None,
     ) -> Iterator[list[Nucleus]]:
         options = self.options
+        self.choose_for(source.mpp)
         if getattr(options, "auto_stains", False):  # --stains auto: estimated here, sent as vectors
             from dannucnet.pipeline.slide import resolve_stains
 

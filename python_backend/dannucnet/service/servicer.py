@@ -166,7 +166,8 @@ class SegmentationService:
                     metrics={k: v for k, v in e.metrics.items() if k != "split"},
                     metrics_split=str(e.metrics.get("split", "")),
                     is_default=e.name == default or (not self.default_model and e.card_name == default),
-                    loaded=e.card_name in loaded,
+                    loaded=e.card_name in loaded, base_filters=e.base_filters, depth=e.depth,
+                    has_weights=e.has_weights,
                 )
                 for e in entries
             ],
@@ -174,19 +175,24 @@ class SegmentationService:
 
     def _predictor_for(self, requested: str, mpp: float | None) -> Predictor:
         """The predictor a request's ``model`` field asks for (see :meth:`list_models`)."""
-        from dannucnet.model.registry import AUTO, list_models
+        from pathlib import Path
 
-        if not requested and (self.models is None or self.default_model != AUTO):
+        from dannucnet.catalogue import AUTO_NAMES
+        from dannucnet.model.registry import list_models
+
+        if not requested and (self.models is None or self.default_model not in AUTO_NAMES):
             return self.predictor
-        name = requested or AUTO
+        name = requested or self.default_model
         if self.models is None:  # a server of one model: "auto" can only mean it
-            if name in (AUTO, self.predictor.card.name):
+            own = (self.predictor.card.name, Path(self.model_source).name if self.model_source else "")
+            if name in AUTO_NAMES or name in own:  # by card name or by the folder name ListModels gives
                 return self.predictor
             raise invalid(f"model {name!r}: this server runs only {self.predictor.card.name!r}")
 
         names = [e.name for e in list_models() if e.has_weights]
-        if name != AUTO and name not in names:  # names only: a client never points the server at a folder
-            raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} (or auto)")
+        if name not in AUTO_NAMES and name not in names:  # names only: a client never points the server at a folder
+            raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} "
+                          f"(or {' or '.join(AUTO_NAMES)})")
         predictor, reason = self.models.for_image(mpp, name)
         with self._lock:  # INFO the first time a model serves a request, DEBUG after (a slide sends thousands)
             first = id(predictor) not in self._announced

@@ -200,7 +200,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelEntry(_message.Message):
-    __slots__ = ("name", "version", "pixel_size_microns", "trained", "licence", "metrics", "metrics_split", "is_default", "loaded")
+    __slots__ = ("name", "version", "pixel_size_microns", "trained", "licence", "metrics", "metrics_split", "is_default", "loaded", "base_filters", "depth", "has_weights")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,9 @@ class ModelEntry(_message.Message):
     METRICS_SPLIT_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    BASE_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     pixel_size_microns: float
@@ -226,7 +229,10 @@ class ModelEntry(_message.Message):
     metrics_split: str
     is_default: bool
     loaded: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pixel_size_microns: _Optional[float] = ..., trained: _Optional[bool] = ..., licence: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., metrics_split: _Optional[str] = ..., is_default: _Optional[bool] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    base_filters: int
+    depth: int
+    has_weights: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pixel_size_microns: _Optional[float] = ..., trained: _Optional[bool] = ..., licence: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., metrics_split: _Optional[str] = ..., is_default: _Optional[bool] = ..., loaded: _Optional[bool] = ..., base_filters: _Optional[int] = ..., depth: _Optional[int] = ..., has_weights: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
