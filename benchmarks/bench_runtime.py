@@ -21,6 +21,7 @@ runtime at 1 and 2 threads.
     python benchmarks/bench_runtime.py                       # 40× 2048², 20× 1024²
     python benchmarks/bench_runtime.py --profile --threads --json out.json
     python benchmarks/bench_runtime.py --runtimes torch openvino --also-model dannucnet-monuseg-20x
+    python benchmarks/bench_runtime.py --runtimes torch openvino --also-model auto-fast --side20 2048
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--model", help="model name or folder (default: the shipped model)")
     p.add_argument("--also-model", metavar="NAME",
-                   help="also run this model (e.g. dannucnet-monuseg-20x) on each slide with the last runtime given; "
-                        "its rows are ratios against the first model's torch row in this process")
+                   help="also run this model (e.g. dannucnet-monuseg-20x; auto or auto-fast: the model those choose "
+                        "for each slide's pixel size) on each slide with the last runtime given; its rows are ratios "
+                        "against the first model's torch row in this process")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the predictor's, 2 on CPU)")
     p.add_argument("--pipelined", action="store_true",
                    help="also run each slide through the pipelined runner (segment --pipelined) on OpenVINO")
@@ -261,7 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"model {card.name} {card.version} (trained: {card.trained}); start-up s: "
           + ", ".join(f"{n} {s:.1f}" for n, (_, s) in predictors.items()))
-    also = build_predictors(args.also_model, args.runtimes[-1:], args.batch_size) if args.also_model else {}
+    also_built: dict[str, dict] = {}
+
+    def also_for(mpp: float) -> dict:
+        """The --also-model predictors for a slide of ``mpp`` µm/px (auto / auto-fast choose per slide)."""
+        from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, choose_model
+
+        name = args.also_model
+        if name in AUTO_NAMES:
+            entry, _ = choose_model(mpp, fast=name == AUTO_FAST)
+            name = entry.path if entry is not None else None
+        key = str(name)
+        if key not in also_built:
+            also_built[key] = build_predictors(name, args.runtimes[-1:], args.batch_size)
+        return also_built[key]
     rows = []
     for label, (slide, mpp) in slides.items():
         if label not in args.slides:
@@ -278,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                 piped["vs_torch"] = piped["mp_s"] / base if base else float("nan")
                 rows.append(piped)
                 print(f"  {label} {piped['description']}: {piped['mp_s']:.3f} MP/s", flush=True)
-        for name, (predictor, _) in also.items():
+        for name, (predictor, _) in (also_for(mpp) if args.also_model else {}).items():
             row = {"slide": label, "mpp": mpp, "runtime": name, **run_once(predictor, slide, work)}
-            row["description"] = f"{predictor.card.name}: {row['description']}"
+            chosen = f"{args.also_model}: " if args.also_model in ("auto", "auto-fast") else ""
+            row["description"] = f"{chosen}{predictor.card.name}: {row['description']}"
             row["vs_torch"] = row["mp_s"] / base if base else float("nan")
             rows.append(row)
             print(f"  {label} {row['description']}: {row['mp_s']:.3f} MP/s", flush=True)
