@@ -25,7 +25,7 @@ Map SETTINGS = [
     parents             : 'auto',
     // Model: 'auto' lets the server choose (by default the installed model that suits the image's
     // pixel size: `dannucnet models`); 'auto-fast' the same, then its fastest network (the lite
-    // models: about 2.5x faster on a CPU, up to about 1 point of PQ lower); or a name it lists,
+    // models: 2.3-2.6x faster on a CPU, up to about 1 point of PQ lower); or a name it lists,
     // e.g. 'dannucnet-monuseg-20x'.
     model               : 'auto',
     // Cells: each nucleus grown by this many µm (QuPath's Cell detection default is 5);

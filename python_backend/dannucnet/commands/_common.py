@@ -24,8 +24,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME|PATH|auto|auto-fast", default="auto",
                    help="model name (see `dannucnet models`) or a model folder; auto (default) picks, per image, "
                         "the installed model whose pixel size suits the image's; auto-fast the same, then the "
-                        "cheapest network of that pixel size (the lite models: about 2.5x faster on a CPU, "
-                        "about 1 point of PQ lower)")
+                        "cheapest network of that pixel size (the lite models: 2.3-2.6x faster on a CPU, "
+                        "up to about 1 point of PQ lower)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int,
                    help="windows per forward pass (default: 2 on CPU; on GPU 32 of 256², 8 of 512²)")
