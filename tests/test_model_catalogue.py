@@ -165,17 +165,22 @@ def test_pool_loads_each_model_once(catalogue):
 
 
 # ---- the server: GET /v1/models, ListModels, a model per request ---------------------------
-@pytest.fixture
-def server(catalogue):
+def _catalogue_server(default: str) -> Server:
+    """A server of the installed (test) models whose requests without a model get ``default``."""
     config = ServerConfig(host="127.0.0.1", port=0, http_port=0, token=TOKEN, max_batch=4,
                           limits=Limits(max_message_bytes=4 * 1024 * 1024, max_pixels=1024 * 1024))
-    loaded = load_model("auto")
+    loaded = load_model(default)
 
     def factory(name):
         return Predictor(load_model(name), device="cpu", overlap=OVERLAP)
 
-    srv = Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source,
-                 model_factory=factory, default_model="auto").start()
+    return Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source,
+                  model_factory=factory, default_model=default).start()
+
+
+@pytest.fixture
+def server(catalogue):
+    srv = _catalogue_server("auto")
     yield srv
     srv.stop(grace=2)
 
@@ -409,16 +414,8 @@ def test_segment_auto_fast_runs_the_cheapest_model_of_the_images_pixel_size(fast
 @pytest.fixture
 def fast_server(fast_catalogue):
     """A server whose requests without a model get auto-fast."""
-    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, token=TOKEN, max_batch=4,
-                          limits=Limits(max_message_bytes=4 * 1024 * 1024, max_pixels=1024 * 1024))
-    loaded = load_model("auto-fast")
-    assert loaded.card.name == "fast-40x"  # no image yet: the cheapest model of the default model's pixel size
-
-    def factory(name):
-        return Predictor(load_model(name), device="cpu", overlap=OVERLAP)
-
-    srv = Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source,
-                 model_factory=factory, default_model="auto-fast").start()
+    assert load_model("auto-fast").card.name == "fast-40x"  # no image: the cheapest model of the default's pixel size
+    srv = _catalogue_server("auto-fast")
     yield srv
     srv.stop(grace=2)
 
