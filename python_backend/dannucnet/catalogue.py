@@ -109,7 +109,8 @@ def choose_model(
         default = [e for e in usable if e.name == DEFAULT_MODEL]
         at = default[0].mpp if default else min(usable, key=rank).mpp
         chosen, why = best([e for e in usable if e.mpp == at])
-        role = "the default" if chosen.name == DEFAULT_MODEL else "at the default model's pixel size"
+        role = ("the default" if chosen.name == DEFAULT_MODEL else
+                "at the default model's pixel size" if default else "the finest installed")
         return chosen, f"the image's pixel size is unknown: {chosen.name} ({chosen.mpp:g} µm/px), {role}{why}"
     no_upsampling = [e for e in usable if e.mpp * UPSAMPLE_TOLERANCE >= image_mpp]
     if no_upsampling:
