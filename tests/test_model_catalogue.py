@@ -135,6 +135,7 @@ def test_models_command_lists_and_explains(catalogue, capsys):
     assert main(["models", "--for-mpp", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "80.0/55.0/51.0" in out and "CC0" in out and "random (untrained)" in out
+    assert "FILTERS" in out and " 16 " in out.splitlines()[1]  # the test models' width, from their cards
     assert "--model auto: image at 0.25 µm/px: dannucnet-monuseg" in out
     assert "--model auto-fast: image at 0.25 µm/px: dannucnet-monuseg" in out  # one model per pixel size: the same
     assert main(["models", "--for-mpp", "-1"]) == 2

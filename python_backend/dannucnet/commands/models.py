@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from dannucnet.catalogue import CatalogueEntry
 
 NAME = "models"
-HELP = "list the installed models (name, version, µm/px, Kumar-test scores, licence, folder)"
+HELP = "list the installed models (name, version, µm/px, base filters, Kumar-test scores, licence, folder)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def table(entries: list[CatalogueEntry]) -> str:
-    """One line per model; scores are the final polygons' pixel F1 / AJI / PQ in per cent."""
+    """One line per model; FILTERS is the network's base width (16: a lite model, what auto-fast prefers);
+    scores are the final polygons' pixel F1 / AJI / PQ in per cent."""
     from dannucnet.tables import format_table
 
     rows = []
@@ -61,5 +62,5 @@ def table(entries: list[CatalogueEntry]) -> str:
         state = "" if e.usable else (" (untrained)" if not e.trained else " (no weights)")
         short = re.search(r"\(([^)]*)\)", e.licence)  # "... data (CC BY-NC-SA 4.0): ..." → the licence's name
         licence = (short.group(1) if short else e.licence[:40]) or "-"
-        rows.append((e.name + state, e.version, f"{e.mpp:g}", scores, licence, e.path))
-    return format_table(("NAME", "VERSION", "µm/px", "F1/AJI/PQ", "LICENCE", "PATH"), rows, rule=False)
+        rows.append((e.name + state, e.version, f"{e.mpp:g}", str(e.base_filters), scores, licence, e.path))
+    return format_table(("NAME", "VERSION", "µm/px", "FILTERS", "F1/AJI/PQ", "LICENCE", "PATH"), rows, rule=False)
