@@ -143,17 +143,69 @@ def test_teacher_settings_are_checked(training_set, tmp_path):
     assert not (tmp_path / "s" / "weights.safetensors").exists()
 
 
-def test_fine_tuning_keeps_the_init_models_width_unless_told():
-    """``train --init-from dannucnet-monuseg-20x-lite`` without ``--base-filters`` keeps its 16 filters
-    (it was refused before as an architecture change); an explicit flag still wins, and no model means 32."""
+def test_fine_tuning_keeps_the_init_models_network_unless_told():
+    """``train --init-from M`` takes every architecture setting its flags leave out from M's card: the lite
+    model keeps its 16 filters, 1.6 its distance head (both were refused as architecture changes without
+    ``--base-filters`` / ``--distance-head``); a flag given still wins, and no model means the code's defaults."""
     from dannucnet.cli import build_parser
-    from dannucnet.commands.train import _init_width
+    from dannucnet.commands.train import DEFAULT_ARCHITECTURE, run_architecture
     from dannucnet.errors import ModelError
+    from dannucnet.model.card import ModelCard
+    from dannucnet.model.registry import resolve_model_dir
 
-    assert _init_width("dannucnet-monuseg-20x-lite") == 16
-    assert _init_width("dannucnet-monuseg") == 32
-    assert _init_width(None) == 32
-    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--init-from", "x", "--base-filters", "8"])
-    assert args.base_filters == 8
+    def arch(*flags: str) -> dict:
+        return run_architecture(build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
+
+    for name in ("dannucnet-monuseg", "dannucnet-monuseg-20x-lite"):
+        card = ModelCard.load(resolve_model_dir(name)).config.to_dict()
+        assert arch("--init-from", name) == card
+    assert arch("--init-from", "dannucnet-monuseg-20x-lite")["base_filters"] == 16
+    assert arch("--init-from", "dannucnet-monuseg")["distance_head"] is True
+    told = arch("--init-from", "dannucnet-monuseg", "--base-filters", "16", "--no-channel-attention",
+                "--bn-momentum", "0.5")
+    assert (told["base_filters"], told["channel_attention"], told["bn_momentum"]) == (16, False, 0.5)
+    assert told["spatial_attention"] is True and told["distance_head"] is True
+    assert arch() == DEFAULT_ARCHITECTURE
+    assert arch("--distance-head", "--channel-reduction", "8") == {**DEFAULT_ARCHITECTURE, "distance_head": True,
+                                                                    "channel_reduction": 8}
     with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
-        _init_width("no-such-model")
+        arch("--init-from", "no-such-model")
+
+
+def test_the_readme_fine_tuning_command_runs_on_a_model_with_the_distance_head(teacher, tmp_path):
+    """README's `dannucnet train --data … --out … --init-from MODEL`, no architecture flags, on a model with the
+    distance head: it fine-tunes that network (it stopped with an architecture dump before); an ablation flag
+    that contradicts the model is still refused, and nothing is written."""
+    from dannucnet.cli import main
+    from dannucnet.formats.dataset import DatasetWriter
+    from dannucnet.slides.synthetic import make_synthetic_he
+
+    data = tmp_path / "data"
+    writer = DatasetWriter(data)
+    for i in range(2):  # the CLI trains on 256² patches: images that hold one
+        im = make_synthetic_he(272, 264, seed=200 + i)
+        writer.add(f"img{i}", im.rgb, im.labels, organ="Synthetic")
+    writer.close(mpp=0.25, splits={"train": ["img0", "img1"]}, provenance={"name": "synthetic"})
+    common = ["train", "--data", str(data), "--split", "train", "--val-fraction", "0", "--epochs", "1",
+              "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--init-from", teacher.out]
+    assert main([*common, "--out", str(tmp_path / "tuned")]) == 0
+    card = json.loads((tmp_path / "tuned" / "model_card.json").read_text())
+    assert card["architecture"] == load_model(teacher.out).card.config.to_dict()
+    assert card["architecture"]["distance_head"] is True
+    assert main([*common, "--out", str(tmp_path / "ablated"), "--no-channel-attention"]) == 2
+    assert not (tmp_path / "ablated" / "weights.safetensors").exists()
+
+
+def test_images_smaller_than_a_patch_are_refused_with_their_sizes(training_set, tmp_path, capsys):
+    """The synthetic set's 192-row, 160-column images hold no 256² training patch: a clear error naming the largest and
+    what to do, not a traceback, and nothing written."""
+    from dannucnet.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(training_set), "--split", "train", "--out", str(out), "--epochs", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no training image has a 256 x 256 px area" in err
+    assert "the largest is 134 x 160 px" in err  # 192 rows less the 30 % held out for validation, 160 columns
+    assert "--val-fraction 0" in err and "Traceback" not in err
+    assert not (out / "weights.safetensors").exists()

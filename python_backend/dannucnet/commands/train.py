@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 NAME = "train"
 HELP = "train DAN-NucNet on an instance dataset folder (images/, labels/, dataset.json)"
@@ -39,13 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-colour-normalise", action="store_true",
                    help="feed pixels as they are (paper) instead of Reinhard-normalised onto the training set")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--channel-reduction", type=int, choices=(8, 16), default=16, help="16 (code) or 8 (paper)")
+    # architecture: a setting left out comes from the --init-from model, else the code's default
+    p.add_argument("--channel-reduction", type=int, choices=(8, 16),
+                   help="16 (code) or 8 (paper); default: the --init-from model's, else 16")
     p.add_argument("--no-spatial-attention", action="store_true", help="ablation")
     p.add_argument("--no-channel-attention", action="store_true", help="ablation")
     p.add_argument("--plain-blocks", action="store_true", help="ablation: plain conv blocks instead of residual")
     p.add_argument("--distance-head", action="store_true",
                    help="add a second output, each nucleus's normalised distance to its border, "
-                        "to split touching nuclei")
+                        "to split touching nuclei (kept anyway when the --init-from model has it)")
     p.add_argument("--distance-only", action="store_true",
                    help="train only the distance branch; the rest keeps the --init-from model's weights")
     p.add_argument("--freeze-bn", action="store_true",
@@ -67,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-weight", type=float, default=0.5, metavar="SHARE",
                    help="the teacher's share of the loss (default 0.5); the annotations have the rest")
     p.add_argument("--distance-weight", type=float, default=0.25, help="distance loss weight beside Eq. 5")
-    p.add_argument("--bn-momentum", type=float, default=0.1, help="0.5 = Keras original (noisy with small batches)")
+    p.add_argument("--bn-momentum", type=float,
+                   help="default: the --init-from model's, else 0.1 (0.5 = Keras original: noisy with small batches)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,15 +86,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from dannucnet.train.loop import TrainConfig, train
 
-    architecture = {
-        "channel_reduction": args.channel_reduction,
-        "spatial_attention": not args.no_spatial_attention,
-        "channel_attention": not args.no_channel_attention,
-        "block": "plain" if args.plain_blocks else "residual",
-        "bn_momentum": args.bn_momentum,
-        "distance_head": args.distance_head,
-        "base_filters": args.base_filters if args.base_filters is not None else _init_width(args.init_from),
-    }
+    architecture = run_architecture(args)
     cfg = TrainConfig(
         data=args.data, out=args.out, split=args.split, val_split=args.val_split, val_fraction=args.val_fraction,
         name=args.name, version=args.version, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
@@ -108,14 +104,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_width(init_from: str | None) -> int:
-    """Base filters of the ``--init-from`` model (its card; the weights are loaded later), else the code's 32.
+#: The network a run without --init-from gets where its flags say nothing.
+DEFAULT_ARCHITECTURE = {"channel_reduction": 16, "spatial_attention": True, "channel_attention": True,
+                        "block": "residual", "bn_momentum": 0.1, "distance_head": False, "base_filters": 32}
 
-    So fine-tuning the lite model keeps its 16 filters without repeating ``--base-filters``.
+
+def run_architecture(args: argparse.Namespace) -> dict[str, Any]:
+    """The network this run trains: what the flags ask, and for every setting they leave out the
+    ``--init-from`` model's (its card; the weights are loaded later), else :data:`DEFAULT_ARCHITECTURE`.
+
+    So ``train --init-from dannucnet-monuseg`` fine-tunes 1.6 as it is, distance head included (it was
+    refused as an architecture change without ``--distance-head``), and a lite model keeps its 16 filters.
+    A flag that contradicts the model is still the loop's to refuse or allow (``_initial_weights``).
     """
-    if init_from is None:
-        return 32
-    from dannucnet.model.card import ModelCard
-    from dannucnet.model.registry import resolve_model_dir
+    given = {
+        "channel_reduction": args.channel_reduction,
+        "spatial_attention": False if args.no_spatial_attention else None,
+        "channel_attention": False if args.no_channel_attention else None,
+        "block": "plain" if args.plain_blocks else None,
+        "bn_momentum": args.bn_momentum,
+        "distance_head": True if args.distance_head else None,
+        "base_filters": args.base_filters,
+    }
+    if args.init_from is None:
+        base = dict(DEFAULT_ARCHITECTURE)
+    else:
+        from dannucnet.model.card import ModelCard
+        from dannucnet.model.registry import resolve_model_dir
 
-    return int(ModelCard.load(resolve_model_dir(init_from)).config.base_filters)
+        base = ModelCard.load(resolve_model_dir(args.init_from)).config.to_dict()
+    return {**base, **{k: v for k, v in given.items() if v is not None}}

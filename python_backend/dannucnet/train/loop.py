@@ -357,9 +357,27 @@ def _check(cfg: TrainConfig) -> None:
         raise InputError("--teacher teaches the whole network; it cannot be combined with --distance-only")
 
 
+def _check_patch_room(images: list[TrainImage], cfg: TrainConfig) -> None:
+    """Refuse, with the sizes, a training set whose every image is smaller than one training patch (each patch
+    comes whole from one image's training rows; the network's windows are 256², the recipe's patches too)."""
+    size = cfg.patch_size
+    if any(im.rows[1] - im.rows[0] >= size and im.rgb.shape[1] >= size for im in images):
+        return
+    largest = max(images, key=lambda im: (im.rows[1] - im.rows[0]) * im.rgb.shape[1], default=None)
+    had = "no training image" if largest is None else (
+        f"the largest is {largest.rows[1] - largest.rows[0]} x {largest.rgb.shape[1]} px ({largest.stem})")
+    held = f", after holding out {cfg.val_fraction:.0%} of each image's rows for validation" if cfg.val_fraction else ""
+    raise InputError(
+        f"no training image has a {size} x {size} px area to take patches from at {cfg.mpp:g} µm/px{held}: {had}. "
+        f"Export larger regions ({size * cfg.mpp:g} µm or more across), or hold out whole images with --val-split"
+        + (" or --val-fraction 0" if cfg.val_fraction else "")
+    )
+
+
 def _set_up(cfg: TrainConfig, resuming: bool, report: Callable[[str], None]) -> Setup:
     device = choose_device(cfg.device)
     train_images, val_images, data_info, colour = _prepare_images(cfg)
+    _check_patch_room(train_images, cfg)
     sampler = PatchSampler(train_images, cfg.patch_size, seed=cfg.seed, augment=cfg.augment, negatives=cfg.negatives,
                            pigment=cfg.pigment, mpp=cfg.mpp, reference=colour)
     val_patches = grid_patches(val_images, cfg.patch_size)
