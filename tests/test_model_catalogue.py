@@ -471,3 +471,32 @@ def test_server_clients_name_the_model_the_server_runs(fast_server, tmp_path, ca
     assert name == "fast-40x" and {n for n, _ in accepted} == {"fast-40x", "blind-20x"}
     with pytest.raises(InputError, match="has no model 'nope'"):
         _model_identity("nope", fast_server.grpc_address, TOKEN, options)
+
+
+def test_a_one_model_server_answers_to_the_folder_name_it_lists(tmp_path, monkeypatch):
+    """A server started with one model (no per-request models) lists it under its folder name; a client that
+    names it so (as `segment --server --model auto` now does) is served, not refused for the card's name."""
+    from dannucnet.jobs.segmenters import ServerSegmenter
+
+    root = tmp_path / "models"
+    folder = _save(root, "folder-name", 0.25)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["name"] = "card-name"
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("DANNUCNET_MODELS", str(root))
+    monkeypatch.setattr(registry, "REPO_MODELS", tmp_path / "no-repo-models")
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, token=TOKEN, max_batch=4,
+                          limits=Limits(max_message_bytes=4 * 1024 * 1024, max_pixels=1024 * 1024))
+    loaded = load_model(str(folder))
+    srv = Server(Predictor(loaded, device="cpu", overlap=OVERLAP), config, model_source=loaded.source).start()
+    try:
+        segmenter = ServerSegmenter(srv.grpc_address, token=TOKEN, model="auto")
+        assert [e.name for e in segmenter.catalogue] == ["folder-name"] and segmenter.client.model == "folder-name"
+        rgb = make_synthetic_he(160, 128, seed=2, density=6000).rgb
+        response = segmenter.client.segment_region_response(rgb, mpp=0.25)
+        assert response.model == "card-name" and response.nucleus_count > 0
+        segmenter.client.model = "other"
+        with pytest.raises(InputError, match="this server runs only 'card-name'"):
+            segmenter.client.segment_region_response(rgb, mpp=0.25)
+    finally:
+        srv.stop(grace=2)
