@@ -282,7 +282,8 @@ class DnnWire {
     static Map plan(int width, int height, Double pixelWidth, Double pixelHeight, Geometry roi, Map s, Map options) {
         Map body = [imageWidth: width, imageHeight: height, imagePixelWidthMicrons: pixelWidth, imagePixelHeightMicrons: pixelHeight,
                     pixelSizeMicrons: s.pixelSizeMicrons, chunkSize: s.chunkSizePx == null ? null : (s.chunkSizePx as int),
-                    roiWkb: roi == null ? null : new WKBWriter(2).write(roi).encodeBase64().toString(), options: options]
+                    roiWkb: roi == null ? null : new WKBWriter(2).write(roi).encodeBase64().toString(), options: options,
+                    model: s.model && s.model != 'auto' ? s.model : null]
         return body.findAll { k, v -> v != null }
     }
 
@@ -418,11 +419,13 @@ class DnnQuPath {
             }
             p.mpp = plan.pixelSizeMicrons
             p.downsample = plan.downsample
+            p.model = plan.model ?: s.model  // the model the server planned for: every chunk is sent to it
             p.chunks = plan.chunks ?: []
             p.chunks.each { Map c -> jobs << [parent: p, chunk: c] }
             if (p.is(parents[0])) {
-                log.call(String.format(Locale.ROOT, '%s: %.4f µm/px (%s), read at downsample %.3f',
-                        name, plan.pixelSizeMicrons, plan.pixelSizeSource, plan.downsample))
+                log.call(String.format(Locale.ROOT, '%s: %.4f µm/px (%s), read at downsample %.3f%s',
+                        name, plan.pixelSizeMicrons, plan.pixelSizeSource, plan.downsample,
+                        plan.model ? " for model ${plan.model}".toString() : ''))
             }
         }
         log.call("${parents.size()} parent(s), ${jobs.size()} chunk(s), ${s.parallelRequests} at a time")
@@ -496,7 +499,7 @@ class DnnQuPath {
         RegionRequest request = RegionRequest.createInstance(server.getPath(), p.downsample as double, r.x as int, r.y as int,
                 r.width as int, r.height as int, p.plane.getZ(), p.plane.getT())
         BufferedImage pixels = server.readRegion(request)
-        Map answer = client.post('/v1/segment?alt=json', DnnWire.segment(pixels, job.chunk, p.mpp as double, options, s.model))
+        Map answer = client.post('/v1/segment?alt=json', DnnWire.segment(pixels, job.chunk, p.mpp as double, options, p.model as String))
         return DnnWire.nuclei(answer).collect { Map n -> toObject(n, p.plane, pathClass, DnnWire.tag(answer, tag)) }
     }
 

@@ -500,3 +500,41 @@ def test_a_one_model_server_answers_to_the_folder_name_it_lists(tmp_path, monkey
             segmenter.client.segment_region_response(rgb, mpp=0.25)
     finally:
         srv.stop(grace=2)
+
+
+def test_the_plan_is_made_for_the_model_the_image_gets(server, fast_server):
+    """POST /v1/plan (what the QuPath script asks first) plans for the model auto or auto-fast gives the image's
+    level-0 pixel size, and names it: a 20× image is read at its own pixels for the 20× model (it was planned
+    for the server's startup 40× model: read 2× upsampled, and its chunks then went to the 40× model)."""
+    def plan(srv, mpp, model=None):
+        body = {"imageWidth": 600, "imageHeight": 400, "imagePixelWidthMicrons": mpp, "imagePixelHeightMicrons": mpp}
+        status, payload, _ = request(srv, "POST", "/v1/plan", body if model is None else {**body, "model": model})
+        assert status == 200, payload
+        return payload["model"], payload["downsample"], payload["modelPixelSizeMicrons"], len(payload["chunks"])
+
+    assert plan(server, 0.5) == ("blind-20x", 1.0, 0.5, 1)  # the server's default: auto
+    assert plan(server, 0.25) == ("dannucnet-monuseg", 1.0, 0.25, 1)
+    assert plan(server, 0.5, "dannucnet-monuseg")[:3] == ("dannucnet-monuseg", 0.5, 0.25)  # asked: read upsampled
+    assert plan(fast_server, 0.25)[:2] == ("fast-40x", 1.0)  # the server's default: auto-fast
+    assert plan(fast_server, 0.25, "auto")[0] == "dannucnet-monuseg"
+    status, payload, _ = request(server, "POST", "/v1/plan", {"imageWidth": 600, "imageHeight": 400,
+                                                              "imagePixelWidthMicrons": 0.5, "model": "nope"})
+    assert status == 400 and "unknown model 'nope'" in payload["error"]["message"]
+    # a client reading pixels itself reads them at the pixel size of the model it names
+    from dannucnet.jobs.segmenters import ServerSegmenter
+
+    segmenter = ServerSegmenter(server.grpc_address, token=TOKEN, model="auto")
+    segmenter.choose_for(0.5)
+    assert (segmenter.client.model, segmenter.model_mpp) == ("blind-20x", 0.5)
+    assert ServerSegmenter(server.grpc_address, token=TOKEN, model="dannucnet-monuseg").model_mpp == 0.25
+
+
+def test_segment_via_server_reads_a_20x_slide_for_the_20x_model(server, tmp_path, caplog):
+    slide = tmp_path / "slide20.tif"
+    write_synthetic_slide(slide, (320, 256), seed=5, mpp=0.5)
+    out = tmp_path / "out.geojson"
+    with caplog.at_level(logging.INFO):
+        assert main(["segment", str(slide), "-o", str(out), "-q", "--server", server.grpc_address,
+                     "--token", TOKEN]) == 0
+    assert f"--model auto on {server.grpc_address}: image at 0.5 µm/px: blind-20x" in caplog.text
+    assert _features(out) == []  # the blind 20× model ran; the 40× model would have found nuclei

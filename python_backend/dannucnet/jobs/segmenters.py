@@ -128,6 +128,7 @@ class ServerSegmenter(_CollectMixin):
         wanted = model or (listing.default_model if listing.default_model in AUTO_NAMES else "")
         self.auto = wanted if wanted in AUTO_NAMES else ""
         self._chosen_for: tuple[float | None] | None = None
+        self.model_mpp: float | None = None  # the named model's pixel size: chunks are read at it (None: the server's)
         if self.auto:
             self.choose_for(None)
             if one_model:
@@ -138,6 +139,7 @@ class ServerSegmenter(_CollectMixin):
                 raise InputError(f"the server at {address} has no model {wanted!r}")
             self.client.model = wanted
             self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+            self.model_mpp = entry.mpp
         self.device = f"{self.info.device} on {address}"
         self.options = options
         self.by_path = bool(self.info.slide_segmentation_enabled)
@@ -155,6 +157,7 @@ class ServerSegmenter(_CollectMixin):
             return reason
         self.client.model = entry.name
         self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+        self.model_mpp = entry.mpp
         self._chosen_for = (mpp,)
         if mpp is not None:
             log.info("--model %s on %s: %s", self.auto, self.address, reason)
@@ -190,4 +193,4 @@ class ServerSegmenter(_CollectMixin):
         from dannucnet.pipeline.remote import segment_image_via_server
 
         yield from segment_image_via_server(self.client, source, region=region, options=options, rois=rois,
-                                            progress=progress, cancel=cancel)
+                                            progress=progress, cancel=cancel, model_mpp=self.model_mpp)

@@ -37,14 +37,17 @@ CONCURRENCY = 2
 class ServerStep:
     """Each chunk read here and sent to the server as one SegmentRegion request with its core."""
 
-    def __init__(self, client: DanNucNetClient, concurrency: int = CONCURRENCY) -> None:
+    def __init__(self, client: DanNucNetClient, concurrency: int = CONCURRENCY, model_mpp: float | None = None) -> None:
         self.client = client
         self.concurrency = concurrency
         self.info = client._info or client.model_info()
+        self._model_mpp = model_mpp
 
     @property
     def model_mpp(self) -> float:
-        return float(self.info.pixel_size_microns)
+        """The pixel size the chunks are read at: the model the requests name (``model_mpp``), else the
+        server's own model's."""
+        return float(self._model_mpp or self.info.pixel_size_microns)
 
     @property
     def windows(self) -> WindowGrid | None:
@@ -76,14 +79,16 @@ def segment_image_via_server(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     concurrency: int = CONCURRENCY,
+    model_mpp: float | None = None,
 ) -> Iterator[list[Nucleus]]:
     """The one chunk loop over ``source`` (a slide on *this* machine), with the model on a server.
 
     Yields one list of nuclei per chunk, in chunk order; the same nuclei as
-    ``pipeline.segment_slide`` with the server's model.
+    ``pipeline.segment_slide`` with the server's model. ``model_mpp``: the pixel size of the model the
+    client's requests name (``client.model``), when that is not the server's own model.
     """
     options = options if options is not None else SegmentOptions()
-    step = ServerStep(client, concurrency)  # asks the server's model on the first next(), as before
+    step = ServerStep(client, concurrency, model_mpp)  # asks the server's model on the first next(), as before
     yield from run_slide(step, source, region, rois, options, progress, cancel)
 
 

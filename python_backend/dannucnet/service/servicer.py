@@ -350,9 +350,34 @@ class SegmentationService:
 
         try:
             options = self._options(request.options if request.HasField("options") else None)
-            return plan_region(request, float(self.predictor.card.mpp), options, WindowGrid.of(self.predictor))
+            name, predictor = self._planned_model(request)
+            answer = plan_region(request, float(predictor.card.mpp), options, WindowGrid.of(predictor))
+            answer.model, answer.model_version = name, str(predictor.card.version)
+            return answer
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             raise self._status(exc, "PlanRegion") from None
+
+    def _planned_model(self, request: pb.PlanRegionRequest) -> tuple[str, Predictor]:
+        """(the name a SegmentRegion request sends, the predictor) of the model a plan is made for.
+
+        ``auto`` / ``auto-fast`` choose by the image's level-0 pixel size, as ``segment`` does for a slide:
+        a 20× image is planned for the 20× model, read at its own pixels. (Planned for the server's startup
+        model, a 20× image was read at 2× upsampling and its chunks, whose sent pixels were then 0.25 µm/px,
+        went to the 40× model at 4× the work.) The name is returned so the client pins every chunk to it.
+        """
+        from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, choose_model
+        from dannucnet.service.plan import pixel_size_verdict
+
+        name = request.model or (self.default_model if self.default_model in AUTO_NAMES else "")
+        mpp, _ = pixel_size_verdict(request)
+        if not name or mpp is None or self.models is None:
+            return ("" if name in AUTO_NAMES else name), (self._predictor_for(name, mpp) if name else self.predictor)
+        if name in AUTO_NAMES:
+            entry, _ = choose_model(mpp, fast=name == AUTO_FAST)
+            if entry is None:
+                return "", self.predictor
+            name = entry.name
+        return name, self._predictor_for(name, mpp)
 
     # ---- helpers --------------------------------------------------------
     def _check_resampled(

@@ -293,7 +293,7 @@ class SlideSummary(_message.Message):
     def __init__(self, nucleus_count: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class PlanRegionRequest(_message.Message):
-    __slots__ = ("image_width", "image_height", "image_pixel_width_microns", "image_pixel_height_microns", "pixel_size_microns", "region", "roi_wkb", "chunk_size", "options")
+    __slots__ = ("image_width", "image_height", "image_pixel_width_microns", "image_pixel_height_microns", "pixel_size_microns", "region", "roi_wkb", "chunk_size", "options", "model")
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PIXEL_WIDTH_MICRONS_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +303,7 @@ class PlanRegionRequest(_message.Message):
     ROI_WKB_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     image_width: int
     image_height: int
     image_pixel_width_microns: float
@@ -312,7 +313,8 @@ class PlanRegionRequest(_message.Message):
     roi_wkb: bytes
     chunk_size: int
     options: SegmentOptions
-    def __init__(self, image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., image_pixel_width_microns: _Optional[float] = ..., image_pixel_height_microns: _Optional[float] = ..., pixel_size_microns: _Optional[float] = ..., region: _Optional[_Union[Rect, _Mapping]] = ..., roi_wkb: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., image_pixel_width_microns: _Optional[float] = ..., image_pixel_height_microns: _Optional[float] = ..., pixel_size_microns: _Optional[float] = ..., region: _Optional[_Union[Rect, _Mapping]] = ..., roi_wkb: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class PlannedChunk(_message.Message):
     __slots__ = ("read", "core", "clip_wkb")
@@ -325,17 +327,21 @@ class PlannedChunk(_message.Message):
     def __init__(self, read: _Optional[_Union[Rect, _Mapping]] = ..., core: _Optional[_Union[Rect, _Mapping]] = ..., clip_wkb: _Optional[bytes] = ...) -> None: ...
 
 class PlanRegionResponse(_message.Message):
-    __slots__ = ("pixel_size_microns", "pixel_size_source", "pixel_size_problem", "downsample", "model_pixel_size_microns", "chunks")
+    __slots__ = ("pixel_size_microns", "pixel_size_source", "pixel_size_problem", "downsample", "model_pixel_size_microns", "chunks", "model", "model_version")
     PIXEL_SIZE_MICRONS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     DOWNSAMPLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PIXEL_SIZE_MICRONS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     pixel_size_microns: float
     pixel_size_source: str
     pixel_size_problem: str
     downsample: float
     model_pixel_size_microns: float
     chunks: _containers.RepeatedCompositeFieldContainer[PlannedChunk]
-    def __init__(self, pixel_size_microns: _Optional[float] = ..., pixel_size_source: _Optional[str] = ..., pixel_size_problem: _Optional[str] = ..., downsample: _Optional[float] = ..., model_pixel_size_microns: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[PlannedChunk, _Mapping]]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, pixel_size_microns: _Optional[float] = ..., pixel_size_source: _Optional[str] = ..., pixel_size_problem: _Optional[str] = ..., downsample: _Optional[float] = ..., model_pixel_size_microns: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[PlannedChunk, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
