@@ -248,6 +248,7 @@ def test_requests_follow_the_gateway_contract(unit_results):
     assert shapely.from_wkb(base64.b64decode(plan["roiWkb"])).equals(Polygon([(10, 10), (300, 10), (300, 200)]))
     assert plan["options"] == out["options"]
     assert set(out["planWhole"]) == {"imageWidth", "imageHeight", "chunkSize", "options"}  # uncalibrated, whole image
+    assert out["planFast"]["model"] == "auto-fast" and "model" not in plan  # 'auto' sends none: the server's default
     seg = out["segment"]
     assert set(seg) == {"image", "originX", "originY", "downsample", "pixelSizeMicrons", "core", "clipWkb", "options"}
     assert out["segmentModel"] == "dannucnet-monuseg-20x"  # a named model travels; 'auto' (above): the server's choice

@@ -75,6 +75,8 @@ if (cfg.mode == 'unit') {
     def roi = new WKTReader().read('POLYGON ((10 10, 300 10, 300 200, 10 10))')
     out.plan = gson.fromJson(gson.toJson(DnnWire.plan(1000, 800, 0.25, 0.26, roi, settings, options)), Map)
     out.planWhole = gson.fromJson(gson.toJson(DnnWire.plan(1000, 800, null, null, null, settings, [:])), Map)
+    Map fast = DnnSettings.parse([model: 'auto-fast'], [:])
+    out.planFast = gson.fromJson(gson.toJson(DnnWire.plan(1000, 800, 0.5, 0.5, null, fast, [:])), Map)
     java.awt.image.BufferedImage image = javax.imageio.ImageIO.read(new File(cfg.image))
     Map chunk = [read: [x: 10.0, y: 20.0, width: 2.0 * image.width, height: 2.0 * image.height],
                  core: [x: 40.0, y: 50.0, width: 64.0, height: 64.0], clipWkb: 'AQMAAAA=']
