@@ -361,11 +361,13 @@ def _check_patch_room(images: list[TrainImage], cfg: TrainConfig) -> None:
     """Refuse, with the sizes, a training set whose every image is smaller than one training patch (each patch
     comes whole from one image's training rows; the network's windows are 256², the recipe's patches too)."""
     size = cfg.patch_size
-    if any(im.rows[1] - im.rows[0] >= size and im.rgb.shape[1] >= size for im in images):
+    if any(im.holds(size) for im in images):
         return
-    largest = max(images, key=lambda im: (im.rows[1] - im.rows[0]) * im.rgb.shape[1], default=None)
-    had = "no training image" if largest is None else (
-        f"the largest is {largest.rows[1] - largest.rows[0]} x {largest.rgb.shape[1]} px ({largest.stem})")
+    largest = max(images, key=lambda im: np.prod(im.patch_area), default=None)
+    had = "no training image"
+    if largest is not None:
+        rows, cols = largest.patch_area
+        had = f"the largest is {rows} x {cols} px ({largest.stem})"
     held = f", after holding out {cfg.val_fraction:.0%} of each image's rows for validation" if cfg.val_fraction else ""
     raise InputError(
         f"no training image has a {size} x {size} px area to take patches from at {cfg.mpp:g} µm/px{held}: {had}. "

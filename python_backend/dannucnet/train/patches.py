@@ -31,6 +31,15 @@ class TrainImage:
     rows: tuple[int, int]  # row range patches may come from (train/validation hold-out)
     depth: np.ndarray | None = None  # uint8 HxW, 255 × normalised distance to the nucleus's own border
 
+    @property
+    def patch_area(self) -> tuple[int, int]:
+        """Rows × columns that patches may come from: the training rows, the full width."""
+        return self.rows[1] - self.rows[0], int(self.rgb.shape[1])
+
+    def holds(self, size: int) -> bool:
+        """Whether a ``size``² patch fits in :attr:`patch_area`."""
+        return min(self.patch_area) >= size
+
 
 def normalised_distance(labels: np.ndarray) -> np.ndarray:
     """Each nucleus's distance to its own border, divided by its largest value: 1 at its centre.
@@ -260,7 +269,7 @@ class PatchSampler:
         mpp: float = 0.25,
         reference: ColourReference | None = None,
     ) -> None:
-        self.images = [im for im in images if im.rows[1] - im.rows[0] >= size and im.rgb.shape[1] >= size]
+        self.images = [im for im in images if im.holds(size)]
         if not self.images:
             raise ValueError(f"no image has a {size}x{size} area to sample patches from")
         if not 0.0 <= negatives < 1.0:
@@ -275,7 +284,7 @@ class PatchSampler:
         self.pigment = pigment
         self.mpp = mpp
         self.reference = reference
-        areas = np.array([(im.rows[1] - im.rows[0]) * im.rgb.shape[1] for im in self.images], np.float64)
+        areas = np.array([np.prod(im.patch_area) for im in self.images], np.float64)
         self._weights = None if np.all(areas == areas[0]) else areas / areas.sum()
 
     def _pick(self) -> TrainImage:
