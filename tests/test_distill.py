@@ -148,10 +148,11 @@ def test_fine_tuning_keeps_the_init_models_network_unless_told():
     model keeps its 16 filters, 1.6 its distance head (both were refused as architecture changes without
     ``--base-filters`` / ``--distance-head``); a flag given still wins, and no model means the code's defaults."""
     from dannucnet.cli import build_parser
-    from dannucnet.commands.train import DEFAULT_ARCHITECTURE, run_architecture
+    from dannucnet.commands.train import run_architecture
     from dannucnet.errors import ModelError
     from dannucnet.model.card import ModelCard
     from dannucnet.model.registry import resolve_model_dir
+    from dannucnet.train.loop import default_architecture
 
     def arch(*flags: str) -> dict:
         return run_architecture(build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
@@ -165,8 +166,8 @@ def test_fine_tuning_keeps_the_init_models_network_unless_told():
                 "--bn-momentum", "0.5")
     assert (told["base_filters"], told["channel_attention"], told["bn_momentum"]) == (16, False, 0.5)
     assert told["spatial_attention"] is True and told["distance_head"] is True
-    assert arch() == DEFAULT_ARCHITECTURE
-    assert arch("--distance-head", "--channel-reduction", "8") == {**DEFAULT_ARCHITECTURE, "distance_head": True,
+    assert arch() == default_architecture()
+    assert arch("--distance-head", "--channel-reduction", "8") == {**default_architecture(), "distance_head": True,
                                                                     "channel_reduction": 8}
     with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
         arch("--init-from", "no-such-model")

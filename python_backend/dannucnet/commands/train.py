@@ -104,14 +104,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The network a run without --init-from gets where its flags say nothing.
-DEFAULT_ARCHITECTURE = {"channel_reduction": 16, "spatial_attention": True, "channel_attention": True,
-                        "block": "residual", "bn_momentum": 0.1, "distance_head": False, "base_filters": 32}
-
-
 def run_architecture(args: argparse.Namespace) -> dict[str, Any]:
     """The network this run trains: what the flags ask, and for every setting they leave out the
-    ``--init-from`` model's (its card; the weights are loaded later), else :data:`DEFAULT_ARCHITECTURE`.
+    ``--init-from`` model's (its card; the weights are loaded later), else the loop's
+    :func:`~dannucnet.train.loop.default_architecture`.
 
     So ``train --init-from dannucnet-monuseg`` fine-tunes 1.6 as it is, distance head included (it was
     refused as an architecture change without ``--distance-head``), and a lite model keeps its 16 filters.
@@ -127,7 +123,9 @@ def run_architecture(args: argparse.Namespace) -> dict[str, Any]:
         "base_filters": args.base_filters,
     }
     if args.init_from is None:
-        base = dict(DEFAULT_ARCHITECTURE)
+        from dannucnet.train.loop import default_architecture
+
+        base = default_architecture()
     else:
         from dannucnet.model.card import ModelCard
         from dannucnet.model.registry import resolve_model_dir

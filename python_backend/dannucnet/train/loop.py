@@ -357,6 +357,12 @@ def _check(cfg: TrainConfig) -> None:
         raise InputError("--teacher teaches the whole network; it cannot be combined with --distance-only")
 
 
+def default_architecture() -> dict[str, Any]:
+    """The network a run trains where its ``architecture`` says nothing: the code's :class:`ModelConfig` with a
+    BatchNorm momentum of 0.1 (the Keras original's 0.5 is noisy with batches of four)."""
+    return ModelConfig(bn_momentum=0.1).to_dict()
+
+
 def _check_patch_room(images: list[TrainImage], cfg: TrainConfig) -> None:
     """Refuse, with the sizes, a training set whose every image is smaller than one training patch (each patch
     comes whole from one image's training rows; the network's windows are 256², the recipe's patches too)."""
@@ -410,7 +416,7 @@ def _network(
 ) -> DANNucNet:
     """A fresh network, or the weights of ``init_from`` with any overflowed BatchNorm channel revived (a resumed
     run's checkpoint replaces them, so they are revived only when the run starts)."""
-    config = ModelConfig(**{**ModelConfig(bn_momentum=0.1).to_dict(), **cfg.architecture})
+    config = ModelConfig(**{**default_architecture(), **cfg.architecture})
     network = DANNucNet(config)  # built even when replaced: it draws the same random numbers as before
     if cfg.init_from:
         network = _initial_weights(cfg.init_from, config)
