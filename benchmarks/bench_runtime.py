@@ -263,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"model {card.name} {card.version} (trained: {card.trained}); start-up s: "
           + ", ".join(f"{n} {s:.1f}" for n, (_, s) in predictors.items()))
+    from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, choose_model
+
     also_built: dict[str, dict] = {}
 
     def also_for(mpp: float) -> dict:
         """The --also-model predictors for a slide of ``mpp`` µm/px (auto / auto-fast choose per slide)."""
-        from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, choose_model
-
         name = args.also_model
         if name in AUTO_NAMES:
             entry, _ = choose_model(mpp, fast=name == AUTO_FAST)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label} {piped['description']}: {piped['mp_s']:.3f} MP/s", flush=True)
         for name, (predictor, _) in (also_for(mpp) if args.also_model else {}).items():
             row = {"slide": label, "mpp": mpp, "runtime": name, **run_once(predictor, slide, work)}
-            chosen = f"{args.also_model}: " if args.also_model in ("auto", "auto-fast") else ""
+            chosen = f"{args.also_model}: " if args.also_model in AUTO_NAMES else ""
             row["description"] = f"{chosen}{predictor.card.name}: {row['description']}"
             row["vs_torch"] = row["mp_s"] / base if base else float("nan")
             rows.append(row)

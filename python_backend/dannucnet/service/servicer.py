@@ -370,14 +370,12 @@ class SegmentationService:
 
         name = request.model or (self.default_model if self.default_model in AUTO_NAMES else "")
         mpp, _ = pixel_size_verdict(request)
-        if not name or mpp is None or self.models is None:
-            return ("" if name in AUTO_NAMES else name), (self._predictor_for(name, mpp) if name else self.predictor)
-        if name in AUTO_NAMES:
+        if name in AUTO_NAMES and mpp is not None and self.models is not None:
             entry, _ = choose_model(mpp, fast=name == AUTO_FAST)
-            if entry is None:
-                return "", self.predictor
-            name = entry.name
-        return name, self._predictor_for(name, mpp)
+            name = entry.name if entry is not None else ""
+        if not name:
+            return "", self.predictor
+        return ("" if name in AUTO_NAMES else name), self._predictor_for(name, mpp)
 
     # ---- helpers --------------------------------------------------------
     def _check_resampled(
