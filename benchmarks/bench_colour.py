@@ -17,11 +17,10 @@ import dataclasses
 import json
 import time
 
-import numpy as np
-
 from dannucnet.engine import Predictor
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour
-from dannucnet.evaluate.runner import evaluate_model, polygons_to_labels
+from dannucnet.evaluate.poor import PoorCrop, poor_crops, score_poor_crops
+from dannucnet.evaluate.runner import evaluate_model
 from dannucnet.formats.dataset import load_dataset
 from dannucnet.model import load_model
 from dannucnet.pipeline import SegmentOptions, segment_region
@@ -29,7 +28,6 @@ from dannucnet.slides.nuclei_free import make_fat_like, make_stroma_like
 
 SETS = {"nuinsseg": "nuinsseg-human-spleen", "gbm40": "gbm40"}
 DATA = "../shared/data"
-CROP = 256
 
 
 def candidates(ref: ColourReference) -> dict[str, ColourReference | None]:
@@ -49,49 +47,34 @@ def candidates(ref: ColourReference) -> dict[str, ColourReference | None]:
     }
 
 
-def poor_crops(poor_share: float) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None, float]]:
-    crops = []
+def all_poor_crops(poor_share: float) -> tuple[list[PoorCrop], dict[str, tuple]]:
+    """Both sets' nuclei-poor crops, and each image's colour statistics (for ``e-image-stats``)."""
+    crops, stats = [], {}
     for name, root in SETS.items():
-        crops += crops_of(load_dataset(f"{DATA}/{root}").samples, name, poor_share)
-    return crops
+        samples = load_dataset(f"{DATA}/{root}").samples
+        crops += crops_of(samples, name, poor_share)
+        stats.update({s.stem: lab_stats(s.load_image())[:2] for s in samples})
+    return crops, stats
 
 
-def crops_of(samples, name: str, poor_share: float) -> list:
-    """Every 256² crop (stride 128) of these samples whose annotated nucleus share is below ``poor_share``,
-    skipping crops with over 5 % vague (unannotated) area."""
-    crops = []
-    for s in samples:
-        rgb, labels, region = s.load_image(), s.load_labels(), s.load_region()
-        for y in range(0, rgb.shape[0] - CROP + 1, CROP // 2):
-            for x in range(0, rgb.shape[1] - CROP + 1, CROP // 2):
-                lab = labels[y:y + CROP, x:x + CROP]
-                reg = None if region is None else region[y:y + CROP, x:x + CROP]
-                if reg is not None and reg.mean() < 0.95:
-                    continue
-                if (lab > 0).mean() < poor_share:
-                    crops.append((f"{name}/{s.stem}@{x},{y}", rgb[y:y + CROP, x:x + CROP], lab, reg, s.mpp,
-                                  lab_stats(rgb)[:2]))
-    return crops
+def crops_of(samples, name: str, poor_share: float) -> list[PoorCrop]:
+    """The nuclei-poor crops of these samples (``dannucnet.evaluate.poor``), keyed by set name."""
+    return [dataclasses.replace(c, key=f"{name}/{c.key}") for c in poor_crops(samples, poor_share)]
 
 
-def score_poor(predictor: Predictor, crops, options: SegmentOptions, image_stats: bool = False) -> dict[str, float]:
-    tp = fp = n_pred = n_true = 0
-    area_mm2 = 0.0
-    for _, rgb, truth, _, mpp, stats in crops:
-        if image_stats:  # as if the statistics came from the whole slide, not from this chunk
-            rgb, saved = normalise_colour(rgb, predictor.colour, stats), predictor.colour
-            predictor.colour = None
-        result = segment_region(predictor, rgb, mpp=mpp, options=options)
-        if image_stats:
-            predictor.colour = saved
-        pred = polygons_to_labels([n.polygon for n in result.nuclei], truth.shape)
-        tp += int(((pred > 0) & (truth > 0)).sum())
-        fp += int(((pred > 0) & (truth == 0)).sum())
-        n_pred += len(result.nuclei)
-        n_true += len(np.unique(truth[truth > 0]))
-        area_mm2 += truth.size * (mpp / 1000) ** 2
-    return {"crops": len(crops), "precision": tp / max(tp + fp, 1),
-            "pred_per_mm2": n_pred / area_mm2, "true_per_mm2": n_true / area_mm2}
+def score_poor(predictor: Predictor, crops: list[PoorCrop], options: SegmentOptions,
+               image_stats: dict[str, tuple] | None = None) -> dict[str, float]:
+    """Pooled pixel precision and nuclei/mm² of the crops, each segmented alone. ``image_stats`` (stem →
+    its whole image's colour statistics): normalise each crop with them, as if they came from the slide."""
+    if image_stats is None:
+        return score_poor_crops(predictor, crops, options).to_dict()
+    saved = predictor.colour
+    normalised = [dataclasses.replace(c, rgb=normalise_colour(c.rgb, saved, image_stats[c.stem])) for c in crops]
+    predictor.colour = None
+    try:
+        return score_poor_crops(predictor, normalised, options).to_dict()
+    finally:
+        predictor.colour = saved
 
 
 def score_free(predictor: Predictor, options: SegmentOptions, n: int = 4, size: int = 512) -> dict[str, float]:
@@ -118,7 +101,7 @@ def main() -> None:
     parts = args.parts.split(",")
     predictor = Predictor(load_model(args.model), device="cpu", runtime=args.runtime)
     options = SegmentOptions()
-    crops = poor_crops(args.poor_share) if "poor" in parts else []
+    crops, stats = all_poor_crops(args.poor_share) if "poor" in parts else ([], {})
     for name, ref in candidates(predictor.colour).items():
         if args.only and name not in args.only:
             continue
@@ -126,7 +109,7 @@ def main() -> None:
         t = time.perf_counter()
         row: dict[str, object] = {}
         if "poor" in parts:
-            row["poor"] = score_poor(predictor, crops, options, image_stats=name == "e-image-stats")
+            row["poor"] = score_poor(predictor, crops, options, stats if name == "e-image-stats" else None)
         if "free" in parts and name != "e-image-stats":
             row["free"] = score_free(predictor, options)
         for set_name, root in SETS.items():

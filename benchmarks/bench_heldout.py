@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from bench_colour import crops_of, score_free, score_poor
+from bench_colour import score_free
 from dannucnet.engine import Predictor
 from dannucnet.evaluate.runner import evaluate_model
 from dannucnet.formats.dataset import load_dataset
@@ -29,14 +29,14 @@ from dannucnet.pipeline import SegmentOptions
 KEYS = ("f1", "aji", "pq", "precision", "recall")
 
 
-def score_set(predictor: Predictor, samples, name: str, poor_share: float, options: SegmentOptions) -> dict:
-    res = evaluate_model(predictor, samples, options=options)
+def score_set(predictor: Predictor, samples, poor_share: float, options: SegmentOptions) -> dict:
+    res = evaluate_model(predictor, samples, options=options, poor_share=poor_share)  # the poor crops too
     row = {k: round(v, 4) for k, v in res.mean("final").items() if k in KEYS}
-    poor = score_poor(predictor, crops_of(samples, name, poor_share), options)
+    poor = res.nuclei_poor or {}
     row["poor_crops"] = poor["crops"]
-    row["poor_precision"] = round(poor["precision"], 4)
-    row["poor_pred_per_mm2"] = round(poor["pred_per_mm2"], 1)
-    row["poor_true_per_mm2"] = round(poor["true_per_mm2"], 1)
+    row["poor_precision"] = round(poor["pixel_precision"], 4)
+    row["poor_pred_per_mm2"] = round(poor["found_per_mm2"], 1)
+    row["poor_true_per_mm2"] = round(poor["annotated_per_mm2"], 1)
     return row
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         started = time.perf_counter()
         row: dict[str, object] = {"model": f"{predictor.card.name} {predictor.card.version} ({model})"}
         for name, samples in sets.items():
-            row[name] = score_set(predictor, samples, name, args.poor_share, options)
+            row[name] = score_set(predictor, samples, args.poor_share, options)
         row["free_per_mm2"] = {k: round(v, 1) for k, v in score_free(predictor, options).items()}
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(row), flush=True)

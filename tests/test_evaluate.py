@@ -164,7 +164,16 @@ def test_cli_evaluate_writes_json_and_report(dataset_dir: Path, tmp_path: Path, 
     assert [r["stem"] for r in data["images"]] == ["img0", "img2"]
     assert data["threshold"] == 0.4 and data["split"] == "test"
     assert data["model"]["name"] == "tiny-test" and data["model"]["min_area_um2"] == 3.0
-    assert (tmp_path / "rep" / "report.md").exists()
+    # 128² images hold no 64 µm square (256 px): the nuclei-poor score says so rather than a made-up 1.0
+    assert data["nuclei_poor_crops"]["crops"] == 0
+    assert "nuclei-poor crops: none in this split" in printed
+    assert "## Where nuclei are few" in (tmp_path / "rep" / "report.md").read_text()
+    common = ["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--split", "test", "--no-progress"]
+    assert cli_main([*common, "--json", str(out), "--poor-share", "0"]) == 0
+    assert json.loads(out.read_text())["nuclei_poor_crops"] is None
+    assert "nuclei-poor" not in capsys.readouterr().out
+    assert cli_main([*common, "--poor-share", "1.5"]) != 0
+    assert "--poor-share must be at least 0 and below 1" in capsys.readouterr().err
 
 
 def test_cli_refuses_unknown_split(dataset_dir: Path, capsys) -> None:
@@ -202,3 +211,5 @@ def test_cli_records_a_whole_set_under_its_folder_name(dataset_dir: Path, tmp_pa
     metrics = ModelCard.load(model_dir).metrics
     assert set(metrics) == {dataset_dir.name, f"{dataset_dir.name}-runtimes"}
     assert metrics[dataset_dir.name]["final_polygons"]["n_images"] == len(list((dataset_dir / "images").iterdir()))
+    for record in (metrics[dataset_dir.name], metrics[f"{dataset_dir.name}-runtimes"]["torch fp32"]):
+        assert record["nuclei_poor_crops"]["crops"] == 0

@@ -133,6 +133,27 @@ def test_pigment_comes_at_the_asked_share_with_the_target_unchanged():
         PatchSampler([image], size=128, pigment=1.5)
 
 
+def test_a_teacher_is_shown_each_patch_before_its_pigment_under_the_same_augmentation():
+    image = _image("a", 256, 7)
+    painted = PatchSampler([image], size=128, seed=5, pigment=1.0)
+    same = PatchSampler([image], size=128, seed=5, pigment=1.0)
+    unpainted = PatchSampler([image], size=128, seed=5)
+    differ = 0
+    for _ in range(12):
+        rgb, mask, valid, depth, clean = painted.sample(clean=True)
+        # asking for the clean patch draws nothing more: the student's patches are those of a run without a teacher
+        assert all(np.array_equal(a, b) for a, b in zip((rgb, mask, valid, depth), same.sample()))
+        dots = rgb_to_od(rgb).sum(axis=-1) > rgb_to_od(clean).sum(axis=-1) + 0.6
+        differ += bool(dots.any())
+        away = ~cv2.dilate(dots.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+        # the clean patch had the painted one's flips and colours: it matches it away from the dots
+        assert np.abs(clean[away].astype(int) - rgb[away]).mean() < 3
+        assert not (dots & (mask > 0)).any()
+    assert differ >= 10
+    rgb, mask, valid, depth, clean = unpainted.sample(clean=True)
+    assert np.array_equal(rgb, clean)  # nothing painted: the teacher sees what the student sees
+
+
 def _find(big: np.ndarray, patch: np.ndarray) -> tuple[int, int]:
     """Where an un-augmented patch was cut from (its top row, matched exactly or after dots were painted)."""
     scores = cv2.matchTemplate(big, patch, cv2.TM_SQDIFF)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dannucnet.commands._common import add_model_arguments, load_predictor
+from dannucnet.evaluate.poor import POOR_SHARE, poor_line
 from dannucnet.pipeline import SegmentOptions
 
 if TYPE_CHECKING:  # torch and the datasets load only when a command runs
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"drop nuclei smaller than this (µm², default {SegmentOptions.min_area_um2:g}, as segment)")
     p.add_argument("--mpp", type=float, metavar="UM",
                    help="score the dataset resampled to this pixel size (e.g. 0.5: the Kumar 40x images as a 20x scan)")
+    p.add_argument("--poor-share", type=float, default=POOR_SHARE, metavar="SHARE",
+                   help="also score the nuclei-poor 64 µm crops: those under this share of annotated nucleus "
+                        "pixels, each segmented alone; pooled pixel precision and nuclei/mm² (default 0.08; 0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--update-card", action="store_true",
                    help="record the mean and per-organ scores under metrics.<split> (without --split: the data "
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold must lie between 0 and 1, not {args.threshold}")
+    if not 0.0 <= args.poor_share < 1.0:
+        raise InputError(f"--poor-share must be at least 0 and below 1, not {args.poor_share}")
     dataset = load_dataset(args.data)
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
@@ -110,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         result = evaluate_model(
-            predictor, samples, threshold=args.threshold, progress=progress, split=split, options=options
+            predictor, samples, threshold=args.threshold, progress=progress, split=split, options=options,
+            poor_share=args.poor_share or None,
         )
     finally:
         if bar is not None:
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {result.model['name']} on {args.data} split {split or 'all'}{at}: {len(samples)} images, "
           f"{predictor.description}, {result_seconds:.0f} s")
     print(summary_table(result))
+    if result.nuclei_poor is not None:
+        print(poor_line(result.nuclei_poor))
     if args.json_out:
         out = Path(args.json_out)
         try:
@@ -170,6 +179,7 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
         "windows": sides,
         "final_polygons": {k: final[k] for k in RUNTIME_KEYS if k in final},
         "raw_mask": {k: raw[k] for k in RUNTIME_KEYS if k in raw},
+        **_poor_record(result),
     }
     if predictor.runtime != "torch":
         write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
@@ -183,9 +193,15 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
         "final_polygons": result.mean("final"),
         "raw_mask": result.mean("raw"),
         "by_organ_final_polygons": result.by_organ("final"),
+        **_poor_record(result),
     }
     write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     print(f"scores recorded in {card_path}")
+
+
+def _poor_record(result: EvaluationResult) -> dict[str, object]:
+    """The nuclei-poor crops' pooled scores for a card entry (nothing when they were not measured)."""
+    return {} if result.nuclei_poor is None else {"nuclei_poor_crops": result.nuclei_poor}
 
 
 #: What ``evaluate.report.write_report`` writes into ``--report DIR``.

@@ -139,6 +139,11 @@ def render_markdown(result: EvaluationResult, plots: Sequence[str] = ()) -> str:
         "in its script, and its averages leave out images with F1 = 0; ours are plain and keep every image.",
         "",
     ]
+    if result.nuclei_poor is not None:
+        from dannucnet.evaluate.poor import poor_line
+
+        lines += ["## Where nuclei are few", "", poor_line(result.nuclei_poor) + ".", "",
+                  "Nuclei the annotators left out count as false here: compare models on one set.", ""]
 
     organ_rows = []
     finals, raws = result.by_organ("final"), result.by_organ("raw")

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from dannucnet.errors import InputError
 from dannucnet.evaluate.metrics import SCORE_NAMES, score_labels
+from dannucnet.evaluate.poor import POOR_SHARE, PoorScore, poor_crops_of, score_poor_crops
 from dannucnet.formats.dataset import Sample
 from dannucnet.geometry.instances import split_map
 from dannucnet.geometry.rasterize import rasterize_polygons
@@ -57,6 +58,7 @@ class EvaluationResult:
     split: str | None
     threshold: float
     images: list[ImageResult] = field(default_factory=list)
+    nuclei_poor: dict[str, Any] | None = None  # evaluate.poor.PoorScore.to_dict(); None: not measured
 
     @property
     def organs(self) -> list[str]:
@@ -83,6 +85,7 @@ class EvaluationResult:
             "overall": {src: self.mean(src) for src in SOURCES},
             "by_organ": {src: self.by_organ(src) for src in SOURCES},
             "images": [asdict(r) for r in self.images],
+            "nuclei_poor_crops": self.nuclei_poor,
         }
 
     @classmethod
@@ -92,6 +95,7 @@ class EvaluationResult:
             split=data.get("split"),
             threshold=float(data["threshold"]),
             images=[ImageResult(**r) for r in data.get("images", [])],
+            nuclei_poor=data.get("nuclei_poor_crops"),
         )
 
 
@@ -138,6 +142,7 @@ def evaluate_model(
     progress: Callable[[ImageResult], None] | None = None,
     split: str | None = None,
     options: SegmentOptions | None = None,
+    poor_share: float | None = POOR_SHARE,
 ) -> EvaluationResult:
     """Segment every sample's whole image and score final polygons and the raw mask.
 
@@ -145,7 +150,8 @@ def evaluate_model(
     size is the sample's (the dataset's), else the model's. ``threshold``
     overrides the model card's (and ``options.threshold``). ``options`` are
     the segmentation options a user would pass (default: ``segment``'s
-    defaults). ``progress`` is called after each image.
+    defaults). ``progress`` is called after each image. ``poor_share``: also pool the pixel precision
+    of the image's nuclei-poor crops (:mod:`dannucnet.evaluate.poor`; ``None``: not).
     """
     from dannucnet.pipeline import SegmentOptions, segment_region
 
@@ -170,6 +176,7 @@ def evaluate_model(
         split=split,
         threshold=thr,
     )
+    poor = None if poor_share is None else PoorScore(share=poor_share)
     for sample in samples:
         start = time.perf_counter()
         rgb = sample.load_image()
@@ -198,7 +205,11 @@ def evaluate_model(
             seconds=time.perf_counter() - start,
             timings={k: float(v) for k, v in segmented.timings.items()},
         )
+        if poor is not None:
+            crops = poor_crops_of(rgb, truth, region, mpp, sample.stem, poor.share)
+            poor = score_poor_crops(predictor, crops, options, into=poor)
         result.images.append(image)
         if progress is not None:
             progress(image)
+    result.nuclei_poor = None if poor is None else poor.to_dict()
     return result

@@ -471,10 +471,14 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> EpochLog:
 
 
 def _train_step(cfg: TrainConfig, setup: Setup) -> float:
-    tensors = _to_tensors(setup.sampler.batch(cfg.batch_size), setup.device)
+    taught = setup.teacher is not None
+    batch = setup.sampler.batch(cfg.batch_size, clean=taught)
+    tensors = _to_tensors(batch[:-1] if taught else batch, setup.device)
     with autocast(setup.device):
         logits = setup.network(tensors[0])
-    loss = objective(setup.loss_fn, logits, tensors, cfg.distance_weight, setup.teacher, cfg.teacher_weight)
+    unpainted = _to_tensors((batch[-1], *batch[1:3]), setup.device)[0] if taught else None
+    loss = objective(setup.loss_fn, logits, tensors, cfg.distance_weight, setup.teacher, cfg.teacher_weight,
+                     teacher_input=unpainted)
     setup.optimiser.zero_grad(set_to_none=True)
     loss.backward()
     setup.optimiser.step()
@@ -498,16 +502,20 @@ def taught_loss(
 def objective(
     loss_fn: Callable, logits: torch.Tensor, tensors: tuple[torch.Tensor, ...], distance_weight: float,
     teacher: Teacher | None = None, teacher_weight: float = 0.5, remember: bool = False,
+    teacher_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What a run minimises, and validates: the loss against the annotations, shared with a teacher's when
     there is one. A taught network's probabilities are softer than an untaught one's, which Eq. 5 alone
     scores worse at the same pixel F1 (a taught run's F1 rose for 5 epochs while its Eq. 5 validation loss
     did not fall), so its validation includes the teacher's term too. ``remember``: validation's fixed
-    batches, whose teacher answers are kept (:meth:`Teacher.targets`)."""
+    batches, whose teacher answers are kept (:meth:`Teacher.targets`). ``teacher_input``: what the teacher
+    is asked instead of the network's input, the patches before ``--pigment`` painted dots on them, so the
+    teacher's answer never calls a painted dot a nucleus (the annotations say it is none)."""
     loss = total_loss(loss_fn, logits, tensors, distance_weight)
     if teacher is None:
         return loss
-    taught = taught_loss(teacher, logits, tensors[0], distance_weight, remember)
+    asked = tensors[0] if teacher_input is None else teacher_input
+    taught = taught_loss(teacher, logits, asked, distance_weight, remember)
     return (1.0 - teacher_weight) * loss + teacher_weight * taught
 
 

@@ -292,8 +292,10 @@ class PatchSampler:
             return self.images[self.rng.integers(len(self.images))]
         return self.images[self.rng.choice(len(self.images), p=self._weights)]
 
-    def sample(self) -> tuple[np.ndarray, ...]:
-        """(rgb, mask, valid) — plus the distance target when the images carry one."""
+    def sample(self, clean: bool = False) -> tuple[np.ndarray, ...]:
+        """(rgb, mask, valid) — plus the distance target when the images carry one, and with ``clean``
+        last of all the same patch before any pigment was painted on it, under the same augmentation:
+        what a teacher is asked (:meth:`batch`)."""
         negative = self.negatives > 0 and self.rng.random() < self.negatives
         for _ in range(50):
             im = self._pick()
@@ -309,18 +311,27 @@ class PatchSampler:
         if negative:
             parts = [strip_haematoxylin(parts[0], self.rng), np.zeros_like(mask), np.ones_like(valid),
                      *(np.zeros_like(p) for p in parts[3:])]
+        unpainted = parts[0]
         if self.pigment > 0 and self.rng.random() < self.pigment:
             if self.reference is not None and self.rng.random() < 0.5:
                 parts[0] = add_pigment_as_scanned(parts[0], parts[1], self.rng, self.mpp, self.reference)
             else:
                 parts[0] = add_pigment(parts[0], parts[1], self.rng, self.mpp)
+        if clean:
+            parts.append(unpainted)
         if self.augment:
             parts = dihedral(parts, int(self.rng.integers(4)), bool(self.rng.integers(2)))
+            jitter = self.rng.bit_generator.state
             parts[0] = colour_jitter(stain_jitter(parts[0], self.rng), self.rng)
+            if clean:  # the same draws again: the clean patch gets the painted one's colours
+                self.rng.bit_generator.state = jitter
+                parts[-1] = colour_jitter(stain_jitter(parts[-1], self.rng), self.rng)
         return tuple(parts)
 
-    def batch(self, n: int) -> tuple[np.ndarray, ...]:
-        items = [self.sample() for _ in range(n)]
+    def batch(self, n: int, clean: bool = False) -> tuple[np.ndarray, ...]:
+        """``n`` samples stacked. ``clean``: the patches before their pigment come last (a teacher's input:
+        it answers for the unpainted patch, so it never teaches that a painted dot is a nucleus)."""
+        items = [self.sample(clean) for _ in range(n)]
         return tuple(np.stack(parts) for parts in zip(*items))  # type: ignore[return-value]
 
 
