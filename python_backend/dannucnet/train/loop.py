@@ -156,11 +156,16 @@ class RunEnd:
     average: dict[str, Any] | None  # the weight mean's record, kept or not
 
 
+def _input_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """N×H×W×3 uint8 patches as the network's N×3×H×W input, 0..1."""
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last).to(device, non_blocking=True)
+
+
 def _to_tensors(batch: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """(input, mask target, valid) — plus the distance target (0..1) when the batch has one."""
     rgb, mask, valid = batch[:3]
-    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
-    x = x.contiguous(memory_format=torch.channels_last).to(device, non_blocking=True)
+    x = _input_tensor(rgb, device)
     t = torch.from_numpy(mask).unsqueeze(1).float().to(device)
     v = torch.from_numpy(valid).unsqueeze(1).float().to(device)
     if len(batch) == 3:
@@ -476,7 +481,7 @@ def _train_step(cfg: TrainConfig, setup: Setup) -> float:
     tensors = _to_tensors(batch[:-1] if taught else batch, setup.device)
     with autocast(setup.device):
         logits = setup.network(tensors[0])
-    unpainted = _to_tensors((batch[-1], *batch[1:3]), setup.device)[0] if taught else None
+    unpainted = _input_tensor(batch[-1], setup.device) if taught else None
     loss = objective(setup.loss_fn, logits, tensors, cfg.distance_weight, setup.teacher, cfg.teacher_weight,
                      teacher_input=unpainted)
     setup.optimiser.zero_grad(set_to_none=True)
