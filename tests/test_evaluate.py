@@ -213,3 +213,10 @@ def test_cli_records_a_whole_set_under_its_folder_name(dataset_dir: Path, tmp_pa
     assert metrics[dataset_dir.name]["final_polygons"]["n_images"] == len(list((dataset_dir / "images").iterdir()))
     for record in (metrics[dataset_dir.name], metrics[f"{dataset_dir.name}-runtimes"]["torch fp32"]):
         assert record["nuclei_poor_crops"]["crops"] == 0
+    # a split named by its set (--card-key): 'test' alone would not say which set's test it was
+    assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--split", "test",
+                     "--no-progress", "--runtime", "torch", "--update-card", "--card-key", "synthetic-test"]) == 0
+    metrics = ModelCard.load(model_dir).metrics
+    assert metrics["synthetic-test"]["final_polygons"]["n_images"] == 2 and "test" not in metrics
+    assert set(metrics["synthetic-test-runtimes"]) == {"torch fp32"}
+    assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--card-key", "x"]) != 0

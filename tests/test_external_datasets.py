@@ -111,6 +111,24 @@ def test_bad_gbm40_files_give_one_clear_error(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_both_layouts_resample_through_their_own_readers(tmp_path, synthetic, capsys):
+    """`evaluate --mpp 0.5` on NuInsSeg or GBM40: the region is NuInsSeg's vague mask inverted and GBM40's
+    labels its contours (read as plain files, both were a TIFF error and a traceback)."""
+    from dannucnet.formats.dataset import resampled
+
+    (spleen,) = resampled(load_dataset(_nuinsseg(tmp_path / "n", synthetic)).samples, 0.5)
+    region = spleen.load_region()
+    assert region.shape == (SIZE // 2, SIZE // 2)
+    assert not region[:16, :16].any() and region[16:, :].all()
+    (tile,) = resampled(load_dataset(_gbm40(tmp_path / "g", synthetic)).samples, 0.5)
+    assert tile.load_labels().shape == (SIZE // 2, SIZE // 2) and tile.load_labels().max() > 0
+    assert tile.load_image().shape == (SIZE // 2, SIZE // 2, 3) and tile.mpp == 0.5
+    for folder in (tmp_path / "n", tmp_path / "g"):
+        assert cli_main(["evaluate", "--model", "untrained", "--data", str(folder), "--device", "cpu", "--runtime",
+                         "torch", "--no-progress", "--mpp", "0.5"]) == 0
+        assert "resampled to 0.5 µm/px" in capsys.readouterr().out
+
+
 def test_evaluate_cli_scores_both_layouts(tmp_path, synthetic, capsys):
     nuinsseg = _nuinsseg(tmp_path / "n", synthetic)
     gbm40 = _gbm40(tmp_path / "g", synthetic)

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record the mean and per-organ scores under metrics.<split> (without --split: the data "
                         "folder's name) in the model folder's card (PyTorch runs only) and the headline scores per "
                         "runtime under metrics.<split>-runtimes")
+    p.add_argument("--card-key", metavar="NAME",
+                   help="with --update-card: record under metrics.NAME instead of the split's name (a split "
+                        "such as 'val' says nothing of its set: e.g. nuinsseg-val)")
 
 
 def _default_split(dataset: Dataset) -> str | None:
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold must lie between 0 and 1, not {args.threshold}")
+    if args.card_key is not None and not (args.update_card and args.card_key.strip()):
+        raise InputError("--card-key names the card's record: give it with --update-card, and not empty")
     if not 0.0 <= args.poor_share < 1.0:
         raise InputError(f"--poor-share must be at least 0 and below 1, not {args.poor_share}")
     dataset = load_dataset(args.data)
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report written to {write_report(result, args.report)}")
     if args.update_card:
-        key = split or Path(args.data).resolve().name  # a whole set (an external test) is named by its folder
+        key = args.card_key or split or Path(args.data).resolve().name  # a whole set is named by its folder
         _record_in_card(predictor, result, key if args.mpp is None else f"{key}-{args.mpp:g}mpp", args.data)
     return 0
 

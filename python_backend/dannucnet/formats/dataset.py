@@ -247,9 +247,18 @@ class DatasetWriter:
 class ResampledSample(Sample):
     """A sample seen at another pixel size: the image area-averaged (as a scanner's coarser level
     would be), instance labels and region nearest-neighbour (ids stay ids). How the Kumar
-    test split at 0.25 µm/px becomes a 20× (0.5 µm/px) test set."""
+    test split at 0.25 µm/px becomes a 20× (0.5 µm/px) test set.
 
-    source_mpp: float = 0.0
+    ``source`` is the sample as its set's reader gives it, and reads the pixels: a NuInsSeg region is
+    its vague mask inverted, GBM40's labels are contours rasterised (read as a plain sample, both were
+    a TIFF error)."""
+
+    source: Sample | None = None
+
+    @property
+    def source_mpp(self) -> float:
+        assert self.source is not None and self.source.mpp  # resampled() sets both
+        return float(self.source.mpp)
 
     def _size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         assert self.mpp is not None  # resampled() gives every resampled sample its pixel size
@@ -259,21 +268,24 @@ class ResampledSample(Sample):
     def load_image(self) -> np.ndarray:
         import cv2
 
-        rgb = super().load_image()
+        assert self.source is not None
+        rgb = self.source.load_image()
         size = self._size(rgb.shape)
         return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if size[0] < rgb.shape[1] else cv2.INTER_LINEAR)
 
     def load_labels(self) -> np.ndarray:
         import cv2
 
-        labels = super().load_labels()
+        assert self.source is not None
+        labels = self.source.load_labels()
         resized = cv2.resize(labels.astype(np.float32), self._size(labels.shape), interpolation=cv2.INTER_NEAREST)
         return resized.astype(np.int32)
 
     def load_region(self) -> np.ndarray | None:
         import cv2
 
-        region = super().load_region()
+        assert self.source is not None
+        region = self.source.load_region()
         if region is None:
             return None
         size = self._size(region.shape)
@@ -288,5 +300,5 @@ def resampled(samples: list[Sample], mpp: float) -> list[Sample]:
             out.append(s)
             continue
         out.append(ResampledSample(s.stem, s.image_path, s.label_path, s.region_path, s.organ, mpp,
-                                   {**s.meta, "resampled_from_mpp": s.mpp}, source_mpp=float(s.mpp)))
+                                   {**s.meta, "resampled_from_mpp": s.mpp}, source=s))
     return out

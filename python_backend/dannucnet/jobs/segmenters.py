@@ -127,7 +127,8 @@ class ServerSegmenter(_CollectMixin):
         self.catalogue = self.client.catalogue(listing)
         wanted = model or (listing.default_model if listing.default_model in AUTO_NAMES else "")
         self.auto = wanted if wanted in AUTO_NAMES else ""
-        self._chosen_for: tuple[float | None] | None = None
+        self._chosen = False  # a model chosen for self._chosen_mpp (None: an image of unknown pixel size)
+        self._chosen_mpp: float | None = None
         self.model_mpp: float | None = None  # the named model's pixel size: chunks are read at it (None: the server's)
         if self.auto:
             self.choose_for(None)
@@ -149,7 +150,7 @@ class ServerSegmenter(_CollectMixin):
         requests from now on; returns why."""
         from dannucnet.catalogue import AUTO_FAST, choose_model
 
-        if not self.auto or self._chosen_for == (mpp,):
+        if not self.auto or (self._chosen and self._chosen_mpp == mpp):
             return f"model {self.model_name}"
         entry, reason = choose_model(mpp, self.catalogue, fast=self.auto == AUTO_FAST)
         if entry is None:  # nothing trained listed: let the server answer for itself
@@ -158,7 +159,7 @@ class ServerSegmenter(_CollectMixin):
         self.client.model = entry.name
         self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
         self.model_mpp = entry.mpp
-        self._chosen_for = (mpp,)
+        self._chosen, self._chosen_mpp = True, mpp
         if mpp is not None:
             log.info("--model %s on %s: %s", self.auto, self.address, reason)
         return reason
