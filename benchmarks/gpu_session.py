@@ -19,14 +19,9 @@ Steps, each under its own ``timeout`` so one failure never stops the others from
 GPU check (nvidia-smi, torch.cuda) → ``dannucnet train`` (paper's recipe: up to 100 epochs, batch
 5, Adam 1e-3, plateau/early-stop on the held-out bottom 30 % rows; distance head; stops at the
 time budget after the epoch in progress, keeping the best epoch) → ``dannucnet evaluate`` on the
-Kumar test, the new model and the shipped one on the same data → both on NuInsSeg spleen ``val``
-(issue 20's held-out set: F1, AJI, PQ and the pixel precision on its nuclei-poor crops) where it is
-packed → ``bench_slides.py --gpu`` at two sizes → a summary table. It only reports: nothing under
-``models/`` is written. ``--smoke`` runs every step on the CPU with tiny settings (1 epoch, 2 steps,
-small slides) in under a minute.
-
-``--recipe issue20`` trains with what issue 20 asks of a run (NuInsSeg ``train`` beside the Kumar
-images, 15 % eosin-only negative patches); the default is the paper's recipe alone.
+Kumar test, the new model and the shipped one on the same data → ``bench_slides.py --gpu`` at two
+sizes → a summary table. It only reports: nothing under ``models/`` is written. ``--smoke`` runs
+every step on the CPU with tiny settings (1 epoch, 2 steps, small slides) in under a minute.
 """
 
 from __future__ import annotations
@@ -49,7 +44,7 @@ SHIPPED_VERSION = "1.6"
 DEFAULT_BUDGET_S = 540
 # Reserved after training: evaluating two models on 14 images (≈ 20 s each on a GPU, 140 s on
 # the 2-core CPU) and the two bench sizes (8192² and 16384² ≈ 60-90 s with torch.compile).
-EVAL_RESERVE_S, BENCH_RESERVE_S = 130, 120  # 90 s for the Kumar test, 40 s for NuInsSeg val
+EVAL_RESERVE_S, BENCH_RESERVE_S = 90, 120
 BENCH_SIZES = (8192, 16384)
 PART_BYTES = 12_000_000  # the tool returns files of at most 16 MB; the weights are 18.5 MB
 # 30 Kumar images: 67 MB of LZW TIFF → 14 MB of JPEG (PSNR 37.7 dB mean, 33.3 worst), so the 37 MiB tree,
@@ -73,10 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="MoNuSeg folder (default: $DANNUCNET_DATA, .gpu_session/monuseg-train, "
                                   "../shared/data/monuseg-train)")
     p.add_argument("--out", help="where results go (default: $OUT, else out/gpu_session)")
-    p.add_argument("--heldout", help="NuInsSeg folder with a val split (default: .gpu_session/nuinsseg-human-spleen, "
-                                     "../shared/data/nuinsseg-human-spleen)")
-    p.add_argument("--recipe", choices=("paper", "issue20"), default="paper",
-                   help="issue20: also NuInsSeg train and 15 %% negative patches")
     p.add_argument("--pack", action="store_true", help="prepare .gpu_session/ here (data as JPEG, wheels)")
     p.add_argument("--pack-data", default=os.environ.get("DANNUCNET_DATA") or str(
         REPO.parent / "shared" / "data" / "monuseg-train"), help="MoNuSeg folder to pack (../shared/data/...)")
@@ -90,15 +81,6 @@ def find_data(args: argparse.Namespace) -> Path:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return Path(args.data or os.environ.get("DANNUCNET_DATA") or PACK / "monuseg-train")
-
-
-def find_heldout(args: argparse.Namespace) -> Path | None:
-    """NuInsSeg spleen (train / val splits): the original here, the packed copy on the GPU machine."""
-    for candidate in (args.heldout, REPO.parent / "shared" / "data" / "nuinsseg-human-spleen",
-                      PACK / "nuinsseg-human-spleen"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
 
 
 class Session:
@@ -148,12 +130,10 @@ class Session:
                 return 2
             if not gpu:
                 self.say("no GPU: smoke run")
-            data, heldout = find_data(self.args), find_heldout(self.args)
-            self.summary["data"], self.summary["heldout"] = str(data), str(heldout)
-            self.summary["recipe"] = self.args.recipe
-            model = self.train(data, heldout, gpu)
+            data = find_data(self.args)
+            self.summary["data"] = str(data)
+            model = self.train(data, gpu)
             self.evaluate(data, model, gpu)
-            self.evaluate_heldout(heldout, model, gpu)
             self.bench(gpu)
             self.finish()
         finally:
@@ -189,7 +169,7 @@ class Session:
         self.say(f"torch: {json.dumps(info)}")
         return bool(info.get("cuda"))
 
-    def train(self, data: Path, heldout: Path | None, gpu: bool) -> Path:
+    def train(self, data: Path, gpu: bool) -> Path:
         model = self.work / "model"
         if self.args.smoke:
             recipe = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--device", "cpu"]
@@ -200,11 +180,6 @@ class Session:
             recipe = ["--epochs", "100", "--batch-size", "5", "--lr", "1e-3", "--device", "cuda" if gpu else "cpu"]
             # the loop stops after the epoch that crosses the budget: keep one epoch's worth (≈ 30 s) spare
             minutes = max(0.5, (self.left() - EVAL_RESERVE_S - BENCH_RESERVE_S - 30) / 60)
-        if self.args.recipe == "issue20":
-            if heldout is None:
-                self.say("--recipe issue20 needs NuInsSeg (--heldout, or --pack it): training the paper's recipe")
-            else:  # NuInsSeg train beside the Kumar images; its val split stays held out for the decision
-                recipe += ["--extra-data", f"{heldout}:train", "--negatives", "0.15"]
         cmd = [sys.executable, "-m", "dannucnet", "train", "--data", str(data), "--out", str(model),
                "--name", "dannucnet-monuseg-gpu", "--version", time.strftime("gpu-%Y%m%d"), "--distance-head",
                "--seed", "0", "--time-budget", f"{minutes:.2f}", *recipe]
@@ -248,18 +223,6 @@ class Session:
             self.summary[name] = headline(json_out)
         self.summary["verdict"] = verdict(self.summary.get("eval"), self.summary.get("eval-shipped"))
 
-    def evaluate_heldout(self, heldout: Path | None, model: Path, gpu: bool) -> None:
-        """Both models on NuInsSeg val; its scores go into the summary only (the tool returns 8 files)."""
-        for name, path in (("heldout", model), ("heldout-shipped", SHIPPED)):
-            if heldout is None or not (path / "model_card.json").exists():
-                self.rows.append({"step": name, "status": "skipped", "rc": None, "seconds": 0})
-                continue
-            json_out = self.work / f"{name}.json"
-            self.step(name, [sys.executable, "-m", "dannucnet", "evaluate", "--data", str(heldout), "--split", "val",
-                             "--model", str(path), "--device", "cuda" if gpu else "cpu", "--runtime", "torch",
-                             "--no-progress", "--json", str(json_out)], max(self.left() - BENCH_RESERVE_S, 30))
-            self.summary[name] = headline(json_out)
-
     def bench(self, gpu: bool) -> None:
         script = str(REPO / "benchmarks" / "bench_slides.py")
         json_out = self.out / "bench_gpu.json"
@@ -298,9 +261,7 @@ def headline(path: Path) -> dict | None:
         return None
     doc = json.loads(path.read_text())
     mean = doc.get("overall", {}).get("final", {})
-    poor = doc.get("nuclei_poor_crops") or {}
-    return {**{k: mean.get(k) for k in ("f1", "aji", "pq", "det_f1", "n_images")},
-            "poor_precision": poor.get("pixel_precision"), "poor_crops": poor.get("crops")}
+    return {k: mean.get(k) for k in ("f1", "aji", "pq", "det_f1", "n_images")}
 
 
 def verdict(new: dict | None, shipped: dict | None) -> str:
@@ -329,12 +290,6 @@ def table(summary: dict) -> str:
         s = summary.get(key) or {}
         lines.append(f"| {label} | " + " | ".join(_pct(s.get(k)) for k in ("f1", "aji", "pq", "det_f1")) + " |")
     lines.append(f"verdict: {summary.get('verdict')}")
-    lines += ["", "| NuInsSeg val | pixel F1 | AJI | PQ | nuclei-poor pixel precision |", "|---|---|---|---|---|"]
-    for key, label in (("heldout", "GPU-trained"), ("heldout-shipped", f"shipped {SHIPPED_VERSION}")):
-        s = summary.get(key) or {}
-        poor = s.get("poor_precision")
-        lines.append(f"| {label} | " + " | ".join(_pct(s.get(k)) for k in ("f1", "aji", "pq"))
-                     + f" | {'-' if poor is None else f'{poor:.3f}'} |")
     for r in (summary.get("bench") or {}).get("slides", []):
         lines.append(f"bench {r.get('size')}²: {r.get('mp_per_s')} MP/s in {r.get('seconds')} s")
     lines.append(f"gpu: {summary.get('gpu')}   wall {summary.get('wall_s')} s of {summary.get('budget_s')}")
@@ -350,27 +305,6 @@ def _rate(row: dict) -> float | None:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
-
-
-def pack_heldout(src: Path, dest: Path) -> None:
-    """NuInsSeg spleen as an instance-dataset folder: JPEG images (its 14 MB of PNG would not fit the
-    tool's 64 MiB), labels, the vague areas as regions, and the reader's train / val splits."""
-    from PIL import Image
-
-    from dannucnet.formats.dataset import DatasetWriter, load_dataset
-
-    dataset = load_dataset(src)
-    shutil.rmtree(dest, ignore_errors=True)
-    writer = DatasetWriter(dest)
-    for sample in dataset.samples:
-        writer.add(sample.stem, sample.load_image(), sample.load_labels(), region=sample.load_region(),
-                   organ=sample.organ)
-    writer.close(mpp=dataset.mpp, splits=dataset.splits, provenance={
-        **dataset.meta.get("provenance", {}), "note": f"packed as JPEG q{JPEG_QUALITY} 4:4:4 by gpu_session.py --pack"})
-    for png in sorted((dest / "images").glob("*.png")):
-        with Image.open(png) as im:
-            im.convert("RGB").save(png.with_suffix(".jpg"), quality=JPEG_QUALITY, subsampling=0)
-        png.unlink()
 
 
 def pack(source: str) -> int:
@@ -394,9 +328,6 @@ def pack(source: str) -> int:
     info = _monuseg_info()
     info["provenance"]["note"] = f"images re-encoded as JPEG q{JPEG_QUALITY} 4:4:4 by gpu_session.py --pack"
     (dest / "dataset.json").write_text(json.dumps(info, indent=1))
-    heldout = src.parent / "nuinsseg-human-spleen"
-    if heldout.is_dir():
-        pack_heldout(heldout, PACK / "nuinsseg-human-spleen")
     wheels = PACK / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     # shapely and orjson are what `dannucnet train/evaluate` import and the GPU image lacks (KINDS.md list)
