@@ -46,8 +46,10 @@ DEFAULT_BUDGET_S = 540
 # the 2-core CPU) and the two bench sizes (8192² and 16384² ≈ 60-90 s with torch.compile).
 EVAL_RESERVE_S, BENCH_RESERVE_S = 90, 120
 BENCH_SIZES = (8192, 16384)
+#: The device tool's limit on the working tree and the carried paths together.
+TRAVEL_LIMIT = 64 * 2**20
 PART_BYTES = 12_000_000  # the tool returns files of at most 16 MB; the weights are 18.5 MB
-# 30 Kumar images: 67 MB of LZW TIFF → 14 MB of JPEG (PSNR 37.7 dB mean, 33.3 worst), so the 37 MiB tree,
+# 30 Kumar images: 67 MB of LZW TIFF → 14 MB of JPEG (PSNR 37.7 dB mean, 33.3 worst), so the tree (46.5 MiB),
 # data and wheels (16.8 MiB together) fit the tool's 64 MiB
 JPEG_QUALITY = 90
 
@@ -338,7 +340,22 @@ def pack(source: str) -> int:
     rc = subprocess.run(cmd, check=False).returncode
     size = sum(f.stat().st_size for f in PACK.rglob("*") if f.is_file())
     print(f"wrote {PACK} ({size / 2**20:.1f} MiB){'' if rc == 0 else '; pip download FAILED: no wheels'}")
+    tree = travelling_tree_bytes()
+    print(f"what travels: the working tree {tree / 2**20:.1f} MiB + {PACK.name} {size / 2**20:.1f} MiB = "
+          f"{(tree + size) / 2**20:.1f} MiB of the device tool's {TRAVEL_LIMIT / 2**20:.0f} MiB")
+    if tree + size > TRAVEL_LIMIT:
+        print("gpu_session: too large for the device tool: carry less, or make the tree smaller", file=sys.stderr)
+        return 1
     return 0 if rc == 0 else 1
+
+
+def travelling_tree_bytes() -> int:
+    """Bytes of the files the device tool copies beside the carried paths: tracked files and untracked ones
+    git does not ignore. The shipped weights are most of it (4 models, 46 MiB on 2026-12-07)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum((REPO / os.fsdecode(name)).stat().st_size for name in listed
+               if name and (REPO / os.fsdecode(name)).is_file())
 
 
 if __name__ == "__main__":

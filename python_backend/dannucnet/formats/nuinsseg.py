@@ -65,7 +65,7 @@ def load_nuinsseg(root: Path) -> Dataset:
 
 
 def heldout_splits(stems: list[str], every: int = 3) -> dict[str, list[str]]:
-    """``val``: every third image by name (12 of the spleen set's 34), never trained on; ``train``: the rest.
+    """``val``: every third image by name (11 of the spleen set's 34), never trained on; ``train``: the rest.
 
     NuInsSeg has no official split. Issue 20 trains on ``train`` and decides on ``val``
     (its F1 / AJI / PQ and the precision on its nuclei-poor crops); a fixed rule by name
