@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / ".gpu_session"  # ignored (.gitignore): the data and wheels the device tool carries
 SHIPPED = REPO / "models" / "dannucnet-monuseg"
-SHIPPED_VERSION = "1.6"
+SHIPPED_VERSION = "1.7"
 # 540 s leaves 60 s of the tool's 600 s per command for start-up, copying $OUT back and slack.
 DEFAULT_BUDGET_S = 540
 # Reserved after training: evaluating two models on 14 images (≈ 20 s each on a GPU, 140 s on

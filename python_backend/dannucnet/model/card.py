@@ -15,6 +15,7 @@ from typing import Any
 
 from dannucnet.atomic import write_text
 from dannucnet.errors import ModelError
+from dannucnet.geometry.grey_objects import valid_rule
 from dannucnet.model.network import ModelConfig
 
 CARD_FILE = "model_card.json"
@@ -36,6 +37,8 @@ class ModelCard:
     normalisation: str = "rgb / 255 (no mean/std, no stain normalisation)"
     # Reinhard target (engine.colour.ColourReference.to_dict()); None = pixels go in as they are
     colour_reference: dict[str, Any] | None = None
+    # objects dropped as grey (geometry.grey_objects.GreyRule.to_dict()); None = every object is kept
+    grey_objects: dict[str, float] | None = None
     trained: bool = False
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +169,9 @@ def validate_card(data: Any, path: Path) -> dict[str, Any]:
         raise _bad(path, "threshold", card["threshold"], "a number between 0 and 1")
     if "trained" in card and not isinstance(card["trained"], bool):
         raise _bad(path, "trained", card["trained"], "true or false")
+    if not valid_rule(card.get("grey_objects")):
+        raise _bad(path, "grey_objects", card["grey_objects"],
+                   "null or {max_chroma: 0 to 150, min_lightness: 0 to 100}")
     if card.get("colour_reference") is not None and not isinstance(card["colour_reference"], dict):
         raise _bad(path, "colour_reference", card["colour_reference"], "an object or null")
     for key in _TEXT:

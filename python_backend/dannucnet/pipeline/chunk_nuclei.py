@@ -20,6 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from dannucnet.errors import InputError
 from dannucnet.geometry.cells import expand_labels
+from dannucnet.geometry.grey_objects import GreyRule, drop_grey
 from dannucnet.geometry.instances import label_nuclei, split_map
 from dannucnet.geometry.ownership import Rect, centroids_of, owned_mask
 from dannucnet.geometry.polygons import labels_to_polygons
@@ -42,6 +43,7 @@ class ChunkGeometry:
     core: Rect | None
     threshold: float
     min_area_px: int
+    grey: GreyRule | None = None  # the card's rule for objects too grey to be nuclei
 
     @classmethod
     def place(
@@ -49,10 +51,11 @@ class ChunkGeometry:
         options: SegmentOptions,
     ) -> ChunkGeometry:
         """A chunk's geometry with the mask rule every runner applies: the options' threshold, else the
-        card's; the options' minimum area in µm² as model pixels (at least 1)."""
+        card's; the options' minimum area in µm² as model pixels (at least 1); the card's grey rule."""
         threshold = options.threshold if options.threshold is not None else card.threshold
         return cls(origin=(float(origin[0]), float(origin[1])), to_level0=to_level0, mpp=mpp, core=core,
-                   threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)))
+                   threshold=threshold, min_area_px=max(1, round(options.min_area_um2 / card.mpp**2)),
+                   grey=GreyRule.from_card(card.grey_objects))
 
 
 def clip_reach(clip: BaseGeometry | None, shape: tuple[int, int], where: ChunkGeometry, margin_px: float
@@ -87,7 +90,8 @@ def chunk_nuclei(
 ) -> tuple[list[Nucleus], dict[str, float]]:
     """Instances, polygons, ownership and measurements of one chunk; returns (nuclei, seconds per stage)."""
     t0 = time.perf_counter()
-    labels = label_nuclei(prob, threshold=where.threshold, min_area_px=where.min_area_px)
+    labels = drop_grey(label_nuclei(prob, threshold=where.threshold, min_area_px=where.min_area_px), model_rgb,
+                       where.grey)
     t1 = time.perf_counter()
     # with cells, nuclei keep their exact pixel edges (no simplification) so that nucleus, cell and the
     # neighbouring cells share edges exactly: a simplified nucleus corner would cut into a neighbour's cell
