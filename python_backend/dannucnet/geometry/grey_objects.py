@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 #: OpenCV's 8-bit CIELAB: L* × 255/100, a* + 128, b* + 128.
@@ -59,6 +58,8 @@ def object_colours(labels: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.
     """(mean chroma C*ab, mean L*) per label 1..N of ``labels`` over the uint8 ``rgb`` pixels (index 0: 0).
 
     Only the labelled pixels are converted: on a synthetic 3072² chunk, 15 % nucleus, 284 → 96 ms (2 cores)."""
+    import cv2  # here, not at the top: the model card validates its rule with this module
+
     inside = labels > 0
     ids = labels[inside].astype(np.int64)
     pixels = np.ascontiguousarray(rgb[..., :3][inside], dtype=np.uint8)[:, None, :]  # N×1×3: one column
