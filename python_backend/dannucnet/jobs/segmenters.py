@@ -21,6 +21,7 @@ from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Progress, Segmenter
 
 if TYPE_CHECKING:
+    from dannucnet.catalogue import CatalogueEntry
     from dannucnet.engine.pool import PredictorPool
     from dannucnet.protocols import Cancel, Predictor
     from dannucnet.slides import ImageSource
@@ -138,9 +139,7 @@ class ServerSegmenter(_CollectMixin):
             entry = next((m for m in self.catalogue if m.name == wanted), None)
             if entry is None:
                 raise InputError(f"the server at {address} has no model {wanted!r}")
-            self.client.model = wanted
-            self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
-            self.model_mpp = entry.mpp
+            self._pin(entry)
         self.device = f"{self.info.device} on {address}"
         self.options = options
         self.by_path = bool(self.info.slide_segmentation_enabled)
@@ -156,13 +155,17 @@ class ServerSegmenter(_CollectMixin):
         if entry is None:  # nothing trained listed: let the server answer for itself
             self.client.model = self.auto
             return reason
-        self.client.model = entry.name
-        self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
-        self.model_mpp = entry.mpp
+        self._pin(entry)
         self._chosen, self._chosen_mpp = True, mpp
         if mpp is not None:
             log.info("--model %s on %s: %s", self.auto, self.address, reason)
         return reason
+
+    def _pin(self, entry: CatalogueEntry) -> None:
+        """Name ``entry`` in every request from now on, and describe the output by it."""
+        self.client.model = entry.name
+        self.model_name, self.model_version, self.model_trained = entry.name, entry.version, entry.trained
+        self.model_mpp = entry.mpp
 
     def stream(
         self, source: ImageSource, region: Rect | None = None, rois: list[BaseGeometry] | None = None,

@@ -110,8 +110,7 @@ def list_models() -> list[CatalogueEntry]:
                 licence=str(card.licence or ""), path=str(directory), has_weights=(directory / WEIGHTS_FILE).is_file(),
                 card_name=str(card.name), description=str(card.description or ""),
                 metrics=headline_metrics(card.metrics, mpp),
-                base_filters=int(card.architecture.get("base_filters", 32)),
-                depth=int(card.architecture.get("depth", 4)),
+                base_filters=card.config.base_filters, depth=card.config.depth,
             )
     return sorted(entries.values(), key=lambda e: (e.mpp, e.name))
 
