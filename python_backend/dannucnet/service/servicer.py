@@ -189,10 +189,11 @@ class SegmentationService:
                 return self.predictor
             raise invalid(f"model {name!r}: this server runs only {self.predictor.card.name!r}")
 
-        names = [e.name for e in list_models() if e.has_weights]
-        if name not in AUTO_NAMES and name not in names:  # names only: a client never points the server at a folder
-            raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} "
-                          f"(or {' or '.join(AUTO_NAMES)})")
+        if name not in AUTO_NAMES:  # names only: a client never points the server at a folder
+            names = [e.name for e in list_models() if e.has_weights]  # (auto reads the list in for_image)
+            if name not in names:
+                raise invalid(f"unknown model {name!r}: installed models are {', '.join(names) or 'none'} "
+                              f"(or {' or '.join(AUTO_NAMES)})")
         predictor, reason = self.models.for_image(mpp, name)
         with self._lock:  # INFO the first time a model serves a request, DEBUG after (a slide sends thousands)
             first = id(predictor) not in self._announced
