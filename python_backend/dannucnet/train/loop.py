@@ -476,12 +476,12 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> EpochLog:
 
 
 def _train_step(cfg: TrainConfig, setup: Setup) -> float:
-    taught = setup.teacher is not None
-    batch = setup.sampler.batch(cfg.batch_size, clean=taught)
-    tensors = _to_tensors(batch[:-1] if taught else batch, setup.device)
+    clean = setup.teacher is not None and cfg.pigment > 0  # a teacher of painted patches sees them clean
+    batch = setup.sampler.batch(cfg.batch_size, clean=clean)
+    tensors = _to_tensors(batch[:-1] if clean else batch, setup.device)
     with autocast(setup.device):
         logits = setup.network(tensors[0])
-    unpainted = _input_tensor(batch[-1], setup.device) if taught else None
+    unpainted = _input_tensor(batch[-1], setup.device) if clean else None
     loss = objective(setup.loss_fn, logits, tensors, cfg.distance_weight, setup.teacher, cfg.teacher_weight,
                      teacher_input=unpainted)
     setup.optimiser.zero_grad(set_to_none=True)

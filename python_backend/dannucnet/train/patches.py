@@ -312,7 +312,8 @@ class PatchSampler:
             parts = [strip_haematoxylin(parts[0], self.rng), np.zeros_like(mask), np.ones_like(valid),
                      *(np.zeros_like(p) for p in parts[3:])]
         unpainted = parts[0]
-        if self.pigment > 0 and self.rng.random() < self.pigment:
+        painted = self.pigment > 0 and self.rng.random() < self.pigment
+        if painted:
             if self.reference is not None and self.rng.random() < 0.5:
                 parts[0] = add_pigment_as_scanned(parts[0], parts[1], self.rng, self.mpp, self.reference)
             else:
@@ -323,9 +324,11 @@ class PatchSampler:
             parts = dihedral(parts, int(self.rng.integers(4)), bool(self.rng.integers(2)))
             jitter = self.rng.bit_generator.state
             parts[0] = colour_jitter(stain_jitter(parts[0], self.rng), self.rng)
-            if clean:  # the same draws again: the clean patch gets the painted one's colours
+            if clean and painted:  # the same draws again: the clean patch gets the painted one's colours
                 self.rng.bit_generator.state = jitter
                 parts[-1] = colour_jitter(stain_jitter(parts[-1], self.rng), self.rng)
+            elif clean:  # nothing painted: the clean patch is the patch
+                parts[-1] = parts[0]
         return tuple(parts)
 
     def batch(self, n: int, clean: bool = False) -> tuple[np.ndarray, ...]:
