@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"model {card.name} {card.version} (trained: {card.trained}); start-up s: "
           + ", ".join(f"{n} {s:.1f}" for n, (_, s) in predictors.items()))
-    from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES, choose_model
+    from dannucnet.catalogue import AUTO_FAST, AUTO_NAMES
+    from dannucnet.commands._common import resolve_auto
 
     also_built: dict[str, dict] = {}
 
@@ -271,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         """The --also-model predictors for a slide of ``mpp`` µm/px (auto / auto-fast choose per slide)."""
         name = args.also_model
         if name in AUTO_NAMES:
-            entry, _ = choose_model(mpp, fast=name == AUTO_FAST)
-            name = entry.path if entry is not None else None
+            name = resolve_auto(mpp, fast=name == AUTO_FAST)
         key = str(name)
         if key not in also_built:
             also_built[key] = build_predictors(name, args.runtimes[-1:], args.batch_size)
