@@ -33,10 +33,11 @@ def score_set(predictor: Predictor, samples, poor_share: float, options: Segment
     res = evaluate_model(predictor, samples, options=options, poor_share=poor_share)  # the poor crops too
     row = {k: round(v, 4) for k, v in res.mean("final").items() if k in KEYS}
     poor = res.nuclei_poor or {}
-    row["poor_crops"] = poor["crops"]
-    row["poor_precision"] = round(poor["pixel_precision"], 4)
-    row["poor_pred_per_mm2"] = round(poor["found_per_mm2"], 1)
-    row["poor_true_per_mm2"] = round(poor["annotated_per_mm2"], 1)
+    row["poor_crops"] = poor.get("crops", 0)
+    if row["poor_crops"]:
+        row["poor_precision"] = round(poor["pixel_precision"], 4)
+        row["poor_pred_per_mm2"] = round(poor["found_per_mm2"], 1)
+        row["poor_true_per_mm2"] = round(poor["annotated_per_mm2"], 1)
     return row
 
 

@@ -147,6 +147,10 @@ def test_report_sets_results_beside_the_paper(tmp_path: Path) -> None:
     assert "indicative only" in render_markdown(other) and "Untrained" in render_markdown(other)
 
 
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} written: strict JSON readers refuse it")
+
+
 def test_cli_evaluate_writes_json_and_report(dataset_dir: Path, tmp_path: Path, capsys) -> None:
     model_dir = save_model(tmp_path / "tiny", _tiny_model().network, _tiny_model().card)
     out = tmp_path / "scores.json"
@@ -160,12 +164,15 @@ def test_cli_evaluate_writes_json_and_report(dataset_dir: Path, tmp_path: Path, 
     assert code == 0
     printed = capsys.readouterr().out
     assert "final polygons (2)" in printed and "Colon" in printed
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(), parse_constant=_not_json)
     assert [r["stem"] for r in data["images"]] == ["img0", "img2"]
     assert data["threshold"] == 0.4 and data["split"] == "test"
     assert data["model"]["name"] == "tiny-test" and data["model"]["min_area_um2"] == 3.0
     # 128² images hold no 64 µm square (256 px): the nuclei-poor score says so rather than a made-up 1.0
     assert data["nuclei_poor_crops"]["crops"] == 0
+    # and has no rates to give: null, not NaN (strict JSON) and not a made-up precision
+    rates = ("pixel_precision", "found_per_mm2", "annotated_per_mm2")
+    assert [data["nuclei_poor_crops"][k] for k in rates] == [None] * 3
     assert "nuclei-poor crops: none in this split" in printed
     assert "## Where nuclei are few" in (tmp_path / "rep" / "report.md").read_text()
     common = ["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--split", "test", "--no-progress"]
@@ -208,6 +215,7 @@ def test_cli_records_a_whole_set_under_its_folder_name(dataset_dir: Path, tmp_pa
     model_dir = save_model(tmp_path / "tiny", _tiny_model().network, _tiny_model().card)
     assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(dataset_dir), "--no-progress",
                      "--runtime", "torch", "--threshold", "0.4", "--update-card"]) == 0
+    json.loads((model_dir / "model_card.json").read_text(), parse_constant=_not_json)
     metrics = ModelCard.load(model_dir).metrics
     assert set(metrics) == {dataset_dir.name, f"{dataset_dir.name}-runtimes"}
     assert metrics[dataset_dir.name]["final_polygons"]["n_images"] == len(list((dataset_dir / "images").iterdir()))

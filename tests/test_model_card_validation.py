@@ -198,3 +198,17 @@ def test_the_shipped_card_passes_the_schema():
 
     for path in REPO_MODELS.glob("*/model_card.json"):
         validate_card(json.loads(path.read_text(encoding="utf-8")), path)
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_the_shipped_cards_and_reports_are_strict_json():
+    """No NaN or Infinity: QuPath's JsonSlurper, browsers' JSON.parse and jq refuse them."""
+    from dannucnet.model.registry import REPO_MODELS
+
+    paths = [*REPO_MODELS.glob("*/model_card.json"), *REPO_MODELS.glob("*/evaluation/*.json")]
+    assert len(paths) >= 4
+    for path in paths:
+        json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse)

@@ -116,10 +116,12 @@ class PoorScore:
         return self.true_pixels / called if called else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        per_mm2 = (lambda n: n / self.area_mm2) if self.area_mm2 else (lambda n: float("nan"))
+        """JSON-ready: with no crops the rates are None (null), not NaN, which strict JSON readers refuse."""
+        per_mm2 = (lambda n: n / self.area_mm2) if self.area_mm2 else (lambda n: None)
         return {
             "crops": self.crops, "crop_um": CROP_UM, "share_below": self.share,
-            "pixel_precision": self.precision, "true_pixels": self.true_pixels, "false_pixels": self.false_pixels,
+            "pixel_precision": self.precision if self.crops else None,
+            "true_pixels": self.true_pixels, "false_pixels": self.false_pixels,
             "found_per_mm2": per_mm2(self.found), "annotated_per_mm2": per_mm2(self.annotated),
         }
 
