@@ -85,6 +85,29 @@ def test_list_models_reads_the_cards(catalogue, caplog, monkeypatch):
     assert "broken" in caplog.text  # the unreadable card is named, the others still listed
 
 
+def test_a_card_with_scores_that_are_not_numbers_is_still_listed_and_chosen(tmp_path, monkeypatch, capsys):
+    """A hand-edited card (null, text or NaN scores) crashed ``dannucnet models`` and every ``--model auto``;
+    now its bad scores are left out, the model stays usable, and ``models --json`` stays strict JSON."""
+    root = tmp_path / "models"
+    bad = {"kumar-test": {"final_polygons": {"f1": None, "aji": "0.5", "pq": float("nan")}}}
+    _save(root, "dannucnet-monuseg", 0.25, metrics=bad)
+    _save(root, "other", 0.25, metrics={"kumar-test": {"final_polygons": [1, 2]}, "x": {"final_polygons": {"pq": 0.4}}})
+    monkeypatch.setenv("DANNUCNET_MODELS", str(root))
+    monkeypatch.setattr(registry, "REPO_MODELS", tmp_path / "no-repo-models")
+    entries = {e.name: e for e in list_models()}
+    assert entries["dannucnet-monuseg"].metrics == {"split": "kumar-test"}
+    assert entries["other"].metrics == {"split": "x", "pq": 0.4}
+    assert choose_model(0.25)[0].name == "dannucnet-monuseg"
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in models --json")
+
+    names = [m["name"] for m in json.loads(capsys.readouterr().out, parse_constant=refuse)["models"]]
+    assert sorted(names) == ["dannucnet-monuseg", "other"]
+
+
 def test_user_folder_hides_the_same_name_in_models(catalogue, tmp_path, monkeypatch):
     user = tmp_path / "user"
     _save(user, "blind-20x", 0.5)

@@ -63,14 +63,21 @@ class CatalogueEntry:
 def headline_metrics(metrics: dict[str, Any], mpp: float | None = None) -> dict[str, Any]:
     """Pixel F1, AJI and PQ of the final polygons on the card's Kumar test at the model's own pixel size
     (``kumar-test-0.5mpp``, written by ``evaluate --mpp 0.5 --update-card``), else the Kumar test, else
-    the first scored split."""
-    scored = {k: v for k, v in (metrics or {}).items() if isinstance(v, dict) and "final_polygons" in v}
+    the first scored split. A score that is not a finite number (a card edited by hand) is left out, so
+    one card cannot break ``dannucnet models`` or ``--model auto``."""
+    if not isinstance(metrics, dict):
+        return {}
+    scored = {k: v for k, v in metrics.items() if isinstance(v, dict) and isinstance(v.get("final_polygons"), dict)}
     if not scored:
         return {}
     preferred = [f"kumar-test-{mpp:g}mpp" if mpp else "", "kumar-test"]
     split = next((k for k in preferred if k in scored), sorted(scored)[0])
     final = scored[split]["final_polygons"]
-    return {"split": split, **{k: float(final[k]) for k in ("f1", "aji", "pq") if k in final}}
+    return {"split": split, **{k: float(final[k]) for k in ("f1", "aji", "pq") if _finite(final.get(k))}}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def choose_model(

@@ -15,6 +15,7 @@ windows see the same transform and blend without seams.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,22 +69,38 @@ class ColourReference:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ColourReference | None:
-        if not data:
+        """The card's ``colour_reference`` (None: pixels go in unchanged), checked: every value a finite
+        number on OpenCV's 8-bit L*a*b* scale. An infinite mean made every chunk black (0 nuclei) and a
+        NaN spread passed chunks unnormalised, both silently."""
+        if data is None:
             return None
+        if not isinstance(data, dict) or not data:
+            raise ValueError(f"a colour reference is an object with method, mean and std (null for none), not {data!r}")
         if data.get("method") != "reinhard-lab":
-            raise ValueError(f"unknown colour normalisation {data.get('method')!r}")
-        mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"colour reference needs 3 means and 3 positive spreads, got {data}")
-        max_scale = float(data.get("max_scale", MAX_SPREAD_RATIO))
-        max_shift = data.get("max_shift")
-        min_dark = float(data.get("min_dark_share", 0.0))
-        if not max_scale >= 1 or (max_shift is not None and not float(max_shift) >= 0) or not 0 <= min_dark < 1:
+            raise ValueError(f"unknown colour normalisation {data.get('method')!r} (known: 'reinhard-lab')")
+        try:
+            mean, std = tuple(_number(v) for v in data["mean"]), tuple(_number(v) for v in data["std"])
+            max_scale = _number(data.get("max_scale", MAX_SPREAD_RATIO))
+            max_shift = None if data.get("max_shift") is None else _number(data["max_shift"])
+            min_dark = _number(data.get("min_dark_share", 0.0))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"colour reference needs finite numbers for mean, std and clamps, got {data}") from None
+        on_scale = all(0 <= v <= 255 for v in mean) and all(0 < v <= 255 for v in std)
+        if len(mean) != 3 or len(std) != 3 or not on_scale:
+            raise ValueError(f"colour reference needs 3 means from 0 to 255, 3 positive spreads up to 255, got {data}")
+        if not max_scale >= 1 or (max_shift is not None and not max_shift >= 0) or not 0 <= min_dark < 1:
             raise ValueError(
                 f"colour reference needs max_scale >= 1, max_shift >= 0, 0 <= min_dark_share < 1, got {data}"
             )
         return cls(mean=mean, std=std, max_scale=max_scale,  # type: ignore[arg-type]
-                   max_shift=None if max_shift is None else float(max_shift), min_dark_share=min_dark)
+                   max_shift=max_shift, min_dark_share=min_dark)
+
+
+def _number(value: Any) -> float:
+    """A finite JSON number (not a bool or a string) as a float; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
 
 
 def _tissue(rgb: np.ndarray) -> np.ndarray:

@@ -172,8 +172,15 @@ def validate_card(data: Any, path: Path) -> dict[str, Any]:
     if not valid_rule(card.get("grey_objects")):
         raise _bad(path, "grey_objects", card["grey_objects"],
                    "null or {max_chroma: 0 to 150, min_lightness: 0 to 100}")
-    if card.get("colour_reference") is not None and not isinstance(card["colour_reference"], dict):
-        raise _bad(path, "colour_reference", card["colour_reference"], "an object or null")
+    if card.get("colour_reference") is not None:
+        if not isinstance(card["colour_reference"], dict):
+            raise _bad(path, "colour_reference", card["colour_reference"], "an object or null")
+        from dannucnet.engine.colour import ColourReference
+
+        try:  # the loader's own reading, so a card that passes here also normalises
+            ColourReference.from_dict(card["colour_reference"])
+        except ValueError as exc:
+            raise ModelError(f"{path}: invalid colour_reference: {exc}") from None
     for key in _TEXT:
         if key in card and not isinstance(card[key], str):
             raise _bad(path, key, card[key], "a string")
