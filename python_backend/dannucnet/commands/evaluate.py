@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--card-key names the card's record: give it with --update-card, and not empty")
     if not 0.0 <= args.poor_share < 1.0:
         raise InputError(f"--poor-share must be at least 0 and below 1, not {args.poor_share}")
+    _check_numbers(args)
+    _check_outputs(args)
     dataset = load_dataset(args.data)
     split = args.split or _default_split(dataset)
     samples = dataset.select(split)
@@ -101,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mpp is not None:
         from dannucnet.formats.dataset import resampled
 
-        if not args.mpp > 0:
-            raise InputError(f"--mpp must be a positive pixel size in µm/px, not {args.mpp}")
         samples = resampled(samples, args.mpp)
     options = SegmentOptions(threshold=args.threshold, min_area_um2=args.min_area)
     predictor = load_predictor(args, mpp=_pixel_size(samples))  # --model auto: chosen for the split's pixel size
+    if args.update_card:  # before the evaluation, not after it
+        _check_writable("--update-card", _card_path(predictor))
 
     bar = None
     if not args.no_progress:
@@ -153,6 +157,75 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numbers a run would fail on only deep inside it (or not at all, scoring nonsense).
+
+    ``--mpp``: the one plausibility rule of every ``--mpp`` (:func:`dannucnet.slides.mpp.validate_given_mpp`):
+    inf and 1000 shrank the images to 1 px and scored 100.00, 1e-9 was a cv2.error. ``--min-area``: the
+    server's bound (``service.limits.MAX_MIN_AREA_UM2``: 10,000 µm² already keeps no nucleus); inf was an
+    OverflowError in the pipeline. ``--batch-size``: -1 was numpy's "negative dimensions", 0 the default
+    unannounced.
+    """
+    from dannucnet.errors import InputError
+    from dannucnet.service.limits import MAX_MIN_AREA_UM2
+    from dannucnet.slides.mpp import validate_given_mpp
+
+    if args.mpp is not None:
+        validate_given_mpp(args.mpp)
+    if not (math.isfinite(args.min_area) and 0.0 <= args.min_area <= MAX_MIN_AREA_UM2):
+        raise InputError(f"--min-area must be 0 to {MAX_MIN_AREA_UM2:g} µm² (a nucleus is 20-200 µm²), "
+                         f"not {args.min_area:g}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more windows, not {args.batch_size} (leave it out for the "
+                         "device's default)")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --report can be written, checked before the evaluation rather than after all its work
+    (and with a good --json and a bad --report, the JSON written but exit 2)."""
+    if args.json_out:
+        _check_writable("--json", Path(args.json_out))
+    if args.report:
+        _check_writable("--report", Path(args.report), folder=True)
+        for name in REPORT_FILES:
+            _check_writable("--report", Path(args.report) / name)
+
+
+def _check_writable(label: str, path: Path, folder: bool = False) -> None:
+    """That the file (``folder``: the folder) ``path`` can be written, without creating anything, so that a
+    refused run leaves nothing behind: not a folder where a file goes (or a file where a folder goes), and
+    the nearest folder that exists on the way, where the rest would be made, writable."""
+    from dannucnet.errors import OutputError
+
+    path = Path(os.path.abspath(path))
+    if path.exists() and path.is_dir() != folder:
+        want = "a folder" if folder else "a file name, e.g. scores.json"
+        raise OutputError(f"cannot write {label} {path}: it is {'a folder' if path.is_dir() else 'a file'}; "
+                          f"give {want}")
+    if path.exists() and not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+        raise OutputError(f"cannot write {label} {path}: it is read-only; choose another")
+    if path.exists() and folder:
+        return
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {label} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {label} {path}: the folder {existing} is not writable; choose another")
+
+
+def _card_path(predictor: Predictor) -> Path:
+    """The model card --update-card writes: only a model given as a folder has one."""
+    from dannucnet.errors import InputError
+    from dannucnet.model.card import CARD_FILE
+
+    card_path = Path(predictor.model.source) / CARD_FILE
+    if not card_path.is_file():
+        raise InputError(f"--update-card needs a model folder, not {predictor.model.source}")
+    return card_path
+
+
 #: Headline scores kept per runtime (metrics.<split>-runtimes): the ones the 0.3-point rule is about, and more.
 RUNTIME_KEYS = ("f1", "aji", "pq", "det_f1", "precision", "recall", "n_pred")
 
@@ -165,12 +238,8 @@ def _record_in_card(predictor: Predictor, result: EvaluationResult, split: str, 
     scores under ``metrics.<split>-runtimes.<runtime> <precision>``.
     """
     from dannucnet.atomic import write_text
-    from dannucnet.errors import InputError
-    from dannucnet.model.card import CARD_FILE
 
-    card_path = Path(predictor.model.source) / CARD_FILE
-    if not card_path.is_file():
-        raise InputError(f"--update-card needs a model folder, not {predictor.model.source}")
+    card_path = _card_path(predictor)
     card = json.loads(card_path.read_text(encoding="utf-8"))
     summary = result.to_dict()
     final, raw = result.mean("final"), result.mean("raw")

@@ -155,6 +155,8 @@ def evaluate_model(
     """
     from dannucnet.pipeline import SegmentOptions, segment_region
 
+    if not samples:  # the means of nothing are NaN: a table of nan, exit 0, a card record without scores
+        raise InputError("no images to score: the split is empty; choose a split that lists images")
     card = predictor.card
     options = options or SegmentOptions()
     if threshold is None:
@@ -186,6 +188,8 @@ def evaluate_model(
         mpp = float(sample.mpp) if sample.mpp and math.isfinite(sample.mpp) else float(card.mpp)
         if rgb.shape[:2] != truth.shape:
             raise InputError(f"{sample.stem}: image {rgb.shape[:2]} and labels {truth.shape} differ in size")
+        if region is not None and region.shape != truth.shape:  # the readers check theirs; a Sample of one's own
+            raise InputError(f"{sample.stem}: region mask {region.shape} and labels {truth.shape} differ in size")
 
         # The raw probabilities come from the same forward pass as the polygons.
         segmented = segment_region(

@@ -16,6 +16,7 @@ nuclei. A folder without ``dataset.json`` is still read (every sample in split
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,9 +29,19 @@ from PIL import Image
 
 from dannucnet.errors import InputError, OutputError
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "dannucnet-instances"
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+#: Instance ids at or above this are renumbered 1..n on reading: the resamplers (ResampledSample,
+#: train.patches) pass labels through float32, which holds every integer exactly only up to 2**24,
+#: and int32 (what every consumer gets) ends at 2**31 (uint32 ids above it wrapped negative, uint64 ones
+#: were cut modulo 2**32 and distinct nuclei merged).
+EXACT_ID_LIMIT = 2**24
+#: A label image whose one id covers this many separate objects is taken for a binary mask (a warning):
+#: two pieces can be one nucleus cut by the image border or a region edge, three of one id are not.
+BINARY_MASK_OBJECTS = 3
 
 
 @dataclass
@@ -47,15 +58,28 @@ class Sample:
         return read_rgb(self.image_path)
 
     def load_labels(self) -> np.ndarray:
-        labels = tifffile.imread(self.label_path)
+        labels = read_tiff(self.label_path, "label image")
         if labels.ndim != 2:
             raise InputError(f"{self.label_path}: instance labels must be a single-channel image")
-        return labels.astype(np.int32, copy=False)
+        return instance_ids(labels, self.label_path)
 
     def load_region(self) -> np.ndarray | None:
         if self.region_path is None:
             return None
-        return tifffile.imread(self.region_path) > 0
+        return self.fit_region(read_tiff(self.region_path, "region mask") > 0, self.region_path)
+
+    def fit_region(self, region: np.ndarray, path: Path) -> np.ndarray:
+        """``region`` (read from ``path``) checked against the label image's size, read from its TIFF header
+        without decoding it: a mask of another size marks other pixels (it was the metrics' ValueError)."""
+        try:
+            with tifffile.TiffFile(self.label_path) as tif:
+                shape = tuple(tif.series[0].shape)
+        except Exception as exc:  # any type: see read_tiff
+            raise InputError(f"cannot read label image {self.label_path}: {_reason(exc)}") from exc
+        if region.shape != shape:
+            raise InputError(f"{path}: the region mask is {_size(region.shape)} px but the label image "
+                             f"{self.label_path.name} is {_size(shape)}; they must cover the same pixels")
+        return region
 
 
 @dataclass
@@ -67,29 +91,110 @@ class Dataset:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def select(self, split: str | None = None) -> list[Sample]:
-        """Samples of a named split; ``None`` or "all" gives every sample."""
-        if split in (None, "all"):
+        """Samples of a named split; ``None`` means "all", which is every sample unless dataset.json lists its
+        own "all" (then checked like any split: an image it names without a label file is an error, not dropped).
+
+        A split without images is an error: scored, it gave a table of NaN and exit 0 (and a card record
+        without scores); a NuInsSeg folder of fewer than 3 images has an empty ``val``."""
+        name = "all" if split is None else split
+        if name == "all" and name not in self.splits:
             return list(self.samples)
-        if split not in self.splits:
+        if name not in self.splits:
             known = ", ".join(sorted(self.splits)) or "none"
-            raise InputError(f"dataset {self.root} has no split {split!r} (known splits: {known})")
+            raise InputError(f"dataset {self.root} has no split {name!r} (known splits: {known})")
         by_stem = {s.stem: s for s in self.samples}
-        missing = [stem for stem in self.splits[split] if stem not in by_stem]
+        missing = [stem for stem in self.splits[name] if stem not in by_stem]
         if missing:
-            raise InputError(f"split {split!r} names images that are not in {self.root}/images: {missing[:5]}")
-        return [by_stem[stem] for stem in self.splits[split]]
+            raise InputError(f"split {name!r} names images that are not in {self.root}/images "
+                             f"(or have no labels/<name>.tif): {missing[:5]}")
+        if not self.splits[name]:
+            filled = ", ".join(sorted(k for k, v in self.splits.items() if v)) or "none"
+            raise InputError(f"split {name!r} of {self.root} has no images; choose another split "
+                             f"(splits with images: {filled})")
+        return [by_stem[stem] for stem in self.splits[name]]
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one line of a message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+def read_tiff(path: Path, what: str) -> np.ndarray:
+    """A TIFF's pixels, or one :class:`InputError` naming the file.
+
+    Any exception: tifffile and its codecs fail on a damaged file in many ways. Of 600 damaged copies of
+    a label TIFF (truncated, bytes overwritten) tifffile raised TiffFileError/ValueError, imagecodecs'
+    DeflateError (a RuntimeError), ZeroDivisionError, TypeError, and MemoryError (a header claiming 1 TiB);
+    a TIFF header followed by garbage reads as an empty array.
+    """
+    try:
+        array = tifffile.imread(path)
+    except Exception as exc:  # a damaged file raises any type (see above); re-raised as one named line
+        raise InputError(f"cannot read {what} {path}: {_reason(exc)}; replace it with a valid TIFF") from exc
+    if not array.size:  # what tifffile makes of a TIFF header followed by garbage
+        raise InputError(f"cannot read {what} {path}: it holds no pixels; replace it with a valid TIFF")
+    return array
+
+
+def instance_ids(labels: np.ndarray, path: Path) -> np.ndarray:
+    """A label image as int32 instance ids (0 = background); anything that is not such ids is an error.
+
+    Ids of any size work: from :data:`EXACT_ID_LIMIT` up they are renumbered 1..n in their order, so
+    distinct ids stay distinct. Floats are accepted when they hold whole numbers. A bool or single-id
+    image is read as it is, with a warning when it looks like a binary mask (:func:`_warn_if_binary`).
+    """
+    if labels.dtype == bool:
+        labels = labels.view(np.uint8)
+    if labels.dtype.kind not in "uif":
+        raise InputError(f"{path}: instance labels must be integer ids, not {labels.dtype} values")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise InputError(f"{path}: the label image holds NaN or infinite values; ids must be whole "
+                             "numbers (0 = background)")
+        fractional = labels[labels != np.floor(labels)]
+        if fractional.size:
+            raise InputError(f"{path}: the label image holds fractional ids such as {fractional[0]:g}; ids "
+                             "must be whole numbers (0 = background)")
+    if labels.size and labels.dtype.kind in "if" and labels.min() < 0:
+        raise InputError(f"{path}: the label image holds negative ids (lowest {labels.min():g}); ids must be "
+                         "0 (background) or positive")
+    if labels.size and labels.max() >= EXACT_ID_LIMIT:
+        ids, inverse = np.unique(labels, return_inverse=True)
+        labels = inverse.reshape(labels.shape) + int(ids[0] != 0)  # background stays 0, or there is none
+    labels = labels.astype(np.int32, copy=False)
+    _warn_if_binary(labels, path)
+    return labels
+
+
+def _warn_if_binary(labels: np.ndarray, path: Path) -> None:
+    """One warning when a single id covers :data:`BINARY_MASK_OBJECTS` or more separate objects: a binary
+    mask read as instances makes every nucleus one object (PQ 0, AJI about 3) without any other hint."""
+    top = int(labels.max(initial=0))
+    if top == 0 or int(np.min(labels, where=labels > 0, initial=top)) != top:
+        return  # no nuclei, or more than one id: an instance map
+    from scipy import ndimage
+
+    objects = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))[1]
+    if objects >= BINARY_MASK_OBJECTS:
+        log.warning("%s: all %d separate objects share the id %d: this looks like a binary mask, not an instance "
+                    "map; give each nucleus its own id (e.g. scipy.ndimage.label)", path, objects, top)
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an RGB uint8 image from PNG/JPEG/TIFF, dropping alpha."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            array = tifffile.imread(path)
-        else:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        array = read_tiff(path, "image")
+    else:
+        try:
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read image {path}: {exc}") from exc
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] < 3:
@@ -128,13 +233,10 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
                          "(or a NuInsSeg or GBM40 folder as published)")
     info: dict[str, Any] = {}
     if (root / "dataset.json").exists():
-        try:
-            info = json.loads((root / "dataset.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{root}/dataset.json is not valid JSON: {exc}") from exc
+        info = read_dataset_info(root / "dataset.json")
     elif (root / "MANIFEST.md").exists() and "MoNuSeg" in (root / "MANIFEST.md").read_text()[:2000]:
         info = _monuseg_info()
-    per_sample: dict[str, dict[str, Any]] = info.get("samples", {})
+    per_sample: dict[str, dict[str, Any]] = info.get("samples") or {}
     default_mpp = info.get("mpp")
     samples = []
     for label_path in sorted(labels_dir.glob("*.tif")):
@@ -157,8 +259,87 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
         )
     if not samples:
         raise InputError(f"{root} holds no image with a matching labels/<stem>.tif")
-    splits = {name: list(stems) for name, stems in info.get("splits", {}).items()}
+    splits = {name: list(stems) for name, stems in (info.get("splits") or {}).items()}
     return Dataset(root=root, samples=samples, splits=splits, mpp=default_mpp, meta=info)
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in JSON's words (for the messages)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    kinds = ((dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number"))
+    word = next((word for kind, word in kinds if isinstance(value, kind)), type(value).__name__)
+    return f"{word} ({_shown(value)})"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_mpp(path: Path, key: str, value: Any) -> None:
+    """A pixel size of the set's images (or null: unknown), held to the one plausibility rule that every
+    image's calibration and every ``--mpp`` meet (:mod:`dannucnet.slides.mpp`): 1e6 had cv2 allocate 3e18
+    bytes and 0.001 scored an empty prediction, exit 0."""
+    from dannucnet.slides.mpp import MPP_MAX, MPP_MIN, is_plausible
+
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # compared before float(): a 400-digit integer is valid JSON, and float() of it overflows
+    if not (number and MPP_MIN <= value <= MPP_MAX and is_plausible(float(value))):
+        raise InputError(f"{path}: {key} is {_json_type(value)}; it must be the pixel size in µm/px, a number "
+                         f"from {MPP_MIN:g} to {MPP_MAX:g} (0.25 for a 40x scan), or null")
+
+
+def read_dataset_info(path: Path) -> dict[str, Any]:
+    """``dataset.json``, read and its shape checked once, so that a wrong document is one line naming the key
+    rather than a traceback wherever it is used (a list, ``"samples": [1]``, ``"splits": ["test"]``, organs
+    given as numbers, a split given as one string and read letter by letter, a folder, UTF-16 text).
+
+    What the readers use: ``mpp`` (number or null), ``splits`` (split name → list of image names),
+    ``samples`` (image name → object; its ``organ`` a string or null, its ``mpp`` as the top-level one).
+    Other keys (format, provenance...) are kept as they are.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte-order mark is fine
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
+        raise InputError(f"{path} is not valid JSON: {_reason(exc)}") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}; it must be a JSON file") from exc
+    if not isinstance(document, dict):
+        raise InputError(f"{path} must hold one JSON object ({{\"mpp\": ..., \"splits\": ...}}), not "
+                         f"{_json_type(document)}")
+    _check_mpp(path, "mpp", document.get("mpp"))
+    splits = document.get("splits")
+    splits = {} if splits is None else splits
+    if not isinstance(splits, dict):
+        raise InputError(f"{path}: splits is {_json_type(splits)}; it must be an object of split name → list "
+                         'of image names, e.g. {"test": ["im0", "im1"]}')
+    for name, stems in splits.items():
+        if not isinstance(stems, list):
+            raise InputError(f"{path}: splits.{name} is {_json_type(stems)}; it must be a list of image names, "
+                             'e.g. ["im0", "im1"]')
+        wrong = next((stem for stem in stems if not isinstance(stem, str)), None)
+        if wrong is not None:
+            raise InputError(f"{path}: splits.{name} holds {_json_type(wrong)}; image names are strings (the "
+                             "file name without its extension)")
+    samples = document.get("samples")
+    samples = {} if samples is None else samples
+    if not isinstance(samples, dict):
+        raise InputError(f"{path}: samples is {_json_type(samples)}; it must be an object of image name → "
+                         'its details, e.g. {"im0": {"organ": "Breast"}}')
+    for stem, meta in samples.items():
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: samples.{stem} is {_json_type(meta)}; it must be an object, e.g. "
+                             '{"organ": "Breast"}')
+        organ = meta.get("organ")
+        if organ is not None and not isinstance(organ, str):
+            raise InputError(f"{path}: samples.{stem}.organ is {_json_type(organ)}; it must be a string or null")
+        _check_mpp(path, f"samples.{stem}.mpp", meta.get("mpp"))
+    return document
 
 
 def _external_dataset(root: Path) -> Dataset | None:

@@ -64,14 +64,21 @@ def _shape_points(shape: ET.Element, path: Path) -> np.ndarray | None:
     try:
         rotation = float(data.attrib.get("Rotation", 0))
         extent = data.find("Extent")
-        if shape.attrib.get("Type") == "Oval" and extent is not None:
-            x, y, w, h = (float(extent.attrib[k]) for k in ("X", "Y", "Width", "Height"))
-            t = np.linspace(0, 2 * np.pi, OVAL_VERTICES, endpoint=False)
-            points = np.stack([x + w / 2 * (1 + np.cos(t)), y + h / 2 * (1 + np.sin(t))], axis=1)
+        oval = shape.attrib.get("Type") == "Oval" and extent is not None
+        if oval and extent is not None:
+            numbers = np.array([float(extent.attrib[k]) for k in ("X", "Y", "Width", "Height")])
         else:
-            points = np.array([(float(p.attrib["X"]), float(p.attrib["Y"])) for p in data.iter("Point")])
+            numbers = np.array([(float(p.attrib["X"]), float(p.attrib["Y"])) for p in data.iter("Point")])
     except (KeyError, ValueError) as exc:
         raise InputError(f"{path}: a shape has a point or extent without numeric coordinates: {exc}") from exc
+    if not (math.isfinite(rotation) and np.isfinite(numbers).all()):  # float() reads "nan", "inf": GEOS then failed
+        raise InputError(f"{path}: a shape has a coordinate, size or rotation that is not a finite number "
+                         "(nan or inf); correct or delete that shape")
+    points = numbers
+    if oval:
+        x, y, w, h = numbers
+        t = np.linspace(0, 2 * np.pi, OVAL_VERTICES, endpoint=False)
+        points = np.stack([x + w / 2 * (1 + np.cos(t)), y + h / 2 * (1 + np.sin(t))], axis=1)
     return _rotate(points, rotation) + PIXEL_CENTRE_OFFSET if len(points) >= 3 else None
 
 

@@ -92,6 +92,9 @@ def read_monuseg_xml(path: str | os.PathLike[str], offset: float = DEFAULT_OFFSE
         except (KeyError, ValueError) as exc:
             region_id = region.attrib.get("Id", "?")
             raise InputError(f"{path}: region {region_id} has a vertex without numeric X/Y: {exc}") from exc
+        if not np.isfinite(coords).all():  # float() reads "nan" and "inf": GEOS failed, or made a nonsense outline
+            raise InputError(f"{path}: region {region.attrib.get('Id', '?')} has a vertex whose X or Y is not a "
+                             "finite number (nan or inf); correct or delete that region")
         if len(coords) >= 3:
             rings.append(np.asarray(coords, dtype=np.float64) + offset)
     polygons = np.array([shapely.polygons(ring) for ring in rings], dtype=object)

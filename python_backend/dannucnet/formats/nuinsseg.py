@@ -39,9 +39,9 @@ class NuInsSegSample(Sample):
         try:
             with Image.open(self.region_path) as im:
                 vague = np.asarray(im.convert("L")) > 0
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise InputError(f"cannot read vague-area mask {self.region_path}: {exc}") from exc
-        return ~vague
+        return ~self.fit_region(vague, self.region_path)
 
 
 def load_nuinsseg(root: Path) -> Dataset:
