@@ -266,15 +266,29 @@ def test_an_implausible_dataset_pixel_size_is_refused(tmp_path, document):
     (["--mpp", "1e-9"], "--mpp 1e-09 is not a plausible pixel size"),
     (["--min-area", "inf"], "--min-area must be 0 to 10000 µm²"),
     (["--min-area", "nan"], "--min-area must be 0 to 10000 µm²"),
-    (["--batch-size", "-1"], "--batch-size must be 1 or more windows, not -1"),
-    (["--batch-size", "0"], "--batch-size must be 1 or more windows, not 0"),
-], ids=["mpp-inf", "mpp-1000", "mpp-1e-9", "min-area-inf", "min-area-nan", "batch-negative", "batch-zero"])
+], ids=["mpp-inf", "mpp-1000", "mpp-1e-9", "min-area-inf", "min-area-nan"])
 def test_evaluate_refuses_numbers_it_would_fail_on(tmp_path, capsys, args, message):
     root = _dataset(tmp_path / "ds")
     out = tmp_path / "scores.json"
     assert _evaluate(root, *args, "--json", str(out)) == 2
     assert message in _one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "segment", "batch-slides", "serve"])
+@pytest.mark.parametrize(("value", "message"), [("-1", "must be 1 to 512 windows, not -1"),
+                                                ("0", "must be 1 to 512 windows, not 0"),
+                                                ("1000000", "must be 1 to 512 windows, not 1000000"),
+                                                ("two", "must be a whole number of windows, not 'two'")])
+def test_every_door_refuses_a_batch_size_it_would_fail_on(tmp_path, capsys, command, value, message):
+    """-1 was numpy's "negative dimensions" deep in a run, 0 silently the default, 10**6 a MemoryError."""
+    option = "--max-batch" if command == "serve" else "--batch-size"
+    needs = {"evaluate": ["--data", str(tmp_path)], "segment": [str(tmp_path / "x.tif")],
+             "batch-slides": [str(tmp_path)], "serve": []}[command]
+    with pytest.raises(SystemExit) as stop:
+        cli_main([command, *needs, option, value])
+    assert stop.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
 # -- B15: outputs checked before the evaluation ------------------------------------------------------------------

@@ -185,3 +185,6 @@ def test_bad_options_are_refused():
         SegmentOptions(threshold=1.5)
     with pytest.raises(InputError):
         SegmentOptions(chunk_size=10)
+    for area in (float("inf"), 1e308, 10_001.0, float("nan"), -1.0):  # inf and 1e308 overflowed int() in px
+        with pytest.raises(InputError, match="minimum area must be 0 to 10000"):
+            SegmentOptions(min_area_um2=area)

@@ -20,6 +20,23 @@ UNTRAINED_WARNING = (
 )
 
 
+#: Most windows per forward pass a user may ask for: 512 windows of 512² are 1.6 GB of float32 input
+#: alone, beyond what the GPU defaults (32 of 256², 8 of 512²) ever need.
+MAX_BATCH = 512
+
+
+def batch_size(text: str) -> int:
+    """``--batch-size`` / ``--max-batch``: 1 to :data:`MAX_BATCH` windows (-1 was numpy's "negative
+    dimensions" deep in a run, 0 silently the default, 10**6 a MemoryError)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of windows, not {text!r}") from None
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH} windows, not {value}")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME|PATH|auto|auto-fast", default="auto",
                    help="model name (see `dannucnet models`) or a model folder; auto (default) picks, per image, "
@@ -27,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "cheapest network of that pixel size (the lite models: 2.3-2.6x faster on a CPU, "
                         "up to about 1 point of PQ lower)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--batch-size", type=batch_size,
                    help="windows per forward pass (default: 2 on CPU; on GPU 32 of 256², 8 of 512²)")
     add_runtime_argument(p)
     p.add_argument("--tta", action="store_true",

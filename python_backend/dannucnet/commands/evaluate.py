@@ -162,12 +162,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
     ``--mpp``: the one plausibility rule of every ``--mpp`` (:func:`dannucnet.slides.mpp.validate_given_mpp`):
     inf and 1000 shrank the images to 1 px and scored 100.00, 1e-9 was a cv2.error. ``--min-area``: the
-    server's bound (``service.limits.MAX_MIN_AREA_UM2``: 10,000 µm² already keeps no nucleus); inf was an
-    OverflowError in the pipeline. ``--batch-size``: -1 was numpy's "negative dimensions", 0 the default
-    unannounced.
+    bound every door has (``pipeline.options.MAX_MIN_AREA_UM2``: 10,000 µm² keeps no nucleus); inf was an
+    OverflowError in the pipeline. (``--batch-size`` is its argument type's: ``_common.batch_size``.)
     """
     from dannucnet.errors import InputError
-    from dannucnet.service.limits import MAX_MIN_AREA_UM2
+    from dannucnet.pipeline.options import MAX_MIN_AREA_UM2
     from dannucnet.slides.mpp import validate_given_mpp
 
     if args.mpp is not None:
@@ -175,9 +174,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.min_area) and 0.0 <= args.min_area <= MAX_MIN_AREA_UM2):
         raise InputError(f"--min-area must be 0 to {MAX_MIN_AREA_UM2:g} µm² (a nucleus is 20-200 µm²), "
                          f"not {args.min_area:g}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be 1 or more windows, not {args.batch_size} (leave it out for the "
-                         "device's default)")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from dannucnet.commands._common import add_runtime_argument
+from dannucnet.commands._common import add_runtime_argument, batch_size
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument("--slide-root", action="append", default=[], metavar="DIR",
                    help="folder SegmentSlide may read slides from (repeatable); without one SegmentSlide is off")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-batch", type=batch_size, default=None,
                    help="largest micro-batch of network windows per forward pass (default 2 on CPU; on GPU 32 of 256², "
                         "8 of 512²)")
     p.add_argument("--max-pixels", type=int, default=None, help="decoded pixels allowed per request (default 4096²)")

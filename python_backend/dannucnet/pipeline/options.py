@@ -9,6 +9,9 @@ from dannucnet.errors import InputError
 from dannucnet.geometry.cells import cell_margin_px
 from dannucnet.geometry.qupath_stains import HE_DEFAULT, Stains
 
+#: A nucleus is 20-200 µm²; a minimum of 10,000 µm² (a 100 µm square) already keeps none.
+MAX_MIN_AREA_UM2 = 10_000.0
+
 #: QuPath's Cell detection allows 0-25 µm of cell expansion; we accept the same range.
 MAX_CELL_EXPANSION_UM = 25.0
 #: Context read around a slide chunk's core, in µm: more than the largest nucleus (~25 µm), so that the
@@ -59,8 +62,9 @@ class SegmentOptions:
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
-        if not self.min_area_um2 >= 0:
-            raise InputError(f"minimum area must be zero or positive, got {self.min_area_um2}")
+        if not 0 <= self.min_area_um2 <= MAX_MIN_AREA_UM2:  # inf (or 1e308 µm² in px) overflowed int()
+            raise InputError(f"minimum area must be 0 to {MAX_MIN_AREA_UM2:g} µm² (a nucleus is 20-200 µm²), "
+                             f"got {self.min_area_um2}")
         if self.chunk_size < 256:
             raise InputError(f"chunk size must be at least 256 px, got {self.chunk_size}")
         if self.margin is not None and self.margin < 0:

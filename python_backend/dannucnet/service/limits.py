@@ -29,8 +29,6 @@ _FORMATS = ("PNG", "JPEG", "TIFF")
 MAX_COORDINATE = float(2**31)
 # QuPath pyramids reach downsample 32-256; below 1/64 a 4096-px image covers < 64 level-0 px.
 DOWNSAMPLE_RANGE = (1.0 / 64.0, 4096.0)
-# A nucleus is 20-200 µm²; a minimum of 10,000 µm² (a 100 µm square) already keeps none.
-MAX_MIN_AREA_UM2 = 10_000.0
 # Linux PATH_MAX and NAME_MAX (bytes): longer paths cannot name a file (ENAMETOOLONG).
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 MAX_TIMEOUT_SECONDS = 24 * 3600.0  # X-Timeout-Seconds: a day is longer than any slide takes

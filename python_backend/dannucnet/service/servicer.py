@@ -26,6 +26,7 @@ from google.protobuf import struct_pb2
 from dannucnet import __version__
 from dannucnet.errors import DanNucNetError
 from dannucnet.geometry.ownership import Rect
+from dannucnet.pipeline.options import MAX_MIN_AREA_UM2
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Predictor
 from dannucnet.service import API_VERSION
@@ -34,7 +35,6 @@ from dannucnet.service.calls import Call
 from dannucnet.service.convert import geometry_from_wkb, nuclei_to_proto, rect_from_proto
 from dannucnet.service.limits import (
     DOWNSAMPLE_RANGE,
-    MAX_MIN_AREA_UM2,
     MAX_ROIS,
     Limits,
     check_mpp,
