@@ -14,7 +14,11 @@ HELP = "train DAN-NucNet on an instance dataset folder (images/, labels/, datase
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="instance dataset folder (or the MoNuSeg folder)")
-    p.add_argument("--out", required=True, help="model folder to write, e.g. models/my-model")
+    p.add_argument("--out", required=True,
+                   help="model folder to write, e.g. models/my-model; one holding a checkpoint.pt is resumed, one "
+                        "holding a trained model without it is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the trained model in an --out folder that holds no checkpoint to resume")
     p.add_argument("--split", help="training split name (default: kumar-train, train, or all images)")
     p.add_argument("--val-split", help="validation split (default: hold out the bottom rows of each image)")
     p.add_argument(
@@ -27,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 3e-3, code: 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (paper: 3e-3, code: 1e-3); a resumed run goes on with its checkpoint's "
+                        "learning rate and schedule (--no-resume starts over with this one)")
     p.add_argument("--loss", choices=("dan", "bce"), default="dan", help="Eq. 5 loss or BCE (ablation)")
     p.add_argument("--mpp", type=float, default=0.25, help="pixel size to train at, µm/px")
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain binary targets (paper) instead of a seam between touching nuclei")
     p.add_argument("--no-colour-normalise", action="store_true",
                    help="feed pixels as they are (paper) instead of Reinhard-normalised onto the training set")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if a checkpoint exists (a resumed run keeps the checkpoint's network, "
+                        "learning rate and schedule)")
     # architecture: a setting left out comes from the --init-from model, else the code's default
     p.add_argument("--channel-reduction", type=int, choices=(8, 16),
                    help="16 (code) or 8 (paper); default: the --init-from model's, else 16")
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget, augment=not args.no_augment,
         instance_gaps=not args.no_instance_gaps, init_from=args.init_from,
         colour_normalise=not args.no_colour_normalise, architecture=architecture,
-        resume=not args.no_resume, distance_weight=args.distance_weight,
+        resume=not args.no_resume, overwrite=args.overwrite, distance_weight=args.distance_weight,
         distance_only=args.distance_only, freeze_bn=args.freeze_bn,
         average_from=args.average_from, extra_data=args.extra_data, negatives=args.negatives, pigment=args.pigment,
         teacher=args.teacher, teacher_weight=args.teacher_weight,

@@ -83,6 +83,9 @@ class Teacher:
 
     def __init__(self, name_or_path: str, device: torch.device, patch_size: int, student: ModelConfig) -> None:
         loaded = load_model(name_or_path)
+        if not loaded.card.trained:  # its answers are noise: a student would learn them
+            raise InputError(f"--teacher {name_or_path} is UNTRAINED (random weights: its card says trained: false); "
+                             "teach with a trained model")
         self.network = loaded.network.to(device).eval()
         if self.network.config.distance_head is False and student.distance_head:
             raise InputError(f"--teacher {name_or_path} has no distance head to teach the student's")

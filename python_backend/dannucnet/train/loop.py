@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import pickle
 import platform
 import sys
 import time
@@ -27,17 +29,22 @@ from dannucnet import __version__
 from dannucnet.atomic import atomic_path
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
-from dannucnet.errors import InputError
+from dannucnet.errors import InputError, ModelError, OutputError
 from dannucnet.formats.dataset import Sample, load_dataset, split_spec
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
+from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, validate_card
 from dannucnet.model.registry import load_model, resolve_model_dir
-from dannucnet.model.weights import overflowed_channels
+from dannucnet.model.weights import MAX_PARAMETERS, overflowed_channels
 from dannucnet.train.distill import Teacher, narrowed
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 from dannucnet.train.revive import revive_overflowed_channels
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+#: What every checkpoint holds (``_save_checkpoint``); a file without them is not one.
+CHECKPOINT_KEYS = frozenset(
+    {"model", "optimiser", "scheduler", "epoch", "best_loss", "best_epoch", "elapsed", "history"}
+)
 BN_REFRESH_BATCHES = 32  # training batches that re-measure BatchNorm statistics (averaged weights, revival)
 COLOUR_NORMALISATION = "Reinhard L*a*b* onto colour_reference (per chunk, tissue pixels), then rgb / 255"
 
@@ -82,6 +89,7 @@ class TrainConfig:
     teacher: str | None = None  # a trained model whose outputs the network also learns (see train/distill.py)
     teacher_weight: float = 0.5  # the teacher's share of the loss; the annotations have the rest
     resume: bool = True
+    overwrite: bool = False  # replace a trained model in ``out`` that has no checkpoint to resume
     command: str = ""
 
 
@@ -141,6 +149,7 @@ class RunState:
     averaged: AveragedModel | None = None
     average_first: int = 0
     kept: Kept | None = None
+    start_lr: float | None = None  # the learning rate the run started with (None: a checkpoint too old to say)
     started: float = 0.0  # time.monotonic() at which the run would have started, had it never stopped
 
     def elapsed(self) -> float:
@@ -303,12 +312,12 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
     """
     _check(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     resuming = cfg.resume and (out / CHECKPOINT).exists()
     setup = _set_up(cfg, resuming, report)
-    run = _resume(cfg, out / CHECKPOINT, setup, report) if resuming else RunState()
+    run = _resume(cfg, out / CHECKPOINT, setup, report) if resuming else RunState(start_lr=cfg.lr)
+    _make_folder(out)  # only now that everything is checked: a refusal leaves no empty folder behind
     report(
         f"training {cfg.name or out.name}: {len(setup.sampler.images)} images, {len(setup.val_patches)} validation "
         f"patches, {setup.steps} steps/epoch × batch {cfg.batch_size}, device {setup.device}, loss {cfg.loss}"
@@ -346,6 +355,8 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = print) -> Path:
 
 
 def _check(cfg: TrainConfig) -> None:
+    """Refuse, before any work, settings a run cannot train with, whose model its loader would refuse, or that
+    would write over a trained model."""
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     if cfg.average_from is not None and cfg.average_from < 1:
@@ -360,6 +371,74 @@ def _check(cfg: TrainConfig) -> None:
         raise InputError(f"--teacher-weight {cfg.teacher_weight}: must be above 0 and at most 1")
     if cfg.teacher and cfg.distance_only:
         raise InputError("--teacher teaches the whole network; it cannot be combined with --distance-only")
+    if cfg.epochs < 1:
+        raise InputError(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
+        raise InputError(f"--steps-per-epoch {cfg.steps_per_epoch}: must be at least 1 (leave it out for one pass "
+                         "over the training rows per epoch)")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise InputError(f"--lr {cfg.lr}: must be a number of at least 0 (the code's is 1e-3)")
+    if not 0 <= cfg.seed < 2**32:
+        raise InputError(f"--seed {cfg.seed}: must be from 0 to {2**32 - 1}")
+    if not (math.isfinite(cfg.distance_weight) and cfg.distance_weight >= 0):
+        raise InputError(f"--distance-weight {cfg.distance_weight}: must be a number of at least 0")
+    if cfg.time_budget_min is not None and not (math.isfinite(cfg.time_budget_min) and cfg.time_budget_min > 0):
+        raise InputError(f"--time-budget {cfg.time_budget_min}: must be a number of minutes above 0 "
+                         "(leave it out for no limit)")
+    _check_card(cfg)
+    _check_out(cfg)
+
+
+#: The card fields a run's settings fill, by the flag that sets each: a refused card names it.
+CARD_FLAGS = {"name": "--name (default: the --out folder's name)", "version": "--version", "mpp": "--mpp",
+              "architecture.base_filters": "--base-filters", "architecture.bn_momentum": "--bn-momentum",
+              "architecture.channel_reduction": "--channel-reduction"}
+
+
+def _check_card(cfg: TrainConfig) -> None:
+    """Refuse settings whose model the loader would refuse, by the card module's own rules (``validate_card``,
+    and the network's size, ``MAX_PARAMETERS``): a run must not end in a model nothing can load."""
+    path = Path(cfg.out) / CARD_FILE
+    card = ModelCard(name=cfg.name or Path(cfg.out).name, version=cfg.version, mpp=cfg.mpp, tile_size=cfg.patch_size,
+                     trained=True, architecture={**default_architecture(), **cfg.architecture})
+    try:
+        validate_card(asdict(card), path)
+    except ModelError as exc:
+        detail = str(exc).removeprefix(f"{path}: ")
+        flag = next((flag for key, flag in CARD_FLAGS.items() if detail.startswith(f"{key} is ")), "the settings")
+        raise InputError(f"{flag}: the model card would say {detail} (its loader refuses anything else); "
+                         "nothing was written") from None
+    with torch.device("meta"):  # counted, not allocated
+        count = sum(p.numel() for p in DANNucNet(card.config).parameters())
+    if count > MAX_PARAMETERS:
+        raise InputError(
+            f"--base-filters {card.config.base_filters}: the network would have {count / 1e6:,.0f} M parameters, "
+            f"more than the {MAX_PARAMETERS / 1e6:.0f} M a model may have to load; use fewer (the code's default is 32)"
+        )
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse an ``out`` that is a file, or that holds a model but no checkpoint (a shipped or copied model, which
+    training would replace) unless ``overwrite``. A folder with a checkpoint is its run's, to resume (or, with
+    ``resume`` off, to start over in)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a model folder; choose another --out (nothing was written)")
+    held = [name for name in (WEIGHTS_FILE, CARD_FILE) if (out / name).exists()]
+    if held and not (out / CHECKPOINT).exists() and not cfg.overwrite:
+        raise OutputError(
+            f"--out {out} holds a model ({', '.join(held)}) and no {CHECKPOINT} to resume: training would replace it; "
+            "choose another --out, or pass --overwrite to replace it (nothing was written)"
+        )
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
 
 
 def default_architecture() -> dict[str, Any]:
@@ -435,19 +514,60 @@ def _network(
 
 
 def _resume(cfg: TrainConfig, checkpoint: Path, setup: Setup, report: Callable[[str], None]) -> RunState:
-    """Load the checkpoint into the set-up network, optimiser and schedule; return the run's state as saved."""
-    saved = torch.load(checkpoint, map_location=setup.device, weights_only=True)
-    setup.network.load_state_dict(saved["model"])
-    setup.optimiser.load_state_dict(saved["optimiser"])
-    setup.scheduler.load_state_dict(saved["scheduler"])
-    run = RunState(history=[EpochLog(**h) for h in json.loads(saved["history"])],
-                   best_loss=float(saved["best_loss"]), best_epoch=int(saved["best_epoch"]),
-                   epochs_done=int(saved["epoch"]) + 1, elapsed_before=float(saved["elapsed"]))
-    run.averaged, run.average_first = _resume_average(cfg, setup.network, saved, run.epochs_done, report)
-    run.kept = Kept(**json.loads(saved["kept"])) if "kept" in saved else _kept_before_checkpoints_said(cfg, setup, run)
+    """Load the checkpoint into the set-up network, optimiser and schedule; return the run's state as saved.
+
+    The run goes on as it was: its learning rate and schedule are the checkpoint's, whatever ``lr`` says (said
+    when it differs from the one the run started with). A file that is no checkpoint, or one of another run
+    (another network, or other parameters trained), is refused in one line.
+    """
+    again = f"use --no-resume to start over in {checkpoint.parent}, or another --out"
+    try:
+        saved = torch.load(checkpoint, map_location=setup.device, weights_only=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        # not torch's message: it advises weights_only=False, which would run whatever code the file holds
+        raise InputError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}); {again}") from None
+    if not isinstance(saved, dict) or not CHECKPOINT_KEYS <= set(saved):
+        raise InputError(f"{checkpoint} is not a dannucnet training checkpoint; {again}")
+    differences = _state_differences(setup.network.state_dict(), saved["model"])
+    if differences:
+        raise InputError(f"{checkpoint.parent} holds a checkpoint of another run (its network is not this run's: "
+                         f"{differences}; were --base-filters, --distance-head or the ablations other?); {again}")
+    try:
+        setup.network.load_state_dict(saved["model"])
+        setup.optimiser.load_state_dict(saved["optimiser"])
+        setup.scheduler.load_state_dict(saved["scheduler"])
+        run = RunState(history=[EpochLog(**h) for h in json.loads(saved["history"])],
+                       best_loss=float(saved["best_loss"]), best_epoch=int(saved["best_epoch"]),
+                       epochs_done=int(saved["epoch"]) + 1, elapsed_before=float(saved["elapsed"]))
+        run.averaged, run.average_first = _resume_average(cfg, setup.network, saved, run.epochs_done, report)
+        run.kept = (Kept(**json.loads(saved["kept"])) if "kept" in saved
+                    else _kept_before_checkpoints_said(cfg, setup, run))
+        # an older checkpoint does not say: the kept weights' run's --lr, if any
+        started = saved.get("start_lr", run.kept.config.get("lr") if run.kept is not None else None)
+        run.start_lr = None if started is None else float(started)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{checkpoint.parent} holds a checkpoint of another run ({reason}); {again}") from None
     setup.sampler.rng = np.random.default_rng(cfg.seed + run.epochs_done)
     report(f"resumed from {checkpoint} at epoch {run.epochs_done} (best val loss {run.best_loss:.4f})")
+    if run.start_lr is not None and cfg.lr != run.start_lr:
+        report(f"warning: --lr {cfg.lr:g} is not applied: a resumed run goes on with its checkpoint's learning rate "
+               f"({setup.optimiser.param_groups[0]['lr']:.1e}, started at {run.start_lr:g}) and schedule; "
+               "use --no-resume to start over with it")
     return run
+
+
+def _state_differences(expected: dict[str, torch.Tensor], state: Any) -> str:
+    """Why ``state`` cannot load into a network whose state is ``expected`` ("" when it can), in a few words."""
+    if not isinstance(state, dict):
+        return "no network state"
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shaped = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shaped):
+        return ""
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected and {len(shaped)} mis-shaped tensors, "
+            f"e.g. {(shaped + missing + unexpected)[0]}")
 
 
 # --- one epoch --------------------------------------------------------------------------------------------------
@@ -553,6 +673,7 @@ def _save_checkpoint(path: Path, setup: Setup, run: RunState) -> None:
                 **({"averaged": run.averaged.state_dict(), "average_first": run.average_first}
                    if run.averaged is not None else {}),
                 **({"kept": json.dumps(asdict(run.kept))} if run.kept is not None else {}),
+                **({"start_lr": run.start_lr} if run.start_lr is not None else {}),
             },
             tmp,
         )
