@@ -275,22 +275,6 @@ def test_evaluate_refuses_numbers_it_would_fail_on(tmp_path, capsys, args, messa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["evaluate", "segment", "batch-slides", "serve"])
-@pytest.mark.parametrize(("value", "message"), [("-1", "must be 1 to 512 windows, not -1"),
-                                                ("0", "must be 1 to 512 windows, not 0"),
-                                                ("1000000", "must be 1 to 512 windows, not 1000000"),
-                                                ("two", "must be a whole number of windows, not 'two'")])
-def test_every_door_refuses_a_batch_size_it_would_fail_on(tmp_path, capsys, command, value, message):
-    """-1 was numpy's "negative dimensions" deep in a run, 0 silently the default, 10**6 a MemoryError."""
-    option = "--max-batch" if command == "serve" else "--batch-size"
-    needs = {"evaluate": ["--data", str(tmp_path)], "segment": [str(tmp_path / "x.tif")],
-             "batch-slides": [str(tmp_path)], "serve": []}[command]
-    with pytest.raises(SystemExit) as stop:
-        cli_main([command, *needs, option, value])
-    assert stop.value.code == 2
-    assert f"argument {option}: {message}" in capsys.readouterr().err
-
-
 # -- B15: outputs checked before the evaluation ------------------------------------------------------------------
 
 def test_outputs_are_checked_before_any_work(tmp_path, capsys):

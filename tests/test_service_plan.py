@@ -168,6 +168,10 @@ def test_parent_outside_the_image_plans_nothing(server):
     ({"imageWidth": 800, "imageHeight": 600, "chunkSize": 64}, "chunk size"),
     ({"imageWidth": 800, "imageHeight": 600, "options": {"threshold": 2}}, "options.threshold"),
     ({"imageWidth": 800, "imageHeight": 600, "chunks": 3}, "PlanRegionRequest"),
+    # a made-up size: 2**63 px a side had the server plan until it ran out of memory
+    ({"imageWidth": str(2**63 - 1), "imageHeight": str(2**63 - 1)}, "1 to 2147483648"),
+    # QuPath's largest size, whole: a million chunks a side, refused before one is planned
+    ({"imageWidth": 2**31 - 1, "imageHeight": 2**31 - 1}, "more than the 1,000,000 one plan may hold"),
 ])
 def test_bad_requests_get_one_clear_error(server, body, message):
     status, out = post_plan(server, {"pixelSizeMicrons": 0.25, **body})

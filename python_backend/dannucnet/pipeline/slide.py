@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: Most chunks one plan may hold. A 200,000² px slide at the model's pixel size is 9,604 chunks of 2048 px,
+#: and 610,000 of the smallest (256 px); a plan is counted before it is made, because a client's made-up
+#: size (2**63 px a side) had the server plan until it ran out of memory.
+MAX_CHUNKS = 1_000_000
+
 
 @dataclass
 class SlidePlan:
@@ -94,6 +99,11 @@ def plan_slide(
             return (windows.span(n) - spare) * downsample
 
     size, margin = options.chunk_size * downsample, options.chunk_margin(model_mpp) * downsample
+    count = math.ceil(target.width / size) * math.ceil(target.height / size)
+    if count > MAX_CHUNKS:
+        raise InputError(f"the area to segment ({target.width:.0f} x {target.height:.0f} px) would be about "
+                         f"{count:,} chunks of {options.chunk_size} px, more than the {MAX_CHUNKS:,} one plan may "
+                         "hold: give a smaller region, or a larger chunk size")
     chunks = plan_chunks(target, size, margin, image, span)
     if windows is not None:
         # The spare is a bound, not the rounding itself: where equal pieces happen to fill their windows exactly

@@ -26,6 +26,7 @@ from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.qupath.regions import fix_geometry
 from dannucnet.service._generated.v1 import segmentation_pb2 as pb
 from dannucnet.service.convert import rect_from_proto, rect_to_proto
+from dannucnet.service.limits import MAX_COORDINATE
 from dannucnet.service.status import invalid
 from dannucnet.service.wkb import check_area_wkb
 from dannucnet.slides.mpp import combine_xy
@@ -97,10 +98,11 @@ def plan_region(
 
 
 def _image_size(request: pb.PlanRegionRequest) -> tuple[int, int]:
-    if request.image_width <= 0 or request.image_height <= 0:
+    """The image's level-0 size: positive, and at most ``MAX_COORDINATE`` (QuPath's sizes are Java ints)."""
+    if not (0 < request.image_width <= MAX_COORDINATE and 0 < request.image_height <= MAX_COORDINATE):
         raise invalid(
             f"imageWidth × imageHeight is {request.image_width} × {request.image_height}: send the image's "
-            "level-0 size in pixels (QuPath: server.getWidth(), server.getHeight())"
+            f"level-0 size in pixels, 1 to {MAX_COORDINATE:.0f} (QuPath: server.getWidth(), server.getHeight())"
         )
     return int(request.image_width), int(request.image_height)
 
