@@ -23,7 +23,7 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(("value", "message"), [("-1", "must be 1 to 512 windows, not -1"),
                                                 ("0", "must be 1 to 512 windows, not 0"),
                                                 ("1000000", "must be 1 to 512 windows, not 1000000"),
-                                                ("two", "must be a whole number of windows, not 'two'")])
+                                                ("two", "must be a whole number, not 'two'")])
 def test_every_door_refuses_a_batch_size_it_would_fail_on(tmp_path, capsys, command, value, message):
     """-1 was numpy's "negative dimensions" deep in a run, 0 silently the default, 10**6 a MemoryError."""
     option = "--max-batch" if command == "serve" else "--batch-size"
@@ -47,3 +47,9 @@ def test_every_door_refuses_a_batch_size_it_would_fail_on(tmp_path, capsys, comm
 ])
 def test_serve_refuses_ports_and_limits_it_cannot_serve_with(capsys, option, value, message):
     assert f"argument {option}: {message}" in _refused(["serve", option, value], capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_batch_slides_refuses_no_workers(tmp_path, capsys, value):
+    err = _refused(["batch-slides", str(tmp_path), "-o", str(tmp_path / "out"), "--workers", value], capsys)
+    assert f"argument --workers: must be 1 to 1024, not {value}" in err

@@ -198,6 +198,9 @@ def _run_tasks(todo, scheduler, workers, retries, device, report):
         except (OSError, TimeoutError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}; start it with "
                              f"'dask scheduler' or leave out --scheduler for a local cluster") from None
+        except ValueError as exc:  # distributed's parse of the address: no port, a port that is no number, a scheme
+            raise InputError(f"--scheduler {scheduler!r} is not a Dask scheduler address ({exc}); give one as "
+                             "'dask scheduler' prints it, e.g. tcp://10.0.0.5:8786") from None
         report.scheduler = scheduler
     else:
         n = max(1, min(len(todo), workers or default_workers(device)))

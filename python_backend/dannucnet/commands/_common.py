@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from dannucnet.catalogue import AUTO, AUTO_FAST, AUTO_NAMES
 from dannucnet.errors import InputError
@@ -25,16 +26,24 @@ UNTRAINED_WARNING = (
 MAX_BATCH = 512
 
 
-def batch_size(text: str) -> int:
-    """``--batch-size`` / ``--max-batch``: 1 to :data:`MAX_BATCH` windows (-1 was numpy's "negative
-    dimensions" deep in a run, 0 silently the default, 10**6 a MemoryError)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of windows, not {text!r}") from None
-    if not 1 <= value <= MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH} windows, not {value}")
-    return value
+def bounded(kind: type[int] | type[float], low: float, high: float, unit: str = "") -> Callable[[str], Any]:
+    """An argument type: a number of ``kind`` from ``low`` to ``high`` (NaN refused), so a number a command
+    cannot work with is refused by argparse before anything starts."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            whole = " whole" if kind is int else ""
+            raise argparse.ArgumentTypeError(f"must be a{whole} number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low:g} to {high:g}{unit}, not {text}")
+        return value
+    return parse
+
+
+#: ``--batch-size`` / ``--max-batch``: -1 was numpy's "negative dimensions" deep in a run, 0 silently the
+#: default, 10**6 a MemoryError.
+batch_size = bounded(int, 1, MAX_BATCH, " windows")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +98,13 @@ def parse_stains_argument(text: str | None):  # -> Stains | None ("auto" is reso
         path = Path(t)
         if not path.is_file():
             raise InputError(f"--stains must be QuPath stain JSON, a file holding it, or 'auto'; got {text!r}")
-        t = path.read_text(encoding="utf-8")
+        try:
+            t = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Notepad's UTF-8) is fine
+        except UnicodeDecodeError:
+            raise InputError(f"--stains file {path} is not UTF-8 text (Notepad's 'Unicode' is UTF-16): save it "
+                             "as UTF-8") from None
+        except OSError as exc:
+            raise InputError(f"cannot read --stains file {path}: {exc.strerror or exc}") from None
     return parse_stains(t)
 
 

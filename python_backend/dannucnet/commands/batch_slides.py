@@ -9,6 +9,7 @@ from dannucnet.commands._common import (
     add_model_arguments,
     add_segment_options,
     add_server_arguments,
+    bounded,
     segment_options,
 )
 
@@ -23,8 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for the <slide>.geojson.gz (or .parquet) outputs")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler (e.g. tcp://host:8786); default: a local cluster on this machine")
-    p.add_argument("--workers", type=int, help="local cluster worker processes (default: one per GPU, else cores/4)")
-    p.add_argument("--retries", type=int, default=1, help="retries per slide after an unexpected error (default 1)")
+    p.add_argument("--workers", type=bounded(int, 1, 1024),
+                   help="local cluster worker processes (default: one per GPU, else cores/4)")
+    p.add_argument("--retries", type=bounded(int, 0, 100), default=1,
+                   help="retries per slide after an unexpected error (default 1)")
     add_model_arguments(p)
     p.add_argument("--mpp", type=float, help="pixel size in µm/px for slides that lack one")
     add_segment_options(p)

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from dannucnet.commands._common import add_runtime_argument, batch_size
+from dannucnet.commands._common import add_runtime_argument, batch_size, bounded
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,31 +25,17 @@ HELP = "serve the model over gRPC and HTTP/JSON (QuPath scripts, dannucnet.clien
 log = logging.getLogger(__name__)
 
 
-def _bounded(kind: type[int] | type[float], low: float, high: float, unit: str = "") -> Callable[[str], float]:
-    """An argument type: a number of ``kind`` from ``low`` to ``high``. Unchecked, a port of 500051 served on
-    500051 mod 65536 without a word, --http-port 99999 was a traceback, and limits of 0 or less made the server
-    refuse every request (or fall back to the default)."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            whole = " whole" if kind is int else ""
-            raise argparse.ArgumentTypeError(f"must be a{whole} number, not {text!r}") from None
-        if not low <= value <= high:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be {low:g} to {high:g}{unit}, not {text}")
-        return value
-    return parse
-
-
-PORT = _bounded(int, 0, 65535)
-COUNT = _bounded(int, 1, 2**62)
+# Unchecked, a port of 500051 served on 500051 mod 65536 without a word, --http-port 99999 was a traceback,
+# and limits of 0 or less made the server refuse every request (or fall back to the default).
+PORT = bounded(int, 0, 65535)
+COUNT = bounded(int, 1, 2**62)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; anything else needs a token or --insecure)")
     p.add_argument("--port", type=PORT, default=50051, help="gRPC port (0 picks a free one; default 50051)")
-    p.add_argument("--http-port", type=_bounded(int, -1, 65535), default=8765,
+    p.add_argument("--http-port", type=bounded(int, -1, 65535), default=8765,
                    help="HTTP/JSON gateway port (0 picks a free one, -1 turns it off; default 8765)")
     p.add_argument("--model", default="auto", metavar="NAME|PATH|auto|auto-fast",
                    help="model for requests that name none; auto (default) picks per request the installed model "
@@ -70,14 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest micro-batch of network windows per forward pass (default 2 on CPU; on GPU 32 of 256², "
                         "8 of 512²)")
     p.add_argument("--max-pixels", type=COUNT, default=None, help="decoded pixels allowed per request (default 4096²)")
-    p.add_argument("--max-message-mb", type=_bounded(float, 0.001, 2047, " MiB"), default=None,
+    p.add_argument("--max-message-mb", type=bounded(float, 0.001, 2047, " MiB"), default=None,
                    help="largest request in MiB (default 64)")
     p.add_argument("--max-polygons", type=COUNT, default=None, help="most nuclei per response (default 200000)")
     p.add_argument("--max-pending", type=COUNT, default=None,
                    help="requests admitted at once before answering RESOURCE_EXHAUSTED / 429 (default 64)")
     p.add_argument("--max-connections", type=COUNT, default=None,
                    help="open HTTP connections before new ones get 503 (default 100)")
-    p.add_argument("--grace", type=_bounded(float, 0, 24 * 3600, " s"), default=30.0,
+    p.add_argument("--grace", type=bounded(float, 0, 24 * 3600, " s"), default=30.0,
                    help="seconds to let running requests finish on shutdown")
 
 

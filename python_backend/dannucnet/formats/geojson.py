@@ -245,7 +245,7 @@ class GeoJSONWriter:
         self.count = 0
         self.skipped = 0  # degenerate polygons (fewer than 3 distinct points after rounding)
         self.extra: dict[str, Any] = {}
-        self._gzip = self.path.name.endswith(".gz")
+        self._gzip = self.path.name.lower().endswith(".gz")  # as the Parquet check: x.GEOJSON.GZ was plain text
         self._compresslevel = compresslevel
         self._file: AtomicFile | None = None
         self._fh: IO[bytes] | gzip.GzipFile | None = None

@@ -26,7 +26,10 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
         raise InputError("give either --token or --token-file, not both")
     if token_file:
         try:
-            text = Path(token_file).read_text(encoding="utf-8").strip().splitlines()
+            text = Path(token_file).read_text(encoding="utf-8-sig").strip().splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"--token-file {token_file} is not UTF-8 text: put the token on its first line, "
+                             "as plain text") from None
         except OSError as exc:
             raise InputError(f"cannot read --token-file {token_file}: {exc.strerror}") from None
         token = text[0].strip() if text else ""

@@ -32,6 +32,10 @@ from dannucnet.errors import InputError, OutputError
 RENDER_TILE = 512  # internal render grid; per-tile noise is keyed to this grid
 _CELL = 256  # nucleus placement cell (px)
 
+#: Most nuclei per mm² a synthetic slide may hold: nuclei of ~30 µm² packed edge to edge are ~33,000 per mm²
+#: (lymphoid tissue, the densest H&E, has 10,000-20,000).
+MAX_DENSITY = 50_000.0
+
 # Ruifrok & Johnston optical-density directions (R, G, B)
 _H_VEC = np.array([0.650, 0.704, 0.286])
 _E_VEC = np.array([0.072, 0.990, 0.105])
@@ -151,8 +155,10 @@ class _Scene:
             raise InputError(f"synthetic --mpp must be within 0.05–10 µm/px, got {mpp}")
         if not (0.0 <= tissue_fraction <= 1.0):
             raise InputError(f"tissue fraction must be within 0–1, got {tissue_fraction}")
-        if density < 0:
-            raise InputError(f"nucleus density must be ≥ 0 per mm², got {density}")
+        if not 0 <= density <= MAX_DENSITY:  # NaN and inf were numpy tracebacks, 1e9 an 18 GB pair search
+            raise InputError(f"nucleus density must be 0 to {MAX_DENSITY:,.0f} per mm², got {density}")
+        if not 0 <= seed < 2**32:
+            raise InputError(f"seed must be 0 to {2**32 - 1}, got {seed}")
         self.width, self.height = int(width), int(height)
         self.seed, self.mpp = int(seed), float(mpp)
         self.density, self.tissue_fraction = float(density), float(tissue_fraction)

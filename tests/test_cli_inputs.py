@@ -1,0 +1,75 @@
+"""Files and addresses a user hands the commands, each refused in one line, or written as its name says.
+
+Found by a QA pass: a stain file or token file saved as UTF-16 (Windows Notepad's "Unicode") was a
+UnicodeDecodeError traceback, a malformed --scheduler address a traceback from distributed, synth's
+density NaN, inf or 1e9 a numpy traceback or an 18 GB pair search, and -o x.GEOJSON.GZ plain JSON under a
+gzip name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from dannucnet.cli import main as cli_main
+from dannucnet.commands._common import parse_stains_argument
+from dannucnet.errors import InputError
+from dannucnet.formats.geojson import GeoJSONWriter
+from dannucnet.service.auth import read_token
+
+STAINS = {"Name": "H&E", "Stain 1": "Hematoxylin", "Values 1": "0.65 0.70 0.29", "Stain 2": "Eosin",
+          "Values 2": "0.2159 0.8012 0.5581", "Background": "255 255 255"}
+
+
+def test_a_stain_file_saved_as_utf16_is_one_clear_error_and_a_bom_is_fine(tmp_path):
+    utf16 = tmp_path / "stains16.json"
+    utf16.write_text(json.dumps(STAINS), encoding="utf-16")
+    with pytest.raises(InputError, match="is not UTF-8 text .*save it as UTF-8"):
+        parse_stains_argument(str(utf16))
+    bom = tmp_path / "stains-bom.json"
+    bom.write_text(json.dumps(STAINS), encoding="utf-8-sig")
+    assert parse_stains_argument(str(bom)) is not None
+
+
+def test_a_token_file_that_is_not_text_is_one_clear_error(tmp_path):
+    binary = tmp_path / "token"
+    binary.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        read_token(None, str(binary))
+    bom = tmp_path / "token-bom"
+    bom.write_text("0123456789abcdef0123\n", encoding="utf-8-sig")
+    assert read_token(None, str(bom)) == "0123456789abcdef0123"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--density", "nan"], "nucleus density must be 0 to 50,000 per mm², got nan"),
+    (["--density", "inf"], "nucleus density must be 0 to 50,000 per mm², got inf"),
+    (["--density", "1e9"], "nucleus density must be 0 to 50,000 per mm²"),
+    (["--seed", "-1"], "seed must be 0 to 4294967295, got -1"),
+])
+def test_synth_refuses_what_it_cannot_draw(tmp_path, capsys, args, message):
+    out = tmp_path / "s.tif"
+    assert cli_main(["synth", str(out), "--size", "64", *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("address", ["garbage", "tcp://127.0.0.1:notaport", "foo://127.0.0.1:8786"])
+def test_a_malformed_scheduler_address_is_one_clear_error(tmp_path, capsys, address):
+    pytest.importorskip("distributed", reason="batch-slides needs dannucnet[cluster]")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    assert cli_main(["synth", str(slides / "a.tif"), "--size", "256"]) == 0
+    assert cli_main(["batch-slides", str(slides), "-o", str(tmp_path / "out"), "--scheduler", address]) == 2
+    err = capsys.readouterr().err
+    assert f"--scheduler {address!r} is not a Dask scheduler address" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["n.GEOJSON.GZ", "n.Geojson.Gz", "n.geojson.gz"])
+def test_a_gz_name_in_any_case_is_gzip(tmp_path, name):
+    path = tmp_path / name
+    with GeoJSONWriter(path) as writer:
+        writer.write([])
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    assert json.loads(gzip.decompress(path.read_bytes()))["type"] == "FeatureCollection"
