@@ -73,3 +73,31 @@ def test_a_gz_name_in_any_case_is_gzip(tmp_path, name):
         writer.write([])
     assert path.read_bytes()[:2] == b"\x1f\x8b"
     assert json.loads(gzip.decompress(path.read_bytes()))["type"] == "FeatureCollection"
+
+
+def test_models_refuses_a_pixel_size_it_would_read_as_unknown(capsys):
+    assert cli_main(["models", "--for-mpp", "inf"]) == 2
+    assert "--for-mpp must be a pixel size from 0.05 to 10 µm/px, not inf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mpp", "0"], "--mpp 0 is not a plausible pixel size"),  # failed every slide's task, one by one
+    (["-o", ""], "-o is empty"),  # wrote into the current folder
+])
+def test_batch_slides_refuses_before_any_slide(tmp_path, capsys, args, message):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    argv = ["batch-slides", str(slides), "-o", str(tmp_path / "out"), *args]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_tls_files_that_are_not_pem_are_named_not_blamed_on_the_port(tmp_path, capsys):
+    """gRPC reported them as a failed bind: "the port is in use or the address is not this machine's"."""
+    junk = tmp_path / "cert.txt"
+    junk.write_text("not a certificate")
+    argv = ["serve", "--model", "untrained", "--device", "cpu", "--port", "0", "--http-port", "-1",
+            "--tls-cert", str(junk), "--tls-key", str(junk)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{junk} holds no PEM certificate" in err and "in use" not in err

@@ -47,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.server and args.tta:
         raise InputError("--tta runs the model on the workers; it cannot be combined with --server")
+    if args.mpp is not None:  # refused here, not by every slide's task after it (--mpp 0 failed each slide)
+        from dannucnet.slides.mpp import validate_given_mpp
+
+        validate_given_mpp(args.mpp)
+    if not args.output.strip():
+        raise InputError("-o is empty: give the folder for the outputs")
     slides = find_slides(args.slides)
     _refuse_clobbering(args, slides)
     try:

@@ -25,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from dannucnet.catalogue import AUTO, AUTO_FAST, choose_model
     from dannucnet.errors import InputError
     from dannucnet.model.registry import list_models, search_path
+    from dannucnet.slides.mpp import MPP_MAX, MPP_MIN, is_plausible
 
-    if args.for_mpp is not None and not args.for_mpp > 0:
-        raise InputError(f"--for-mpp must be a positive pixel size in µm/px, not {args.for_mpp}")
+    if args.for_mpp is not None and not is_plausible(args.for_mpp):  # inf answered as "unknown pixel size"
+        raise InputError(f"--for-mpp must be a pixel size from {MPP_MIN:g} to {MPP_MAX:g} µm/px, not {args.for_mpp}")
     entries = list_models()
     if args.json:
         document: dict = {"models": [e.to_dict() for e in entries]}

@@ -201,6 +201,12 @@ def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes]:
     if not (cert and key):
         raise InputError("TLS needs both --tls-cert and --tls-key")
     try:
-        return Path(cert).read_bytes(), Path(key).read_bytes()
+        pem = Path(cert).read_bytes(), Path(key).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    # gRPC reports a file that is no PEM as a failed bind ("port in use"), which sends the user the wrong way
+    for path, data, kind in ((cert, pem[0], b"CERTIFICATE-----"), (key, pem[1], b"PRIVATE KEY-----")):
+        if b"-----BEGIN " not in data or kind not in data:
+            raise InputError(f"{path} holds no PEM {kind[:-5].decode().lower()} (-----BEGIN ...{kind.decode()}): "
+                             "give --tls-cert a PEM certificate chain and --tls-key its PEM private key")
+    return pem
