@@ -71,3 +71,13 @@ def test_an_untrained_model_on_the_server_is_warned_about(project, server, capsy
     code, err = _batch([str(project), "--server", server.grpc_address, "--token", TOKEN], capsys)
     assert UNTRAINED_WARNING.format(name="untrained") in err, err
     _past_the_server(code, err)
+
+
+def test_settings_the_server_decides_are_said_to_be_ignored(project, server, capsys):
+    """--device, --runtime and --batch-size run the network, which the server does: said, not silently dropped."""
+    code, err = _batch([str(project), "--server", server.grpc_address, "--token", TOKEN, "--device", "cuda",
+                        "--batch-size", "4"], capsys)
+    assert "note: --device, --batch-size ignored: the server runs the model with its own settings" in err, err
+    _past_the_server(code, err)
+    code, err = _batch([str(project), "--server", server.grpc_address, "--token", TOKEN], capsys)
+    assert not any("ignored" in line for line in err), err

@@ -101,3 +101,11 @@ def test_tls_files_that_are_not_pem_are_named_not_blamed_on_the_port(tmp_path, c
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert f"{junk} holds no PEM certificate" in err and "in use" not in err
+
+
+@pytest.mark.parametrize("name", ["o.jpg", "o.tif", "o"])
+def test_an_overlay_not_named_png_is_refused(tmp_path, capsys, name):
+    """The overlay is always a PNG: o.jpg held PNG bytes."""
+    argv = ["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "n.geojson"), "--overlay", str(tmp_path / name)]
+    assert cli_main(argv) == 2
+    assert "the overlay is a PNG; give a name ending in .png" in capsys.readouterr().err

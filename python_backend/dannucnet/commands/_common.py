@@ -210,6 +210,13 @@ def make_segmenter(args: argparse.Namespace, one_model: bool = False) -> Segment
     if getattr(args, "server", None) and args.tta:
         raise InputError("--tta runs the model in this process; it cannot be combined with --server")
     if getattr(args, "server", None):
+        ignored = [flag for flag, value, default in (("--device", getattr(args, "device", "auto"), "auto"),
+                                                     ("--runtime", getattr(args, "runtime", "auto"), "auto"),
+                                                     ("--batch-size", getattr(args, "batch_size", None), None))
+                   if value != default]
+        if ignored:  # the nuclei are the same; only where and how fast the network runs is the server's
+            print(f"note: {', '.join(ignored)} ignored: the server runs the model with its own settings",
+                  file=sys.stderr)
         model = None if one_model and args.model == AUTO else args.model  # one model: the server's default
         segmenter = ServerSegmenter(args.server, token=server_token(args), options=options, model=model,
                                     one_model=one_model)

@@ -31,11 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.errors import InputError
     from dannucnet.jobs.segment_file import parse_region, segment_to_file, writer_for
     from dannucnet.outputs import model_inputs, refuse_clobbering
 
     refuse_clobbering([("input", args.input), *model_inputs(args.model)],
                       [("-o", args.output), ("--overlay", args.overlay)])
+    if args.overlay and not args.overlay.lower().endswith(".png"):  # it is always a PNG, whatever its name
+        raise InputError(f"--overlay {args.overlay}: the overlay is a PNG; give a name ending in .png")
     region = parse_region(args.region) if args.region else None
     segmenter = make_segmenter(args)
     progress, close = chunk_progress("segmenting", enabled=not args.quiet)
