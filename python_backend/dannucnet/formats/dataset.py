@@ -292,6 +292,15 @@ def _check_mpp(path: Path, key: str, value: Any) -> None:
                          f"from {MPP_MIN:g} to {MPP_MAX:g} (0.25 for a 40x scan), or null")
 
 
+def _object(path: Path, key: str, value: Any, want: str) -> dict[str, Any]:
+    """``value`` (of ``key`` in ``path``) as a JSON object; null is an empty one, anything else an error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: {key} is {_json_type(value)}; it must be {want}")
+    return value
+
+
 def read_dataset_info(path: Path) -> dict[str, Any]:
     """``dataset.json``, read and its shape checked once, so that a wrong document is one line naming the key
     rather than a traceback wherever it is used (a list, ``"samples": [1]``, ``"splits": ["test"]``, organs
@@ -313,11 +322,8 @@ def read_dataset_info(path: Path) -> dict[str, Any]:
         raise InputError(f"{path} must hold one JSON object ({{\"mpp\": ..., \"splits\": ...}}), not "
                          f"{_json_type(document)}")
     _check_mpp(path, "mpp", document.get("mpp"))
-    splits = document.get("splits")
-    splits = {} if splits is None else splits
-    if not isinstance(splits, dict):
-        raise InputError(f"{path}: splits is {_json_type(splits)}; it must be an object of split name → list "
-                         'of image names, e.g. {"test": ["im0", "im1"]}')
+    splits = _object(path, "splits", document.get("splits"),
+                     'an object of split name → list of image names, e.g. {"test": ["im0", "im1"]}')
     for name, stems in splits.items():
         if not isinstance(stems, list):
             raise InputError(f"{path}: splits.{name} is {_json_type(stems)}; it must be a list of image names, "
@@ -326,15 +332,10 @@ def read_dataset_info(path: Path) -> dict[str, Any]:
         if wrong is not None:
             raise InputError(f"{path}: splits.{name} holds {_json_type(wrong)}; image names are strings (the "
                              "file name without its extension)")
-    samples = document.get("samples")
-    samples = {} if samples is None else samples
-    if not isinstance(samples, dict):
-        raise InputError(f"{path}: samples is {_json_type(samples)}; it must be an object of image name → "
-                         'its details, e.g. {"im0": {"organ": "Breast"}}')
+    samples = _object(path, "samples", document.get("samples"),
+                      'an object of image name → its details, e.g. {"im0": {"organ": "Breast"}}')
     for stem, meta in samples.items():
-        if not isinstance(meta, dict):
-            raise InputError(f"{path}: samples.{stem} is {_json_type(meta)}; it must be an object, e.g. "
-                             '{"organ": "Breast"}')
+        meta = _object(path, f"samples.{stem}", meta, 'an object, e.g. {"organ": "Breast"}')
         organ = meta.get("organ")
         if organ is not None and not isinstance(organ, str):
             raise InputError(f"{path}: samples.{stem}.organ is {_json_type(organ)}; it must be a string or null")
