@@ -109,3 +109,43 @@ def test_an_overlay_not_named_png_is_refused(tmp_path, capsys, name):
     argv = ["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "n.geojson"), "--overlay", str(tmp_path / name)]
     assert cli_main(argv) == 2
     assert "the overlay is a PNG; give a name ending in .png" in capsys.readouterr().err
+
+
+def test_synth_refuses_a_size_no_slide_has(tmp_path, capsys):
+    """10**8 px a side ran on for ever, toward terabytes."""
+    assert cli_main(["synth", str(tmp_path / "big.tif"), "--size", "100000000"]) == 2
+    assert "synthetic image size must be 1 to 200,000 px a side" in capsys.readouterr().err
+
+
+def test_the_client_refuses_options_it_would_drop():
+    """{"min_area": 150} was dropped without a word (0 nuclei were asked for, 22 came back)."""
+    from dannucnet.client import options_to_proto
+    from dannucnet.pipeline import SegmentOptions
+
+    with pytest.raises(InputError, match=r"unknown segmentation options \['min_area'\]"):
+        options_to_proto({"min_area": 150.0})
+    with pytest.raises(InputError, match="auto_stains is estimated on the client's side"):
+        options_to_proto(SegmentOptions(auto_stains=True))
+    sent = options_to_proto({"min_area_um2": 150.0, "threshold": 0.6})
+    assert (sent.min_area_microns2, sent.threshold) == (150.0, 0.6)
+
+
+@pytest.mark.parametrize("mpp", [1e-9, 1e9, 0.01, 20.0])
+def test_segment_region_holds_the_pixel_size_to_the_rule_of_every_door(untrained_predictor, mpp):
+    """1e-9 shrank the image to 1 px (0 nuclei, silently), 1e9 was a cv2.error."""
+    import numpy as np
+
+    from dannucnet.pipeline import segment_region
+
+    with pytest.raises(InputError, match="outside the plausible microscope range"):
+        segment_region(untrained_predictor, np.zeros((64, 64, 3), np.uint8), mpp=mpp)
+
+
+def test_a_region_with_a_coordinate_that_is_not_a_number_is_refused():
+    from dannucnet.geometry.ownership import Rect
+    from dannucnet.pipeline.slide import plan_slide
+    from dannucnet.service.plan import _Extent
+
+    for region in (Rect(float("nan"), 0, 100, 100), Rect(0, 0, float("inf"), 100)):
+        with pytest.raises(InputError, match="not a finite number"):
+            plan_slide(_Extent(1000, 1000, 0.25), 0.25, region)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from dannucnet.pipeline.chunk_nuclei import ChunkGeometry, chunk_nuclei, clip_re
 from dannucnet.pipeline.options import SegmentOptions
 from dannucnet.pipeline.types import Nucleus
 from dannucnet.protocols import Cancel, Predictor, TileFunction
+from dannucnet.slides.mpp import MPP_MAX, MPP_MIN, is_plausible
 
 
 @dataclass
@@ -36,8 +37,8 @@ def _check_placement(origin: tuple[float, float], downsample: float, mpp: float 
         raise InputError(f"downsample must be a positive number, got {downsample}")
     if mpp is None:
         raise InputError("the image has no pixel size: pass --mpp (µm/px; about 0.25 for a 40x scan)")
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise InputError(f"pixel size must be a positive number of µm/px, got {mpp}")
+    if not is_plausible(mpp):  # the rule of every door: 1e-9 shrank the image to 1 px (0 nuclei), 1e9 a cv2.error
+        raise InputError(f"pixel size {mpp} µm/px is outside the plausible microscope range {MPP_MIN:g}-{MPP_MAX:g}")
     return mpp
 
 

@@ -75,6 +75,8 @@ def plan_slide(
     """
     mpp = source.require_mpp()
     image = Rect(0, 0, source.width, source.height)
+    if region is not None and not all(math.isfinite(v) for v in (region.x, region.y, region.width, region.height)):
+        raise InputError(f"the region {region} has a coordinate that is not a finite number")  # was int(nan)
     downsample = 1.0 / scale_to_model(mpp, model_mpp)  # 1.0 when within 1 %
     clip = None
     if rois:

@@ -35,6 +35,8 @@ _CELL = 256  # nucleus placement cell (px)
 #: Most nuclei per mm² a synthetic slide may hold: nuclei of ~30 µm² packed edge to edge are ~33,000 per mm²
 #: (lymphoid tissue, the densest H&E, has 10,000-20,000).
 MAX_DENSITY = 50_000.0
+#: Largest side of a synthetic slide: the largest real whole slides are about 150,000 px a side at 40×.
+MAX_SIDE = 200_000
 
 # Ruifrok & Johnston optical-density directions (R, G, B)
 _H_VEC = np.array([0.650, 0.704, 0.286])
@@ -149,8 +151,8 @@ class _Scene:
         density: float,
         tissue_fraction: float,
     ) -> None:
-        if width <= 0 or height <= 0:
-            raise InputError(f"synthetic image size must be positive, got {width}x{height}")
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):  # 10**8 px ran on for ever, to fill the disk
+            raise InputError(f"synthetic image size must be 1 to {MAX_SIDE:,} px a side, got {width}x{height}")
         if not (0.05 <= mpp <= 10):
             raise InputError(f"synthetic --mpp must be within 0.05–10 µm/px, got {mpp}")
         if not (0.0 <= tissue_fraction <= 1.0):
