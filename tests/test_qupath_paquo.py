@@ -35,7 +35,9 @@ def test_without_qupath_the_message_says_what_to_set(tmp_path, capsys):
         ["import-geojson", str(project), "img", str(tmp_path / "x.geojson")],
     ):
         if argv[0] == "import-geojson":
-            (tmp_path / "x.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+            (tmp_path / "x.geojson").write_text(  # one nucleus: a file with none is refused before QuPath
+                '{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", '
+                '"coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}}')
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert PAQUO_HINT in err, err

@@ -8,6 +8,9 @@ raises :class:`~dannucnet.errors.InputError` (one line, exit 2) when
   (``export-training -o DIR`` and its ``DIR.partial``, a QuPath project's
   ``data/`` and backup folders).
 
+``refuse_inside(folders, outputs)`` refuses an output that is, or lies inside,
+a folder another program owns (``export-training -o`` in a QuPath project).
+
 "The same" means what the operating system means, not the spelling: both
 paths resolved (``realpath``: ``..``, symlinks, and the case of the name on a
 case-insensitive file system via ``normcase``), and for files that exist also
@@ -117,6 +120,25 @@ def refuse_clobbering(
                 raise InputError(
                     f"{hit[0]} {os.fspath(hit[1])} would be replaced, and it holds {label} {os.fspath(path)}; "
                     f"choose another output folder (nothing was written)"
+                )
+
+
+def refuse_inside(folders: Iterable[Named], outputs: Iterable[Named]) -> None:
+    """Raise ``InputError`` if an output is one of ``folders`` or lies inside one.
+
+    For folders another program owns as a whole (a QuPath project folder): writing or replacing
+    anything in there, e.g. its ``data/``, would destroy what that program keeps.
+    """
+    known = _Known()
+    for label, path in _given(folders):
+        known.add(label, path)
+    for label, path in _given(outputs):
+        for ancestor in (Path(_real(path)), *Path(_real(path)).parents):
+            hit = known.find(_identity(ancestor))
+            if hit is not None:
+                raise InputError(
+                    f"{label} {os.fspath(path)} would write into {hit[0]} {os.fspath(hit[1])} and could destroy "
+                    f"what is there; choose an output folder outside it (nothing was written)"
                 )
 
 

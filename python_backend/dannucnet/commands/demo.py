@@ -27,13 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dannucnet.errors import InputError, OutputError
     from dannucnet.jobs.segment_file import segment_to_geojson
     from dannucnet.jobs.segmenters import LocalSegmenter
     from dannucnet.pipeline import SegmentOptions
-    from dannucnet.slides.synthetic import write_synthetic_slide
+    from dannucnet.slides.synthetic import MAX_SIDE, write_synthetic_slide
 
+    for option, value in (("--width", args.width), ("--height", args.height)):  # checked before --out is made
+        if not 0 < value <= MAX_SIDE:
+            raise InputError(f"{option} must be 1 to {MAX_SIDE:,} px, got {value}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only or unreachable place
+        raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}; "
+                          "choose another with --out") from None
     t0 = time.perf_counter()
     slide = write_synthetic_slide(out / "demo_slide.tif", (args.width, args.height), seed=args.seed,
                                   tissue_fraction=0.8)

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("project", help="project.qpproj (or its folder)")
     parser.add_argument("-o", "--output", required=True,
-                        help="dataset folder to write (read by: dannucnet train --data DIR)")
+                        help="dataset folder to write, outside the project (read by: dannucnet train --data DIR)")
     parser.add_argument("--images", nargs="+", metavar="NAME", help="only these images (name or entry id); default all")
     parser.add_argument("--region-class", nargs="+", metavar="CLASS",
                         help="classes of the training-region annotations, e.g. 'Training region'; "
@@ -50,19 +50,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dannucnet.outputs import refuse_clobbering
+    from dannucnet.errors import InputError
+    from dannucnet.outputs import refuse_clobbering, refuse_inside
+    from dannucnet.qupath.batch import BACKUP_DIR
     from dannucnet.qupath.export import ExportOptions, export_training
     from dannucnet.qupath.project import iter_entry_data, open_project, project_file
     from dannucnet.qupath.regions import RegionRules
 
-    pfile = project_file(args.project)
     out = Path(args.output)
-    project = [("project", pfile), ("project", pfile.parent)]
+    if out.name in ("", ".."):  # ".", "/", "": no name to put the dataset (and its .partial) under
+        raise InputError(f"-o needs a folder name for the dataset, got {args.output!r}; e.g. -o training-data")
+    pfile = project_file(args.project)
+    written = [("-o", out), ("-o", out.with_name(out.name + ".partial"))]
+    # the project folder and what QuPath keeps there (named too, in case they are links elsewhere)
+    project = [("project", pfile), ("project", pfile.parent),
+               *(("project", pfile.parent / sub) for sub in ("data", BACKUP_DIR, "classifiers", "scripts"))]
+    refuse_inside(project[1:], written)
     # the writer fills OUT.partial, and --overwrite replaces OUT: neither may hold the project
-    refuse_clobbering(project, [("-o", out)], replaced=[("-o", out), ("-o", out.with_name(out.name + ".partial"))])
+    refuse_clobbering(project, [("-o", out)], replaced=written)
     qp = open_project(pfile, mode="r")
     images = [("image", path) for path in _image_files(qp)]
-    refuse_clobbering(images, [("-o", out)], replaced=[("-o", out), ("-o", out.with_name(out.name + ".partial"))])
+    refuse_clobbering(images, [("-o", out)], replaced=written)
     rules = RegionRules(
         nucleus_classes=tuple(args.nucleus_class),
         region_classes=tuple(args.region_class) if args.region_class else None,

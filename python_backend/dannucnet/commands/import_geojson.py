@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Only detections an earlier dannucnet run wrote (named 'dannucnet:...') are replaced; "
         "annotations and other detections stay. The image's data folder is backed up first "
-        "(PROJECT/dannucnet-backups). Needs QuPath (PAQUO_QUPATH_DIR)."
+        "(PROJECT/dannucnet-backups). A file without polygon nuclei is refused: it would only delete "
+        "the earlier ones. Needs QuPath (PAQUO_QUPATH_DIR)."
     )
     parser.add_argument("project", help="project.qpproj (or its folder)")
     parser.add_argument("image", help="image name (as QuPath shows it) or entry id")
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dannucnet.errors import InputError
     from dannucnet.outputs import refuse_clobbering
     from dannucnet.qupath.batch import BACKUP_DIR
     from dannucnet.qupath.import_geojson import read_nuclei
@@ -36,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_clobbering([("geojson", args.geojson)], [("project", pfile)],
                       replaced=[("project", pfile.parent / "data"), ("project", pfile.parent / BACKUP_DIR)])
     data = read_nuclei(Path(args.geojson))
+    if not data.nuclei:  # importing would only delete the image's earlier dannucnet nuclei
+        skipped = "; ".join(f"{rule}: {n}" for rule, n in sorted(data.counts.items())) or "no features"
+        raise InputError(f"{args.geojson} holds no nuclei to import ({skipped}); "
+                         "give a file with polygon nuclei written by 'dannucnet segment' (nothing was changed)")
     name, removed, added = import_nuclei(args.project, args.image, data, force=args.force, backup=not args.no_backup)
     for rule, n in sorted(data.counts.items()):
         print(f"  {rule}: {n}")

@@ -62,7 +62,8 @@ def read_nuclei(path: Path) -> GeoJSONNuclei:
         kept.append(n)
     metadata: dict[str, Any] = {}
     for f in features[:1]:
-        meta = (f.get("properties") or {}).get("metadata")
+        props = f.get("properties")
+        meta = props.get("metadata") if isinstance(props, dict) else None
         if isinstance(meta, dict):
             metadata = dict(meta)
     return GeoJSONNuclei(nuclei=kept, metadata=metadata, counts=counts)
