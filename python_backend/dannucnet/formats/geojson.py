@@ -169,7 +169,12 @@ def _properties(nucleus: Nucleus, metadata: dict[str, str] | None, name: str | N
 
 
 def _fast_rings(geoms: list[Any]) -> dict[int, Any]:
-    """Exterior rings (rounded to 0.01 px, counter-clockwise, no repeated points) of the simple polygons."""
+    """Exterior rings (rounded to 0.01 px, counter-clockwise, no repeated points) of the simple polygons.
+
+    A ring with a NaN or infinite vertex comes back empty, so it is skipped as degenerate: orjson
+    would write the vertex as ``null``, which is not GeoJSON (RFC 7946 positions are numbers).
+    Checked here on the coordinates already extracted, as a separate pass costs ~10% of the write.
+    """
     polys = np.empty(len(geoms), dtype=object)
     polys[:] = geoms
     simple = (shapely.get_type_id(polys) == 3) & (shapely.get_num_interior_rings(polys) == 0)
@@ -181,13 +186,19 @@ def _fast_rings(geoms: list[Any]) -> dict[int, Any]:
     ext = shapely.get_exterior_ring(polys[which])
     coords, idx = shapely.get_coordinates(ext, return_index=True)
     coords = np.round(coords, 2)
-    ccw = shapely.is_ccw(ext)
+    with np.errstate(invalid="ignore"):  # a NaN ring: its orientation does not matter, it is dropped
+        ccw = shapely.is_ccw(ext)
+    bad = ~np.isfinite(coords).all(axis=1)
+    non_finite = np.bincount(idx[bad], minlength=which.size) > 0 if bad.any() else np.zeros(which.size, bool)
     ends = np.cumsum(np.bincount(idx, minlength=which.size))
     starts = ends - np.bincount(idx, minlength=which.size)
     dup = np.zeros(coords.shape[0], dtype=bool)
     dup[1:] = (coords[1:, 0] == coords[:-1, 0]) & (coords[1:, 1] == coords[:-1, 1]) & (idx[1:] == idx[:-1])
     has_dup = np.bincount(idx[dup], minlength=which.size) > 0 if dup.any() else np.zeros(which.size, bool)
     for k, i in enumerate(which.tolist()):
+        if non_finite[k]:
+            rings_of[i] = coords[:0]
+            continue
         a = coords[starts[k] : ends[k]]
         if has_dup[k]:
             a = a[~dup[starts[k] : ends[k]]]
@@ -198,9 +209,11 @@ def _fast_rings(geoms: list[Any]) -> dict[int, Any]:
 
 
 def _geometry_from(ring: Any, geom: Any) -> dict[str, Any] | None:
-    """GeoJSON geometry from a fast ring, else from the shapely geometry; None when degenerate."""
+    """GeoJSON geometry from a fast ring, else from the shapely geometry; None when degenerate or non-finite."""
     if ring is not None:
         return {"type": "Polygon", "coordinates": [ring]} if len(ring) >= 4 else None
+    if not np.isfinite(shapely.get_coordinates(geom)).all():  # holes, MultiPolygons: as in _fast_rings
+        return None
     out = geometry_json(geom)
     return out if out["coordinates"] else None
 
@@ -243,7 +256,8 @@ class GeoJSONWriter:
         self.path = ensure_writable(path)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self.count = 0
-        self.skipped = 0  # degenerate polygons (fewer than 3 distinct points after rounding)
+        # degenerate polygons (fewer than 3 distinct points after rounding) or non-finite vertices
+        self.skipped = 0
         self.extra: dict[str, Any] = {}
         self._gzip = self.path.name.lower().endswith(".gz")  # as the Parquet check: x.GEOJSON.GZ was plain text
         self._compresslevel = compresslevel
@@ -385,7 +399,11 @@ def read_features(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [f for f in data if isinstance(f, dict)]
     if isinstance(data, dict):
         if data.get("type") == "FeatureCollection":
-            return [f for f in data.get("features", []) if isinstance(f, dict)]
+            features = data.get("features", [])
+            if not isinstance(features, list):
+                raise InputError(f"{p.name} holds no GeoJSON features list (its \"features\" is "
+                                 f"{type(features).__name__}); give a file written by 'dannucnet segment' or QuPath")
+            return [f for f in features if isinstance(f, dict)]
         if data.get("type") == "Feature":
             return [data]
     raise InputError(f"{p.name} holds no GeoJSON features (expected a FeatureCollection, Feature or array)")
@@ -418,7 +436,9 @@ def features_to_nuclei(features: Iterable[Mapping[str, Any]]) -> list[Nucleus]:
         nucleus = area_shape(f.get("nucleusGeometry"), f)
         if nucleus is not None:  # a QuPath cell: geometry is the cell, nucleusGeometry its nucleus
             poly, cell = nucleus, poly
-        props = f.get("properties") or {}
+        props = f.get("properties")
+        if not isinstance(props, Mapping):  # malformed like other parts: ignored, as non-map measurements are
+            props = {}
         raw_meas = props.get("measurements")
         meas = _clean_measurements(raw_meas or {}) if isinstance(raw_meas, dict) else {}
         prob = meas.get(PROBABILITY_KEY, float("nan"))

@@ -10,7 +10,15 @@ only when writing finished.
 
 With cells (``Nucleus.cell``), as in QuPath's GeoJSON, ``geometry`` is the cell
 and a second WKB column ``nucleus_geometry`` holds its nucleus; both are declared
-in the ``geo`` metadata. The measurement columns are the GeoJSON's measurements.
+in the ``geo`` metadata. The measurement columns are the GeoJSON's measurements;
+one named like the writer's own columns (:data:`OWN_COLUMNS`) is refused, since a
+second ``id`` column makes the file unreadable by name (pyarrow: ``Multiple matches
+for FieldRef.Name(id)``).
+
+Nuclei and cells may be Polygons or MultiPolygons, as in the GeoJSON; the ``geo``
+metadata's ``geometry_types`` lists the types actually written, so it is added when
+the file is closed (``store_schema=False``: pyarrow would otherwise read the schema
+copy taken when the file was opened, before any type was known).
 
 Coordinates are level-0 pixels (x right, y down) of the source image, the same
 as the GeoJSON; there is no geographic CRS, so the ``crs`` is null, which
@@ -35,7 +43,7 @@ from dannucnet.errors import OutputError
 from dannucnet.formats.geojson import PROBABILITY_KEY, ensure_writable
 from dannucnet.pipeline.types import Nucleus
 
-__all__ = ["GeoParquetWriter", "read_geoparquet", "require_pyarrow", "PARQUET_SUFFIXES"]
+__all__ = ["GeoParquetWriter", "read_geoparquet", "require_pyarrow", "PARQUET_SUFFIXES", "OWN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,10 @@ PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 ROW_GROUP = 65_536
 GEO_VERSION = "1.1.0"
 NUCLEUS_COLUMN = "nucleus_geometry"
+#: Columns the writer makes itself; a measurement may not take one of these names.
+OWN_COLUMNS = ("id", "geometry", NUCLEUS_COLUMN, "centroid_x", "centroid_y")
+#: shapely type ids of the area geometries written (the GeoJSON writer's Polygon and MultiPolygon).
+_AREA_TYPES = {3: "Polygon", 6: "MultiPolygon"}
 
 
 def require_pyarrow() -> tuple[Any, Any]:
@@ -69,7 +81,7 @@ class GeoParquetWriter:
         self.path = ensure_writable(path)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self.count = 0
-        self.skipped = 0  # empty or non-polygonal geometries
+        self.skipped = 0  # empty or non-polygonal geometries, or non-finite vertices
         self.extra: dict[str, Any] = {}
         self._columns: list[str] | None = None
         self._cells = False  # fixed with the columns: geometry = cell, nucleus_geometry = nucleus
@@ -77,6 +89,7 @@ class GeoParquetWriter:
         self._writer: Any = None
         self._file: AtomicFile | None = None
         self._unknown_warned: set[str] = set()
+        self._types: dict[str, set[str]] = {"geometry": set(), NUCLEUS_COLUMN: set()}  # for the geo metadata
 
     def __enter__(self) -> GeoParquetWriter:
         self.open()
@@ -113,11 +126,31 @@ class GeoParquetWriter:
             fields.append(pa.field(NUCLEUS_COLUMN, pa.binary()))
         fields += [pa.field("centroid_x", pa.float64()), pa.field("centroid_y", pa.float64())]
         fields += [pa.field(c, pa.float64()) for c in columns]
-        wkb = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}
-        geo_columns = {"geometry": wkb, **({NUCLEUS_COLUMN: dict(wkb)} if self._cells else {})}
+        return pa.schema(fields)
+
+    def _open_writer(self, file: AtomicFile, columns: list[str]) -> list[str]:
+        clash = [c for c in columns if c in OWN_COLUMNS]
+        if clash:
+            raise OutputError(
+                f"cannot write {self.path.name}: measurement {clash[0]!r} has the name of one of the file's own "
+                f"columns ({', '.join(OWN_COLUMNS)}); rename the measurement or write .geojson instead"
+            )
+        self._columns = columns
+        try:  # no stored Arrow schema: the metadata added at close is what every reader sees
+            self._writer = self._pq.ParquetWriter(str(file.tmp), self._schema(columns), compression="zstd",
+                                                  store_schema=False)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e}") from None
+        return columns
+
+    def _metadata(self) -> dict[str, str]:
+        """The ``geo`` and ``dannucnet`` file metadata, with the geometry types written so far."""
+        def wkb(column: str) -> dict[str, Any]:
+            return {"encoding": "WKB", "geometry_types": sorted(self._types[column]), "crs": None, "edges": "planar"}
+
+        geo_columns = {"geometry": wkb("geometry"), **({NUCLEUS_COLUMN: wkb(NUCLEUS_COLUMN)} if self._cells else {})}
         geo = {"version": GEO_VERSION, "primary_column": "geometry", "columns": geo_columns}
-        meta = {b"geo": json.dumps(geo).encode(), b"dannucnet": json.dumps(self.metadata).encode()}
-        return pa.schema(fields, metadata=meta)
+        return {"geo": json.dumps(geo), "dannucnet": json.dumps(self.metadata)}
 
     def _flush(self, file: AtomicFile) -> int:
         batch, self._pending = self._pending, []
@@ -125,22 +158,22 @@ class GeoParquetWriter:
             return 0
         polys = np.empty(len(batch), dtype=object)
         polys[:] = [b.polygon for b in batch]
-        ok = (shapely.get_type_id(polys) == 3) & ~shapely.is_empty(polys)
+        cells = np.empty(len(batch), dtype=object)
+        cells[:] = [b.cell for b in batch]
+        cell_ids = shapely.get_type_id(cells)  # -1 for no cell
+        ok = np.isin(shapely.get_type_id(polys), list(_AREA_TYPES)) & ~shapely.is_empty(polys)
+        ok &= (cell_ids == -1) | (np.isin(cell_ids, list(_AREA_TYPES)) & ~shapely.is_empty(cells))
+        ok &= _finite(polys) & _finite(cells)
         self.skipped += int((~ok).sum())
         keep = [b for b, good in zip(batch, ok) if good]
         if not keep:
             return 0
-        polys = polys[ok]
-        if self._columns is None:
+        polys, cells, cell_ids = polys[ok], cells[ok], cell_ids[ok]
+        columns = self._columns
+        if columns is None:
             self._cells = any(b.cell is not None for b in keep)
             names = [PROBABILITY_KEY] if PROBABILITY_KEY not in keep[0].measurements else []
-            self._columns = names + list(keep[0].measurements)
-            try:
-                self._writer = self._pq.ParquetWriter(str(file.tmp), self._schema(self._columns),
-                                                      compression="zstd")
-            except OSError as e:
-                raise OutputError(f"cannot write {self.path}: {e}") from None
-        columns = self._columns
+            columns = self._open_writer(file, names + list(keep[0].measurements))
         known = set(columns)
         for b in keep:
             for key in b.measurements.keys() - known - self._unknown_warned:
@@ -157,13 +190,15 @@ class GeoParquetWriter:
         centroids = shapely.get_coordinates(shapely.centroid(polys))  # the nucleus centroid, as ownership uses
         pa = self._pa
         arrays = [pa.array([str(b.id) for b in keep], pa.string())]
+        poly_types = {_AREA_TYPES[t] for t in shapely.get_type_id(polys).tolist()}
         if self._cells:
-            cells = np.empty(len(keep), dtype=object)
-            cells[:] = [b.cell for b in keep]
             cell_wkb = [None if c is None else w for c, w in zip(cells, shapely.to_wkb(cells))]
             arrays += [pa.array(cell_wkb, pa.binary()), pa.array(shapely.to_wkb(polys), pa.binary())]
+            self._types["geometry"] |= {_AREA_TYPES[t] for t in cell_ids.tolist() if t != -1}
+            self._types[NUCLEUS_COLUMN] |= poly_types
         else:
             arrays.append(pa.array(shapely.to_wkb(polys), pa.binary()))
+            self._types["geometry"] |= poly_types
         arrays += [pa.array(centroids[:, 0]), pa.array(centroids[:, 1])]
         arrays += [pa.array(values[c], mask=np.isnan(values[c])) for c in columns]
         table = pa.Table.from_arrays(arrays, schema=self._writer.schema)
@@ -181,10 +216,10 @@ class GeoParquetWriter:
         try:
             self._flush(self._file)
             if self._writer is None:  # no nucleus at all: still a valid, empty file
-                self._columns = [PROBABILITY_KEY]
-                self._writer = self._pq.ParquetWriter(str(self._file.tmp), self._schema(self._columns))
+                self._open_writer(self._file, [PROBABILITY_KEY])
             if self.extra:
                 log.debug("GeoParquet has no place for %s; summary stays in the GeoJSON/record", list(self.extra))
+            self._writer.add_key_value_metadata(self._metadata())
             self._writer.close()
             self._writer = None
         except OSError as e:
@@ -213,6 +248,18 @@ class GeoParquetWriter:
                 self._file = None
 
 
+def _finite(geoms: np.ndarray) -> np.ndarray:
+    """True for each geometry (or None) whose vertices are all finite.
+
+    A NaN or infinite vertex has no centroid (shapely gives an empty point, one row short of
+    the batch) and the GeoJSON writer skips it, as it cannot be written as JSON; so do we.
+    """
+    coords, idx = shapely.get_coordinates(geoms, return_index=True)
+    ok = np.ones(len(geoms), dtype=bool)
+    ok[idx[~np.isfinite(coords).all(axis=1)]] = False
+    return ok
+
+
 def _number(value: Any) -> float:
     try:
         v = float(value)
@@ -227,7 +274,7 @@ def read_geoparquet(path: str | os.PathLike[str]) -> tuple[list[Nucleus], dict[s
     table = pq.read_table(str(path))
     meta = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items() if k in (b"geo", b"dannucnet")}
     cols = table.to_pydict()
-    skip = {"id", "geometry", NUCLEUS_COLUMN, "centroid_x", "centroid_y"}
+    skip = set(OWN_COLUMNS)
     names = [c for c in table.column_names if c not in skip]
     geoms = shapely.from_wkb(np.array(cols["geometry"], dtype=object))
     nuclei = shapely.from_wkb(np.array(cols[NUCLEUS_COLUMN], dtype=object)) if NUCLEUS_COLUMN in cols else None

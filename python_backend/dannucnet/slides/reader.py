@@ -337,8 +337,10 @@ class _PilBackend(_Backend):
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     arr = np.asarray(im.convert("RGBA"))
                 elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im).astype(np.float64)
-                    arr = (arr / max(1.0, float(arr.max())) * 255).astype(np.uint8)
+                    # 16-bit grey (mode "I" is how older Pillow opens a 16-bit PNG): full range 0..65535,
+                    # scaled by to_rgb_uint8 as a 16-bit TIFF is (/257), never stretched to the image's own
+                    # maximum, so the same pixels give the same nuclei whatever the file format.
+                    arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
                 else:
                     arr = np.asarray(im.convert("RGB"))
         except UnidentifiedImageError:
