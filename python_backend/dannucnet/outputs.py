@@ -114,13 +114,12 @@ def refuse_clobbering(
     if not folders.by_name:
         return
     for label, path in _given(inputs):
-        for ancestor in (Path(_real(path)), *Path(_real(path)).parents):
-            hit = folders.find(_identity(ancestor))
-            if hit is not None:
-                raise InputError(
-                    f"{hit[0]} {os.fspath(hit[1])} would be replaced, and it holds {label} {os.fspath(path)}; "
-                    f"choose another output folder (nothing was written)"
-                )
+        hit = _enclosing(folders, path)
+        if hit is not None:
+            raise InputError(
+                f"{hit[0]} {os.fspath(hit[1])} would be replaced, and it holds {label} {os.fspath(path)}; "
+                f"choose another output folder (nothing was written)"
+            )
 
 
 def refuse_inside(folders: Iterable[Named], outputs: Iterable[Named]) -> None:
@@ -133,13 +132,21 @@ def refuse_inside(folders: Iterable[Named], outputs: Iterable[Named]) -> None:
     for label, path in _given(folders):
         known.add(label, path)
     for label, path in _given(outputs):
-        for ancestor in (Path(_real(path)), *Path(_real(path)).parents):
-            hit = known.find(_identity(ancestor))
-            if hit is not None:
-                raise InputError(
-                    f"{label} {os.fspath(path)} would write into {hit[0]} {os.fspath(hit[1])} and could destroy "
-                    f"what is there; choose an output folder outside it (nothing was written)"
-                )
+        hit = _enclosing(known, path)
+        if hit is not None:
+            raise InputError(
+                f"{label} {os.fspath(path)} would write into {hit[0]} {os.fspath(hit[1])} and could destroy "
+                f"what is there; choose an output folder outside it (nothing was written)"
+            )
+
+
+def _enclosing(folders: _Known, path: PathLike) -> Given | None:
+    """The first of ``folders`` that is ``path`` or holds it (label, path), else None."""
+    for ancestor in (Path(_real(path)), *Path(_real(path)).parents):
+        hit = folders.find(_identity(ancestor))
+        if hit is not None:
+            return hit
+    return None
 
 
 def model_inputs(model: str | None, label: str = "--model") -> list[Named]:
