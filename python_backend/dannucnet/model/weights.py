@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -54,7 +55,7 @@ def _stored(tensor: torch.Tensor, half: bool) -> torch.Tensor:
 MAX_PARAMETERS = 100_000_000
 
 
-def _parameter_count(config: ModelConfig) -> int:
+def parameter_count(config: ModelConfig) -> int:
     """Parameters of the network ``config`` describes, counted on the meta device: nothing is allocated."""
     with torch.device("meta"):
         return sum(p.numel() for p in DANNucNet(config).parameters())
@@ -63,7 +64,7 @@ def _parameter_count(config: ModelConfig) -> int:
 def build_network(card: ModelCard, path: Path) -> DANNucNet:
     """The card's network, after checking that building it costs a sane amount of memory."""
     config = card.config
-    count = _parameter_count(config)
+    count = parameter_count(config)
     if count > MAX_PARAMETERS:
         raise ModelError(
             f"{path}: its architecture has {count / 1e6:,.0f} M parameters, more than the {MAX_PARAMETERS / 1e6:.0f} M "
@@ -100,6 +101,20 @@ def check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
             )
 
 
+def state_differences(expected: dict[str, torch.Tensor], state: Any) -> str:
+    """Why ``state`` cannot load into a network whose state is ``expected``, in a few words ("" when it can):
+    the weights file of a model, or the network in a training checkpoint."""
+    if not isinstance(state, dict):
+        return "no network state"
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shaped = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shaped):
+        return ""
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shaped)} mis-shaped tensors, "
+            f"e.g. {(missing + unexpected + shaped)[:3]}")
+
+
 def load_weights(directory: Path, card: ModelCard) -> DANNucNet:
     path = directory / WEIGHTS_FILE
     network = build_network(card, directory / CARD_FILE)
@@ -110,15 +125,9 @@ def load_weights(directory: Path, card: ModelCard) -> DANNucNet:
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{path} is not a readable safetensors file: {exc}") from exc
     expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ModelError(
-            f"weights in {path} do not match the architecture in its model card "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped tensors, "
-            f"e.g. {(missing + unexpected + mismatched)[:3]})"
-        )
+    differences = state_differences(expected, state)
+    if differences:
+        raise ModelError(f"weights in {path} do not match the architecture in its model card ({differences})")
     check_tensors(state, expected, path)
     network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     silent = overflowed_channels(network)

@@ -34,7 +34,7 @@ from dannucnet.formats.dataset import Sample, load_dataset, split_spec
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, validate_card
 from dannucnet.model.registry import load_model, resolve_model_dir
-from dannucnet.model.weights import MAX_PARAMETERS, overflowed_channels
+from dannucnet.model.weights import MAX_PARAMETERS, overflowed_channels, parameter_count, state_differences
 from dannucnet.train.distill import Teacher, narrowed
 from dannucnet.train.patches import PatchSampler, TrainImage, grid_patches, load_train_image
 from dannucnet.train.revive import revive_overflowed_channels
@@ -410,8 +410,7 @@ def _check_card(cfg: TrainConfig) -> None:
         flag = next((flag for key, flag in CARD_FLAGS.items() if detail.startswith(f"{key} is ")), "the settings")
         raise InputError(f"{flag}: the model card would say {detail} (its loader refuses anything else); "
                          "nothing was written") from None
-    with torch.device("meta"):  # counted, not allocated
-        count = sum(p.numel() for p in DANNucNet(card.config).parameters())
+    count = parameter_count(card.config)
     if count > MAX_PARAMETERS:
         raise InputError(
             f"--base-filters {card.config.base_filters}: the network would have {count / 1e6:,.0f} M parameters, "
@@ -528,7 +527,7 @@ def _resume(cfg: TrainConfig, checkpoint: Path, setup: Setup, report: Callable[[
         raise InputError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}); {again}") from None
     if not isinstance(saved, dict) or not CHECKPOINT_KEYS <= set(saved):
         raise InputError(f"{checkpoint} is not a dannucnet training checkpoint; {again}")
-    differences = _state_differences(setup.network.state_dict(), saved["model"])
+    differences = state_differences(setup.network.state_dict(), saved["model"])
     if differences:
         raise InputError(f"{checkpoint.parent} holds a checkpoint of another run (its network is not this run's: "
                          f"{differences}; were --base-filters, --distance-head or the ablations other?); {again}")
@@ -555,19 +554,6 @@ def _resume(cfg: TrainConfig, checkpoint: Path, setup: Setup, report: Callable[[
                f"({setup.optimiser.param_groups[0]['lr']:.1e}, started at {run.start_lr:g}) and schedule; "
                "use --no-resume to start over with it")
     return run
-
-
-def _state_differences(expected: dict[str, torch.Tensor], state: Any) -> str:
-    """Why ``state`` cannot load into a network whose state is ``expected`` ("" when it can), in a few words."""
-    if not isinstance(state, dict):
-        return "no network state"
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shaped = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
-    if not (missing or unexpected or shaped):
-        return ""
-    return (f"{len(missing)} missing, {len(unexpected)} unexpected and {len(shaped)} mis-shaped tensors, "
-            f"e.g. {(shaped + missing + unexpected)[0]}")
 
 
 # --- one epoch --------------------------------------------------------------------------------------------------
