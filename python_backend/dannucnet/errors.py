@@ -9,6 +9,14 @@ it to a status code. Anything else escaping is a bug.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line of ours: its first line (its type's name when it says nothing),
+    cut to ``limit`` characters when given."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]
+
+
 class DanNucNetError(Exception):
     """Base class: a problem the user can fix, with a message saying how."""
 

@@ -27,7 +27,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from dannucnet.errors import InputError, OutputError
+from dannucnet.errors import InputError, OutputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Sample:
             with tifffile.TiffFile(self.label_path) as tif:
                 shape = tuple(tif.series[0].shape)
         except Exception as exc:  # any type: see read_tiff
-            raise InputError(f"cannot read label image {self.label_path}: {_reason(exc)}") from exc
+            raise InputError(f"cannot read label image {self.label_path}: {one_line(exc)}") from exc
         if region.shape != shape:
             raise InputError(f"{path}: the region mask is {_size(region.shape)} px but the label image "
                              f"{self.label_path.name} is {_size(shape)}; they must cover the same pixels")
@@ -114,12 +114,6 @@ class Dataset:
         return [by_stem[stem] for stem in self.splits[name]]
 
 
-def _reason(exc: BaseException) -> str:
-    """An exception as one line of a message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _size(shape: tuple[int, ...]) -> str:
     return " x ".join(str(n) for n in shape)
 
@@ -135,7 +129,7 @@ def read_tiff(path: Path, what: str) -> np.ndarray:
     try:
         array = tifffile.imread(path)
     except Exception as exc:  # a damaged file raises any type (see above); re-raised as one named line
-        raise InputError(f"cannot read {what} {path}: {_reason(exc)}; replace it with a valid TIFF") from exc
+        raise InputError(f"cannot read {what} {path}: {one_line(exc)}; replace it with a valid TIFF") from exc
     if not array.size:  # what tifffile makes of a TIFF header followed by garbage
         raise InputError(f"cannot read {what} {path}: it holds no pixels; replace it with a valid TIFF")
     return array
@@ -315,7 +309,7 @@ def read_dataset_info(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
-        raise InputError(f"{path} is not valid JSON: {_reason(exc)}") from exc
+        raise InputError(f"{path} is not valid JSON: {one_line(exc)}") from exc
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}; it must be a JSON file") from exc
     if not isinstance(document, dict):

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dannucnet.errors import InputError
+from dannucnet.errors import InputError, one_line
 from dannucnet.slides import mpp as mpp_mod
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -372,5 +372,4 @@ def struct_error() -> type[Exception]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return one_line(exc, 200)

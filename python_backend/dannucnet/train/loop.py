@@ -29,7 +29,7 @@ from dannucnet import __version__
 from dannucnet.atomic import atomic_path
 from dannucnet.engine.colour import ColourReference, lab_stats, normalise_colour, reference_from
 from dannucnet.engine.device import autocast, choose_device
-from dannucnet.errors import InputError, ModelError, OutputError
+from dannucnet.errors import InputError, ModelError, OutputError, one_line
 from dannucnet.formats.dataset import Sample, load_dataset, split_spec
 from dannucnet.model import LOSSES, DANNucNet, ModelCard, ModelConfig, save_model
 from dannucnet.model.card import CARD_FILE, WEIGHTS_FILE, validate_card
@@ -545,8 +545,7 @@ def _resume(cfg: TrainConfig, checkpoint: Path, setup: Setup, report: Callable[[
         started = saved.get("start_lr", run.kept.config.get("lr") if run.kept is not None else None)
         run.start_lr = None if started is None else float(started)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{checkpoint.parent} holds a checkpoint of another run ({reason}); {again}") from None
+        raise InputError(f"{checkpoint.parent} holds a checkpoint of another run ({one_line(exc)}); {again}") from None
     setup.sampler.rng = np.random.default_rng(cfg.seed + run.epochs_done)
     report(f"resumed from {checkpoint} at epoch {run.epochs_done} (best val loss {run.best_loss:.4f})")
     if run.start_lr is not None and cfg.lr != run.start_lr:
