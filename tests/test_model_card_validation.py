@@ -226,3 +226,10 @@ def test_the_shipped_cards_and_reports_are_strict_json():
     assert len(paths) >= 4
     for path in paths:
         json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse)
+
+
+def test_a_number_too_large_for_a_float_is_one_clear_error(model_dir):
+    """json reads 10**400 as an int; math.isfinite() of it raised OverflowError, a traceback."""
+    _edit_card(model_dir, _top(threshold=10**400))
+    with pytest.raises(ModelError, match="threshold"):
+        load_model(str(model_dir))

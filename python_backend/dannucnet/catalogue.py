@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dannucnet.values import finite_float
+
 DEFAULT_MODEL = "dannucnet-monuseg"
 AUTO = "auto"
 #: ``--model auto-fast``: auto's pixel-size rule, then the cheapest network of that pixel size. On a
@@ -73,11 +75,8 @@ def headline_metrics(metrics: dict[str, Any], mpp: float | None = None) -> dict[
     preferred = [f"kumar-test-{mpp:g}mpp" if mpp else "", "kumar-test"]
     split = next((k for k in preferred if k in scored), sorted(scored)[0])
     final = scored[split]["final_polygons"]
-    return {"split": split, **{k: float(final[k]) for k in ("f1", "aji", "pq") if _finite(final.get(k))}}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    scores = {k: finite_float(final.get(k)) for k in ("f1", "aji", "pq")}
+    return {"split": split, **{k: v for k, v in scores.items() if v is not None}}
 
 
 def choose_model(

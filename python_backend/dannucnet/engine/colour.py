@@ -15,13 +15,14 @@ windows see the same transform and blend without seams.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+
+from dannucnet.values import finite_float
 
 __all__ = ["ColourReference", "colour_transform", "dark_share", "lab_stats", "normalise_colour", "reference_from"]
 
@@ -98,9 +99,10 @@ class ColourReference:
 
 def _number(value: Any) -> float:
     """A finite JSON number (not a bool or a string) as a float; ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise ValueError(f"{value!r} is not a finite number")
-    return float(value)
+    return number
 
 
 def _tissue(rgb: np.ndarray) -> np.ndarray:

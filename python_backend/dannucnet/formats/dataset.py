@@ -28,6 +28,7 @@ import tifffile
 from PIL import Image
 
 from dannucnet.errors import InputError, OutputError, one_line
+from dannucnet.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +280,8 @@ def _check_mpp(path: Path, key: str, value: Any) -> None:
 
     if value is None:
         return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     # compared before float(): a 400-digit integer is valid JSON, and float() of it overflows
-    if not (number and MPP_MIN <= value <= MPP_MAX and is_plausible(float(value))):
+    if not (is_number(value) and MPP_MIN <= value <= MPP_MAX and is_plausible(float(value))):
         raise InputError(f"{path}: {key} is {_json_type(value)}; it must be the pixel size in µm/px, a number "
                          f"from {MPP_MIN:g} to {MPP_MAX:g} (0.25 for a 40x scan), or null")
 

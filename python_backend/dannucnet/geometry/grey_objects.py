@@ -26,11 +26,12 @@ slide shows, not what the normalisation made of it. The card holds the rule
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from dannucnet.values import is_number
 
 #: OpenCV's 8-bit CIELAB: L* × 255/100, a* + 128, b* + 128.
 _L_SCALE = 255.0 / 100.0
@@ -94,6 +95,5 @@ def valid_rule(value: Any) -> bool:
         return True
     if not isinstance(value, dict) or set(value) != {"max_chroma", "min_lightness"}:
         return False
-    numbers = [v for v in value.values()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    return len(numbers) == 2 and 0 <= value["max_chroma"] <= 150 and 0 <= value["min_lightness"] <= 100
+    return (all(is_number(v) for v in value.values())
+            and 0 <= value["max_chroma"] <= 150 and 0 <= value["min_lightness"] <= 100)

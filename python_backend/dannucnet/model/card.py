@@ -8,7 +8,6 @@ it, so a card can never silently describe another model.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from dannucnet.atomic import write_text
 from dannucnet.errors import ModelError
 from dannucnet.geometry.grey_objects import valid_rule
 from dannucnet.model.network import ModelConfig
+from dannucnet.values import is_number
 
 CARD_FILE = "model_card.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -103,10 +103,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _bad(path: Path, key: str, value: Any, want: str) -> ModelError:
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return ModelError(f"{path}: {key} is {shown}; it must be {want}")
@@ -114,7 +110,7 @@ def _bad(path: Path, key: str, value: Any, want: str) -> ModelError:
 
 def _in_range(path: Path, key: str, value: Any, low: float, high: float, integer: bool = False) -> None:
     kind = "an integer" if integer else "a number"
-    if not (_is_int(value) if integer else _is_number(value)) or not low <= value <= high:
+    if not (_is_int(value) if integer else is_number(value)) or not low <= value <= high:
         raise _bad(path, key, value, f"{kind} from {low:g} to {high:g}")
 
 
@@ -165,7 +161,7 @@ def validate_card(data: Any, path: Path) -> dict[str, Any]:
         _in_range(path, "window", card["window"], *TILE_RANGE, integer=True)
         if card["window"] % 2**depth:
             raise _bad(path, "window", card["window"], f"a multiple of {2**depth} (2 ** depth)")
-    if "threshold" in card and not (_is_number(card["threshold"]) and 0 < card["threshold"] < 1):
+    if "threshold" in card and not (is_number(card["threshold"]) and 0 < card["threshold"] < 1):
         raise _bad(path, "threshold", card["threshold"], "a number between 0 and 1")
     if "trained" in card and not isinstance(card["trained"], bool):
         raise _bad(path, "trained", card["trained"], "true or false")
